@@ -1,0 +1,83 @@
+"""Checkpoints: train state (params, EMA, optimizer), data iterator and config in one orbax step.
+
+Layout in the workdir:
+  checkpoints/<step>/state   sharded arrays (orbax StandardSave; async)
+  checkpoints/<step>/data    grain iterator state, one JSON file per process
+  checkpoints/<step>/config  the run's config as JSON (what produced these weights)
+Saving the iterator with the state is what makes a resume see exactly the
+records an unbroken run would have seen.
+"""
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def manager(workdir: str, *, save_every: int, keep: int, async_save: bool = True,
+            with_data: bool = True) -> ocp.CheckpointManager:
+  items = (STATE, DATA, CONFIG) if with_data else (STATE, CONFIG)
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=max(1, save_every),
+      max_to_keep=keep,
+      enable_async_checkpointing=async_save,
+      create=True,
+  )
+  path = epath.Path(workdir) / "checkpoints"
+  return ocp.CheckpointManager(path.resolve() if "://" not in os.fspath(path) else path,
+                               item_names=items, options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config_dict: dict,
+         *, force: bool = False) -> bool:
+  """Saves if `step` is due (or `force`); returns whether a save started."""
+  items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict)}
+  if data_iter is not None:
+    items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
+  """Returns (step, state, data_iter) from the newest checkpoint, or None if there is none.
+
+  `abstract_state` holds ShapeDtypeStructs with shardings, so every array is
+  read straight into its sharded layout.
+  """
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  items = {STATE: ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None:
+    items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  return step, restored[STATE], (restored[DATA] if data_iter is not None else None)
+
+
+def abstract_with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def load_params(path: str, abstract_params=None, item: str = STATE, key: str | None = "ema_params"):
+  """Reads one parameter tree (by default the EMA weights) from a checkpoint step or item dir.
+
+  `path` may be a workdir (newest step is used), a checkpoints/<step> dir, or an
+  item directory written by orbax StandardSave.
+  """
+  p = epath.Path(path)
+  if (p / "checkpoints").exists():
+    steps = sorted(int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit())
+    if not steps:
+      raise FileNotFoundError(f"{path}: the checkpoints folder holds no finished step")
+    p = p / "checkpoints" / str(steps[-1])
+  if (p / item).exists():
+    p = p / item
+  restored = ocp.StandardCheckpointer().restore(p.resolve())
+  if key is not None:
+    if key not in restored:
+      raise KeyError(f"{p}: no {key!r} in checkpoint (has {sorted(restored)})")
+    restored = restored[key]
+  return restored
