@@ -1,0 +1,225 @@
+"""Per-record transforms: image decoding, crops, CLIP preprocessing, captions, tokens.
+
+Everything here runs on the host in numpy/PIL and is deterministic.
+"""
+from __future__ import annotations
+
+import html
+import io
+import os
+import re
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# CLIP's image normalisation (openai/clip, also HF CLIPImageProcessor).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+class SkipRecord(Exception):
+  """A record that cannot be used; `reason` is one of SKIP_REASONS."""
+
+  def __init__(self, reason: str, detail: str = ''):
+    super().__init__(f'{reason}: {detail}' if detail else reason)
+    self.reason = reason
+    self.detail = detail
+
+
+# ---------------------------------------------------------------------------
+# Images.
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int = 0
+                 ) -> tuple[Image.Image, tuple[int, int]]:
+  """Decodes image bytes -> (RGB PIL image, (width, height) from the header).
+
+  The pixel count is checked from the header (Image.open reads only the
+  header) BEFORE any pixel is decoded, so decompression bombs cost nothing.
+  `min_side` lets JPEG decoding use DCT scaling (draft) down to, but never
+  below, that short side.
+
+  Raises SkipRecord('empty_image' | 'image_too_large' | 'corrupt_image').
+  """
+  if not data:
+    raise SkipRecord('empty_image', '0 bytes')
+  try:
+    with warnings.catch_warnings():
+      # PIL's own bomb warning; we check the size ourselves right below.
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      img = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise SkipRecord('image_too_large', str(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise SkipRecord('corrupt_image', f'{type(e).__name__}: {e}') from None
+  w, h = img.size
+  if w <= 0 or h <= 0:
+    raise SkipRecord('empty_image', f'size {w}x{h}')
+  if w * h > max_pixels:
+    raise SkipRecord('image_too_large', f'{w}x{h} > {max_pixels} pixels')
+  try:
+    if img.format == 'JPEG' and min_side > 0:
+      # Keep the short side >= min_side; only the pixels we need get decoded.
+      short = min(w, h)
+      scale = max(1, short // min_side)
+      img.draft('RGB', (max(1, w // scale), max(1, h // scale)))
+    img.load()
+    return to_rgb(img), (w, h)
+  except Exception as e:  # pylint: disable=broad-except  # truncated etc.
+    raise SkipRecord('corrupt_image', f'{type(e).__name__}: {e}') from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """RGB; transparent pixels are composited over white (not black)."""
+  if img.mode == 'RGB':
+    return img
+  if img.mode in ('RGBA', 'LA', 'PA') or (
+      img.mode == 'P' and 'transparency' in img.info):
+    rgba = img.convert('RGBA')
+    bg = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(bg, rgba).convert('RGB')
+  return img.convert('RGB')
+
+
+def center_square(img: Image.Image) -> Image.Image:
+  w, h = img.size
+  s = min(w, h)
+  left, top = (w - s) // 2, (h - s) // 2
+  return img.crop((left, top, left + s, top + s))
+
+
+def image_to_array(img: Image.Image, resolution: int) -> np.ndarray:
+  """Centre square crop, LANCZOS resize -> float32 [res, res, 3] in [-1, 1]."""
+  sq = center_square(img)
+  if sq.size != (resolution, resolution):
+    sq = sq.resize((resolution, resolution), Image.Resampling.LANCZOS)
+  x = np.asarray(sq, np.float32)
+  return x / 127.5 - 1.0
+
+
+def _clip_preprocess_pil(img: Image.Image, size: int) -> np.ndarray:
+  """CLIP preprocessing of one RGB image -> float32 [size, size, 3].
+
+  As CLIPImageProcessor: bicubic resize of the short side to `size` (long side
+  int(size * long / short)), centre crop size x size, /255, mean/std.
+  """
+  w, h = img.size
+  if w <= h:
+    nw, nh = size, int(size * h / w)
+  else:
+    nw, nh = int(size * w / h), size
+  if (nw, nh) != (w, h):
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+  left, top = (nw - size) // 2, (nh - size) // 2
+  img = img.crop((left, top, left + size, top + size))
+  x = np.asarray(img, np.float32) / 255.0
+  return (x - CLIP_MEAN) / CLIP_STD
+
+
+def clip_preprocess_np(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [B, H, W, 3] -> float32 [B, size, size, 3] (CLIP's preprocessing)."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f'expected uint8 [B, H, W, 3], got {images.dtype} '
+                     f'{images.shape}')
+  return np.stack([_clip_preprocess_pil(Image.fromarray(im), size)
+                   for im in images])
+
+
+def clip_image(img: Image.Image, size: int) -> np.ndarray:
+  """CLIP input for one decoded RGB image -> float32 [size, size, 3].
+
+  Prefers the models package's clip_preprocess_np (the one the samplers use)
+  so that training and sampling see identical pixels; ours is equivalent.
+  """
+  fn = _models_clip_preprocess()
+  if fn is None:
+    return _clip_preprocess_pil(img, size)
+  return fn(np.asarray(img, np.uint8)[None], size)[0].astype(np.float32)
+
+
+_MODELS_FN = []
+
+
+def _models_clip_preprocess():
+  if not _MODELS_FN:
+    try:
+      from unidiffuser_jax.models.clip import clip_preprocess_np as fn  # pylint: disable=g-import-not-at-top
+    except Exception:  # pylint: disable=broad-except  # not written yet
+      fn = None
+    _MODELS_FN.append(fn)
+  return _MODELS_FN[0]
+
+
+# ---------------------------------------------------------------------------
+# Captions.
+
+_URL = re.compile(r'(?:\b(?:https?|ftp)://|\bwww\.)\S+', re.I)
+_BARE_DOMAIN = re.compile(
+    r'\b[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|edu|gov|io|co|uk|de|ru|jp|cn|fr|'
+    r'info|biz)(?:/\S*)?\b', re.I)
+_EMAIL = re.compile(r'\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b')
+_TAG = re.compile(r'<[^<>]*>')
+_BRACKETS = (re.compile(r'\([^()]*\)'), re.compile(r'\[[^\[\]]*\]'),
+             re.compile(r'\{[^{}]*\}'))
+_QUOTE_CHARS = '"\'`\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u00ab\u00bb\u2039\u203a'
+_POSSESSIVE = re.compile(r"(\w)['\u2019]s\b")
+_SYMBOLS = re.compile(r"[^\w\s,.?!\x00]|_")
+_SPACES = re.compile(r'\s+')
+_SPACE_BEFORE_PUNCT = re.compile(r'\s+([,.?!])')
+
+
+def clean_caption(text: str) -> str:
+  """Caption cleaning as the UniDiffuser paper describes.
+
+  Drops URLs, e-mail addresses, HTML tags (after unescaping entities),
+  bracketed content ((), [], {}), quote characters except in the possessive
+  's, and every symbol other than , . ? ! ; then collapses white space.
+  """
+  t = html.unescape(text)
+  t = _TAG.sub(' ', t)
+  t = _EMAIL.sub(' ', t)  # before URLs: 'a@b.com' is not a domain
+  t = _URL.sub(' ', t)
+  t = _BARE_DOMAIN.sub(' ', t)
+  for pat in _BRACKETS:
+    prev = None
+    while prev != t:  # nested brackets, innermost first
+      prev, t = t, pat.sub(' ', t)
+  t = _POSSESSIVE.sub('\\1\x00s', t)  # protect 's
+  t = t.translate({ord(c): ' ' for c in _QUOTE_CHARS})
+  t = _SYMBOLS.sub(' ', t)
+  t = t.replace('\x00', "'")
+  t = _SPACES.sub(' ', t).strip()
+  return _SPACE_BEFORE_PUNCT.sub('\\1', t)
+
+
+# ---------------------------------------------------------------------------
+# Tokens.
+
+
+def load_tokenizer(spec: str):
+  """AutoTokenizer from a local directory, or a hub name from the local cache.
+
+  Never downloads: a hub name is looked up with local_files_only=True.
+  """
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  if not spec:
+    raise ValueError('data.tokenizer is empty: give a tokenizer directory')
+  if os.path.isdir(spec):
+    return AutoTokenizer.from_pretrained(spec)
+  try:
+    return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f'tokenizer {spec!r} is neither a local directory nor in the local '
+        f'hub cache ({e})') from None
+
+
+def tokenize(tokenizer, texts, max_length: int) -> np.ndarray:
+  """Token ids int32 [n, max_length], padded/truncated to max_length."""
+  if isinstance(texts, str):
+    texts = [texts]
+  ids = tokenizer(list(texts), padding='max_length', truncation=True,
+                  max_length=max_length)['input_ids']
+  return np.asarray(ids, np.int32).reshape(len(texts), max_length)
