@@ -387,8 +387,17 @@ def _drop_text(batch):
   return batch
 
 
+def _ensure_absl_flags():
+  # grain's worker processes read absl flags; outside absl.app (tests,
+  # notebooks) they are unparsed, so take the defaults.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _prefetch(ds, data_cfg):
   if data_cfg.num_workers > 0:
+    _ensure_absl_flags()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_cfg.num_workers,
         per_worker_buffer_size=max(1, data_cfg.prefetch)))
@@ -516,6 +525,7 @@ def make_feature_iterator(data_cfg, *, global_batch_size: int,
       num_threads=max(1, data_cfg.interleave_cycle), prefetch_buffer_size=max(
           1, data_cfg.prefetch)))
   if data_cfg.num_workers > 0:
+    _ensure_absl_flags()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_cfg.num_workers,
         per_worker_buffer_size=max(1, data_cfg.prefetch)))
