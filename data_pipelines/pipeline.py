@@ -64,8 +64,11 @@ same dict directly.
 
 Finite runs: with num_epochs set, the last partial batch is dropped when
 drop_remainder (its records are neither yielded nor counted: the only
-exception to "yielded or counted"); processes can hold different numbers of
-records, so multi-host training should use num_epochs=None (infinite).
+exception to "yielded or counted"). With drop_remainder=False it is yielded
+short, and if only skips follow the last example, a final batch holds just
+`data_type` int32 [0] and `skipped` (consumers of finite runs should skip
+batches without 'image'). Processes can hold different numbers of records,
+so multi-host training should use num_epochs=None (infinite).
 """
 from __future__ import annotations
 
@@ -313,13 +316,17 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
       try:
         ex = next(self._parent)
       except StopIteration:
-        if examples and not self._drop_remainder:
-          break
+        if not self._drop_remainder and (examples or skipped.any()):
+          break  # a last, short batch (maybe of 0 examples: see below)
         raise
       if 'skip' in ex:
         skipped[filters.REASON_INDEX[ex['skip']]] += 1
       else:
         examples.append(ex)
+    if not examples:
+      # End of a finite run whose last records were all skipped: a batch of
+      # zero examples carries their counts (only with drop_remainder=False).
+      return {'data_type': np.zeros((0,), np.int32), 'skipped': skipped}
     return stack_examples(examples, skipped, self._data_type)
 
   def get_state(self):

@@ -43,7 +43,14 @@ Entry = dict[str, Any]
 
 
 class _ShardCut(Exception):
-  """The shard ends (or is corrupt) in the middle of the archive."""
+  """The shard ends (or is corrupt) in the middle of the archive.
+
+  `member` names the member whose data was cut, None if a header was.
+  """
+
+  def __init__(self, msg, member=None):
+    super().__init__(msg)
+    self.member = member
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -106,6 +113,8 @@ def iter_members(f, read_data) -> Iterator[tuple[str, int, bytes | None]]:
   while True:
     header = f.read(_BLOCK)
     if not header:
+      if first:
+        raise tarfile.ReadError('empty file')
       raise _ShardCut('no end-of-archive marker')
     if len(header) < _BLOCK:
       header += _read_exact(f, _BLOCK - len(header))
@@ -133,12 +142,15 @@ def iter_members(f, read_data) -> Iterator[tuple[str, int, bytes | None]]:
     if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
       _skip_bytes(f, size + padded)
       continue
-    if read_data(name):
-      data = _read_exact(f, size)
-      _skip_bytes(f, padded)
-    else:
-      data = None
-      _skip_bytes(f, size + padded)
+    try:
+      if read_data(name):
+        data = _read_exact(f, size)
+        _skip_bytes(f, padded)
+      else:
+        data = None
+        _skip_bytes(f, size + padded)
+    except _ShardCut as e:
+      raise _ShardCut(str(e), name) from None
     yield name, size, data
 
 
@@ -187,6 +199,14 @@ def iter_entries(path: str, start: int = 0) -> Iterator[Entry]:
       if start <= 0:
         yield {'shard': path, 'key': '', 'skip': 'bad_shard'}
     except _ShardCut as e:
+      if e.member is not None and key is not None and (
+          split_key(e.member)[0] != key):
+        # The cut is in the first member of a new record: the previous
+        # record is complete.
+        if index >= start:
+          yield {'shard': path, 'key': key, 'files': files}
+        index += 1
+        key = split_key(e.member)[0]
       logging.warning('shard %s is truncated or corrupt at key %r: %s',
                       path, key, e)
       if index >= start:

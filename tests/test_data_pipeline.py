@@ -60,7 +60,7 @@ def _cfg(shards, **kw):
 def _keys(it, limit=None):
   out = []
   for i, b in enumerate(it):
-    out.extend(b['key'].tolist())
+    out.extend(b['key'].tolist() if 'key' in b else [])
     if limit is not None and i + 1 >= limit:
       break
   it.close()

@@ -1,0 +1,44 @@
+"""The one place the train loop gets its data from: shards, feature shards or synthetic.
+
+config.data.source picks the reader; everything after it (global arrays,
+checkpointed iterator state, skip counters) is the same for all three.
+"""
+import numpy as np
+
+from data_pipelines import synthetic
+
+SOURCES = ("shards", "features", "synthetic")
+
+
+def make_train_iterator(config, train_cfg, process_index: int, process_count: int):
+  data = config.data
+  host_batch = train_cfg.batch_size // process_count
+  if data.source == "synthetic":
+    return synthetic.make_iterator(
+        resolution=data.resolution, clip_resolution=data.clip_resolution,
+        max_length=data.max_length, vocab_size=data.synthetic_vocab_size,
+        host_batch=host_batch, seed=config.seed, num_examples=data.synthetic_examples,
+        data_type=data.data_type, num_skip_reasons=len(skip_reasons()))
+  from data_pipelines import pipeline
+  if data.source == "features":
+    return pipeline.make_feature_iterator(
+        data, global_batch_size=train_cfg.batch_size, process_index=process_index,
+        process_count=process_count, seed=config.seed)
+  if data.source == "shards":
+    return pipeline.make_iterator(
+        data, global_batch_size=train_cfg.batch_size, process_index=process_index,
+        process_count=process_count, seed=config.seed)
+  raise ValueError(f"config.data.source={data.source!r}; use one of {SOURCES}")
+
+
+def skip_reasons() -> tuple[str, ...]:
+  from data_pipelines import pipeline
+  return tuple(pipeline.SKIP_REASONS)
+
+
+def skip_metrics(skipped_total) -> dict[str, float]:
+  """Cumulative skipped-record counts per reason (this host) as metric scalars."""
+  if skipped_total is None:
+    return {}
+  counts = np.asarray(skipped_total)
+  return {f"data/skipped_{r}": float(c) for r, c in zip(skip_reasons(), counts)}
