@@ -1,0 +1,179 @@
+"""Flax AutoencoderKL vs diffusers.AutoencoderKL (tiny, random weights), both key layouts."""
+import re
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from unidiffuser_jax.models.vae import AutoencoderKL, sample_latent
+from unidiffuser_jax.weights import vae as vae_weights
+from unidiffuser_jax.weights.convert import WeightMismatchError
+from unidiffuser_jax.weights.tensors import load_tensors, save_safetensors
+
+CHANNELS = (8, 16, 16)  # three levels: f = 4; the 16 -> 16 level has no shortcut conv
+LAYERS = 2
+LATENT = 3
+GROUPS = 4
+TOL = 1e-4
+
+
+def _torch_vae():
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, block_out_channels=CHANNELS, layers_per_block=LAYERS,
+      latent_channels=LATENT, norm_num_groups=GROUPS,
+      down_block_types=("DownEncoderBlock2D",) * len(CHANNELS),
+      up_block_types=("UpDecoderBlock2D",) * len(CHANNELS)).eval()
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, p in vae.named_parameters():
+      if "norm" in name and name.endswith("weight"):  # GroupNorm scale away from 1
+        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+      elif name.endswith("bias"):
+        p.copy_(0.2 * torch.randn(p.shape, generator=g))
+      else:
+        fan_in = p[0].numel()
+        p.copy_(torch.randn(p.shape, generator=g) * 1.2 / fan_in ** 0.5)
+  return vae
+
+
+def _ours():
+  return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=CHANNELS,
+                       layers_per_block=LAYERS, latent_channels=LATENT, norm_num_groups=GROUPS)
+
+
+def _to_ldm(sd: dict) -> dict:
+  """diffusers AutoencoderKL names -> CompVis/LDM names (the test's own table)."""
+  n = len(CHANNELS)
+  out = {}
+  for k, v in sd.items():
+    v = v.numpy()
+    k2 = k
+    k2 = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", k2)
+    k2 = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", r"down.\1.downsample.conv", k2)
+    k2 = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)",
+                lambda m: f"up.{n - 1 - int(m.group(1))}.block.{m.group(2)}", k2)
+    k2 = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.conv",
+                lambda m: f"up.{n - 1 - int(m.group(1))}.upsample.conv", k2)
+    k2 = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k2)
+    k2 = k2.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k2)
+    if m:
+      k2 = f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
+      if m.group(2) != "group_norm" and m.group(3) == "weight":
+        v = v[:, :, None, None]  # LDM stores these as 1x1 convs
+    out[k2] = v
+  return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+  tvae = _torch_vae()
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
+  z = np.random.default_rng(1).standard_normal((2, LATENT, 4, 6)).astype(np.float32)
+  with torch.no_grad():
+    moments_ref = tvae.encode(torch.from_numpy(x)).latent_dist.parameters.numpy()
+    decoded_ref = tvae.decode(torch.from_numpy(z)).sample.numpy()
+  sd = {k: v.detach().clone() for k, v in tvae.state_dict().items()}
+  return dict(sd=sd, x=x, z=z, moments_ref=moments_ref, decoded_ref=decoded_ref)
+
+
+@jax.jit
+def _encode_decode(params, x, z):
+  # One jitted function: a single compile is much cheaper than op-by-op dispatch.
+  model = _ours()
+  return (model.apply({"params": params}, x, method=model.encode),
+          model.apply({"params": params}, z, method=model.decode))
+
+
+def _check_parity(params, s):
+  x = jnp.asarray(s["x"].transpose(0, 2, 3, 1))
+  z = jnp.asarray(s["z"].transpose(0, 2, 3, 1))
+  moments, decoded = _encode_decode(params, x, z)
+  assert moments.shape == (2, 4, 6, 2 * LATENT) and decoded.shape == (2, 16, 24, 3)
+  err_m = np.abs(np.asarray(moments).transpose(0, 3, 1, 2) - s["moments_ref"]).max()
+  err_d = np.abs(np.asarray(decoded).transpose(0, 3, 1, 2) - s["decoded_ref"]).max()
+  # The reference outputs must be non-trivial for the comparison to mean anything.
+  assert np.abs(s["moments_ref"]).max() > 0.1 and np.abs(s["decoded_ref"]).std() > 0.1
+  assert err_m <= TOL, f"encode max abs err {err_m}"
+  assert err_d <= TOL, f"decode max abs err {err_d}"
+  return err_m, err_d
+
+
+def test_parity_diffusers_layout(setup, tmp_path):
+  path = tmp_path / "diffusion_pytorch_model.safetensors"
+  save_safetensors(str(path), {k: v.numpy() for k, v in setup["sd"].items()})
+  params = vae_weights.load_vae_params(_ours(), str(path))  # layout detected
+  _check_parity(params, setup)
+
+
+def test_parity_ldm_layout(setup, tmp_path):
+  path = tmp_path / "autoencoder_kl.pth"
+  ldm = _to_ldm(setup["sd"])
+  assert "decoder.up.0.block.2.conv1.weight" in ldm and "encoder.mid.attn_1.q.weight" in ldm
+  ldm["loss.logvar"] = np.zeros(())  # LDM checkpoints carry training-only loss weights
+  torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in ldm.items()}}, path)
+  tensors = load_tensors(str(path))
+  assert vae_weights.detect_layout(tensors) == "ldm"
+  params = vae_weights.vae_params_from_tensors(_ours(), tensors, layout="ldm")
+  _check_parity(params, setup)
+
+
+def test_deprecated_attention_names_and_export(setup):
+  old = {}
+  for k, v in setup["sd"].items():
+    for new, dep in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
+                     ("to_out.0", "proj_attn")):
+      k = k.replace(f"attentions.0.{new}.", f"attentions.0.{dep}.")
+    old[k] = v.numpy()
+  params = vae_weights.vae_params_from_tensors(_ours(), old)
+  back = vae_weights.export_vae_tensors(params, _ours(), "diffusers")
+  assert set(back) == set(setup["sd"])
+  for k, v in setup["sd"].items():
+    np.testing.assert_array_equal(back[k], v.numpy())
+
+
+def test_missing_tensor_is_named(setup):
+  tensors = {k: v.numpy() for k, v in setup["sd"].items()}
+  del tensors["decoder.up_blocks.1.upsamplers.0.conv.weight"]
+  with pytest.raises(WeightMismatchError, match=r"decoder\.up_blocks\.1\.upsamplers\.0\.conv\.weight"):
+    vae_weights.vae_params_from_tensors(_ours(), tensors)
+
+
+def test_sample_latent():
+  rng = np.random.default_rng(0)
+  mean = rng.standard_normal((4, 5, 5, 2)).astype(np.float32)
+  logvar = rng.uniform(-3, 2, (4, 5, 5, 2)).astype(np.float32)
+  logvar[0, 0, 0, 0] = 50.0  # clamped to 20
+  logvar[0, 0, 0, 1] = -80.0  # clamped to -30
+  moments = jnp.asarray(np.concatenate([mean, logvar], -1))
+
+  @jax.jit
+  def run(key):
+    eps = jax.random.normal(key, mean.shape, jnp.float32)
+    draws = jax.vmap(lambda k: sample_latent(moments[1:2], k))(jax.random.split(key, 2000))
+    return sample_latent(moments, key), eps, draws
+
+  z, eps, draws = map(np.asarray, run(jax.random.key(3)))
+  want = mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * eps
+  np.testing.assert_allclose(z, want, rtol=1e-6, atol=1e-6)
+  assert np.isfinite(z).all()
+  # Over many draws the sample statistics match mean/std.
+  np.testing.assert_allclose(draws.mean(0), mean[1:2], atol=0.15)
+  np.testing.assert_allclose(draws.std(0), np.exp(0.5 * logvar[1:2]), rtol=0.1)
+
+
+def test_bf16_compute_is_close(setup):
+  params = vae_weights.vae_params_from_tensors(_ours(), {k: v.numpy() for k, v in setup["sd"].items()})
+  model = AutoencoderKL(block_out_channels=CHANNELS, layers_per_block=LAYERS,
+                        latent_channels=LATENT, norm_num_groups=GROUPS, dtype=jnp.bfloat16)
+  x = jnp.asarray(setup["x"].transpose(0, 2, 3, 1))
+  moments = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, x)
+  assert moments.dtype == jnp.float32
+  ref = setup["moments_ref"].transpose(0, 2, 3, 1)
+  rel = np.abs(np.asarray(moments) - ref).max() / np.abs(ref).max()
+  assert rel < 0.05, rel
