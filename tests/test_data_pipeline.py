@@ -246,3 +246,32 @@ def test_wait_timer():
   assert [t.next(it) for _ in range(3)] == [1, 2, 3]
   s = t.summary()
   assert s['batches'] == 3 and 0 <= s['wait_fraction'] <= 1
+
+
+def test_make_shards_cli_jsonl(tmp_path, capsys):
+  img_dir = tmp_path / 'imgs'
+  img_dir.mkdir()
+  for i in range(5):
+    Image.new('RGB', (30 + i, 20), (i * 40, 0, 0)).save(img_dir / f'p{i}.png')
+  (img_dir / 'broken.jpg').write_bytes(b'not a jpeg')
+  lines = [{'image': f'p{i}.png', 'text': f'red {i}', 'aesthetic': 6.5}
+           for i in range(4)]  # p4 has no caption
+  lines.append({'image': 'broken', 'text': 'x'})  # matched by stem
+  (tmp_path / 'caps.jsonl').write_text(
+      '\n'.join(__import__('json').dumps(l) for l in lines))
+  make_shards.main(['--input', str(img_dir), '--captions',
+                    str(tmp_path / 'caps.jsonl'), '--out',
+                    str(tmp_path / 'out'), '--shard-size', '3'])
+  assert capsys.readouterr().out.strip() == (
+      'shards: 2, written: 4, missing caption: 1, unreadable: 1')
+  from data_pipelines import shards as shards_lib
+  entries = [e for p in sorted(os.listdir(tmp_path / 'out'))
+             if p.endswith('.tar')
+             for e in shards_lib.iter_entries(str(tmp_path / 'out' / p))]
+  assert [e['key'] for e in entries] == ['000000000', '000000001',
+                                         '000000002', '000010000']
+  meta = __import__('json').loads(entries[3]['files']['json'])
+  assert meta['width'] == 33 and meta['height'] == 20
+  assert meta['aesthetic'] == 6.5 and meta['caption'] == 'red 3'
+  assert entries[3]['files']['txt'] == b'red 3'
+  assert entries[3]['files']['png'] == (img_dir / 'p3.png').read_bytes()
