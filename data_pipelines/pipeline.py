@@ -118,6 +118,17 @@ def default_data_config() -> ml_collections.ConfigDict:
   return c
 
 
+def with_defaults(data_cfg) -> ml_collections.ConfigDict:
+  """data_cfg completed with default_data_config() for fields it lacks.
+
+  Configs may carry extra fields (source, demo, ...); they are kept.
+  """
+  merged = default_data_config().to_dict()
+  merged.update(data_cfg.to_dict() if hasattr(data_cfg, 'to_dict')
+                else dict(data_cfg))
+  return ml_collections.ConfigDict(merged)
+
+
 # ---------------------------------------------------------------------------
 # Skip logging: every skip is logged at debug level with shard and key; the
 # first few per reason (per process) also as warnings, so bad data is visible
@@ -152,7 +163,7 @@ class RecordProcessor:
   """
 
   def __init__(self, cfg, tokenizer=None, *, transform_images=True):
-    self.cfg = cfg
+    self.cfg = with_defaults(cfg)
     self.tokenizer = tokenizer
     self.transform_images = transform_images
 
@@ -354,6 +365,7 @@ def make_record_dataset(data_cfg, *, process_index: int, process_count: int,
                         transform_images=True) -> grain.IterDataset:
   """Unbatched grain IterDataset of examples and {'skip': reason} markers."""
   _check_process(process_index, process_count)
+  data_cfg = with_defaults(data_cfg)
   paths = shards_lib.expand_shards(data_cfg.shards)
   mine = paths[process_index::process_count]
   if not mine:
@@ -377,6 +389,7 @@ def make_iterator(data_cfg, *, global_batch_size: int, process_index: int,
                   num_epochs=None) -> grain.DatasetIterator:
   """The per-host batch iterator over tar shards (see the module doc)."""
   b = _per_host(global_batch_size, process_count)
+  data_cfg = with_defaults(data_cfg)
   ds = make_record_dataset(data_cfg, process_index=process_index,
                            process_count=process_count, seed=seed,
                            tokenizer=tokenizer, num_epochs=num_epochs)
@@ -518,6 +531,7 @@ def make_feature_iterator(data_cfg, *, global_batch_size: int,
   """
   _check_process(process_index, process_count)
   b = _per_host(global_batch_size, process_count)
+  data_cfg = with_defaults(data_cfg)
   if not data_cfg.features:
     raise ValueError('data.features is empty')
   src = grain.sources.ArrayRecordDataSource(

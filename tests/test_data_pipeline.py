@@ -275,3 +275,20 @@ def test_make_shards_cli_jsonl(tmp_path, capsys):
   assert meta['aesthetic'] == 6.5 and meta['caption'] == 'red 3'
   assert entries[3]['files']['txt'] == b'red 3'
   assert entries[3]['files']['png'] == (img_dir / 'p3.png').read_bytes()
+
+
+def test_config_with_only_some_fields(shard_dir):
+  """A config.data lacking optional fields (and with extra ones) works."""
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(
+      source='shards', demo=False, shards=shard_dir, features='', tokenizer='',
+      resolution=8, clip_resolution=8, max_length=7, data_type=0,
+      shuffle_buffer=4, interleave_cycle=2, num_workers=0, prefetch=1,
+      min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0,
+      min_aesthetic=0.0, min_caption_chars=1, max_caption_chars=200,
+      max_image_pixels=4096 * 4096))
+  it = pipeline.make_iterator(cfg, global_batch_size=4, process_index=0,
+                              process_count=1, seed=0)
+  b = next(it)
+  it.close()
+  assert b['image'].shape == (4, 8, 8, 3) and 'key' not in b
