@@ -1,0 +1,158 @@
+"""Flax CLIP towers vs transformers (tiny random models), loading path, preprocessing."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from unidiffuser_jax.models import clip
+from unidiffuser_jax.weights import clip as clip_weights
+from unidiffuser_jax.weights.convert import WeightMismatchError
+
+TOL = 1e-4
+
+
+def _randomise(model, seed):
+  """Random weights everywhere, LayerNorms included (HF init leaves them at 1/0)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+      elif name.endswith("bias"):
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(0.2 * torch.randn(p.shape, generator=g))
+  return model.eval()
+
+
+def _text_model():
+  cfg = transformers.CLIPTextConfig(
+      vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=12, hidden_act="quick_gelu",
+      pad_token_id=1, bos_token_id=0, eos_token_id=2)
+  return _randomise(transformers.CLIPTextModel(cfg), 0)
+
+
+def _vision_model():
+  cfg = transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+      image_size=24, patch_size=8, projection_dim=20, hidden_act="quick_gelu")
+  return _randomise(transformers.CLIPVisionModelWithProjection(cfg), 1)
+
+
+def test_text_parity_through_directory_loader(tmp_path):
+  ref = _text_model()
+  ref.save_pretrained(tmp_path / "text")
+  tokens = np.random.default_rng(0).integers(0, 99, (3, 12)).astype(np.int64)
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(tokens)).last_hidden_state.numpy()
+  model, params = clip_weights.load_clip_text(str(tmp_path / "text"))
+  assert (model.width, model.num_layers, model.max_positions) == (32, 2, 12)
+  got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens, jnp.int32)))
+  assert got.shape == (3, 12, 32)
+  err = np.abs(got - want).max()
+  assert err <= TOL, err
+  # The causal mask matters: changing the last token leaves earlier positions unchanged.
+  tokens2 = tokens.copy()
+  tokens2[:, -1] = (tokens2[:, -1] + 1) % 99
+  got2 = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens2, jnp.int32)))
+  np.testing.assert_array_equal(got2[:, :-1], got[:, :-1])
+  assert np.abs(got2[:, -1] - got[:, -1]).max() > 1e-3
+
+
+def test_vision_parity_through_directory_loader(tmp_path):
+  ref = _vision_model()
+  ref.save_pretrained(tmp_path / "vision")
+  pixels = np.random.default_rng(1).standard_normal((2, 3, 24, 24)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(pixel_values=torch.from_numpy(pixels)).image_embeds.numpy()
+  model, params = clip_weights.load_clip_vision(str(tmp_path / "vision"))
+  assert (model.image_size, model.patch_size, model.proj_dim) == (24, 8, 20)
+  got = np.asarray(jax.jit(model.apply)({"params": params},
+                                        jnp.asarray(pixels.transpose(0, 2, 3, 1))))
+  assert got.shape == (2, 20)
+  assert np.linalg.norm(want, axis=-1).min() > 1.5  # not normalised, and non-trivial
+  err = np.abs(got - want).max()
+  assert err <= TOL, err
+
+
+def test_clipmodel_file_in_hub_cache(tmp_path, monkeypatch):
+  """A CLIPModel checkpoint (both towers) found through a fake hub cache, .bin preferred last."""
+  cfg = transformers.CLIPConfig(
+      text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                       num_attention_heads=4, max_position_embeddings=12, pad_token_id=1,
+                       bos_token_id=0, eos_token_id=2),
+      vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, image_size=24, patch_size=8),
+      projection_dim=16)
+  full = _randomise(transformers.CLIPModel(cfg), 2)
+  snap = tmp_path / "hub" / "models--openai--clip-vit-base-patch32" / "snapshots" / "abc123"
+  snap.mkdir(parents=True)
+  full.config.to_json_file(str(snap / "config.json"))
+  # Only a pytorch_model.bin: read with the safe unpickler.
+  torch.save(full.state_dict(), snap / "pytorch_model.bin")
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  assert clip_weights.find_model_dir("openai/clip-vit-base-patch32") == str(snap)
+  model, params = clip_weights.load_clip_vision("openai/clip-vit-base-patch32")
+  assert model.proj_dim == 16  # top-level projection_dim of a CLIPModel config
+  pixels = np.random.default_rng(2).standard_normal((1, 3, 24, 24)).astype(np.float32)
+  with torch.no_grad():
+    want = full.get_image_features(pixel_values=torch.from_numpy(pixels))
+    want = getattr(want, "pooler_output", want).numpy()
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1))))
+  assert np.abs(got - want).max() <= TOL
+  tmodel, tparams = clip_weights.load_clip_text("openai/clip-vit-base-patch32")
+  assert tmodel.width == 32 and "token_embedding" in tparams
+  # model.safetensors wins over pytorch_model.bin once present.
+  (snap / "model.safetensors").write_bytes(b"")
+  assert clip_weights._weight_file(str(snap)).endswith("model.safetensors")
+  with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+    clip_weights.find_model_dir("openai/not-there")
+
+
+def test_missing_tensor_is_named():
+  ref = _text_model()
+  # CLIPModel-style names (the hub file of openai/clip-vit-large-patch14).
+  tensors = {f"text_model.{k}": v.numpy() for k, v in ref.state_dict().items()}
+  del tensors["text_model.encoder.layers.1.mlp.fc2.weight"]
+  model = clip.CLIPTextEncoder(vocab_size=99, width=32, num_layers=2, num_heads=4, mlp_dim=40,
+                               max_positions=12)
+  with pytest.raises(WeightMismatchError, match=r"text_model\.encoder\.layers\.1\.mlp\.fc2\.weight"):
+    clip_weights.clip_text_params_from_tensors(model, tensors)
+
+
+def test_preprocess_np_matches_clip_image_processor():
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  size = 24
+  proc = CLIPImageProcessorPil(size={"shortest_edge": size},
+                               crop_size={"height": size, "width": size})
+  rng = np.random.default_rng(0)
+  for h, w in [(37, 61), (80, 29), (24, 24), (13, 18), (25, 24)]:
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    want = proc(images=img, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    got = clip.clip_preprocess_np(img[None], size)
+    assert got.shape == (1, size, size, 3) and got.dtype == np.float32
+    # Same PIL resize and crop; only float32 rounding of the normalisation differs.
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_preprocess_on_device_close_to_host():
+  """jax bicubic on floats vs PIL bicubic on uint8: differ by ~ the uint8 step."""
+  size = 24
+  rng = np.random.default_rng(1)
+  for h, w in [(48, 72), (61, 37), (24, 24)]:
+    # Smooth images (upsampled noise): resampling differences stay small, as on photos.
+    small = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3)).astype(np.float32)
+    img = np.asarray(jax.image.resize(small, (h, w, 3), "linear")).round().astype(np.uint8)
+    want = clip.clip_preprocess_np(img[None], size)
+    got = np.asarray(clip.clip_preprocess(jnp.asarray(img[None] / 127.5 - 1.0), size))
+    assert got.shape == want.shape
+    err = np.abs(got - want)
+    # 1/255 / 0.26 = 0.015 is one uint8 step after normalisation.
+    assert err.mean() < 0.01, err.mean()
+    assert err.max() < 0.1, err.max()
