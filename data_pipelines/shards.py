@@ -117,7 +117,12 @@ def iter_members(f, read_data) -> Iterator[tuple[str, int, bytes | None]]:
         raise tarfile.ReadError('empty file')
       raise _ShardCut('no end-of-archive marker')
     if len(header) < _BLOCK:
-      header += _read_exact(f, _BLOCK - len(header))
+      try:
+        header += _read_exact(f, _BLOCK - len(header))
+      except _ShardCut:
+        if first:
+          raise tarfile.ReadError('shorter than one tar header') from None
+        raise
     if header == b'\0' * _BLOCK:
       return  # End-of-archive marker: a clean end.
     try:
@@ -199,13 +204,13 @@ def iter_entries(path: str, start: int = 0) -> Iterator[Entry]:
       if start <= 0:
         yield {'shard': path, 'key': '', 'skip': 'bad_shard'}
     except _ShardCut as e:
-      if e.member is not None and key is not None and (
-          split_key(e.member)[0] != key):
+      if e.member is not None and split_key(e.member)[0] != key:
         # The cut is in the first member of a new record: the previous
-        # record is complete.
-        if index >= start:
-          yield {'shard': path, 'key': key, 'files': files}
-        index += 1
+        # record (if any) is complete.
+        if key is not None:
+          if index >= start:
+            yield {'shard': path, 'key': key, 'files': files}
+          index += 1
         key = split_key(e.member)[0]
       logging.warning('shard %s is truncated or corrupt at key %r: %s',
                       path, key, e)

@@ -240,3 +240,32 @@ def test_fuzz_counts_survive_resume(fuzz):
   it.close()
   assert sorted(keys) == sorted(good)
   assert {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n} == planted
+
+
+def test_every_cut_point(tmp_path):
+  """A shard cut at any byte: no exception, a prefix of the records survives,
+  at most one entry is counted as truncated, and resuming at any entry index
+  gives the tail of the full read."""
+  rng = np.random.default_rng(7)
+  members = []
+  for i in range(4):
+    members += _record('good', f'k{i}', rng)
+  path = str(tmp_path / 'full.tar')
+  make_shards.write_tar(path, members)
+  data = open(path, 'rb').read()
+  full_keys = [f'k{i}' for i in range(4)]
+  cut_path = str(tmp_path / 'cut.tar')
+  for cut in list(range(0, len(data), 131)) + [len(data) - 1024]:
+    with open(cut_path, 'wb') as f:
+      f.write(data[:cut])
+    entries = [(e['key'], e.get('skip'))
+               for e in shards_lib.iter_entries(cut_path)]
+    good = [k for k, s in entries if s is None]
+    skips = [s for _, s in entries if s is not None]
+    assert good == full_keys[:len(good)], cut
+    assert len(skips) <= 1 and len(entries) <= 4, (cut, entries)
+    if cut < 512:
+      assert skips == ['bad_shard'], cut
+    for start in range(len(entries) + 1):
+      assert [(e['key'], e.get('skip')) for e in
+              shards_lib.iter_entries(cut_path, start)] == entries[start:]
