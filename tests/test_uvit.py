@@ -1,0 +1,193 @@
+"""Shape, size, precision, remat and partitioning checks of the U-ViT (tiny sizes)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unidiffuser_jax.models import uvit as uvit_lib
+from unidiffuser_jax.models.uvit import UViT, count_params, resize_pos_embed
+
+FULL = dict(version='v1', latent_size=64, latent_channels=4, patch_size=2, width=1536, depth=30,
+            num_heads=24, mlp_dim=6144, text_dim=64, num_text_tokens=77, clip_img_dim=512)
+# depth 2 = one in-block, the mid-block and one skip out-block: every kind of block.
+TINY = dict(version='v1', latent_size=8, latent_channels=4, patch_size=2, width=32, depth=2,
+            num_heads=4, mlp_dim=64, text_dim=6, num_text_tokens=5, clip_img_dim=7)
+
+
+def _inputs(cfg, b=2, seed=0, size=None):
+  """Random inputs drawn with numpy (jax.random kernels are slow to compile on CPU)."""
+  size = size or cfg['latent_size']
+  rng = np.random.default_rng(seed)
+  f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return dict(
+      z=f32(b, size, size, cfg['latent_channels']),
+      clip_img=f32(b, 1, cfg['clip_img_dim']),
+      text=f32(b, cfg['num_text_tokens'], cfg['text_dim']),
+      t_img=jnp.asarray(rng.uniform(0, 1000, b), jnp.float32),  # fractional, as at sampling
+      t_text=jnp.asarray(rng.uniform(0, 1000, b), jnp.float32),
+      data_type=jnp.array([0, 1][:b], jnp.int32) if cfg['version'] == 'v1' else None)
+
+
+def _random_variables(model, seed=0):
+  """Random weights without model.init (whose RNG kernels are slow to compile on CPU).
+
+  Norm scales are drawn around 1 and biases around 0 so every parameter matters.
+  """
+  template = nn.meta.unbox(uvit_lib.abstract_variables(model))
+  rng = np.random.default_rng(seed)
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    scale = 0.1 if 'pos_embed' in name or 'norm' in name or 'embedding' in name else 0.2
+    value = rng.normal(0.0, scale, leaf.shape) / (np.sqrt(leaf.shape[0]) if 'kernel' in name else 1.)
+    if "['scale']" in name:
+      value += 1.0
+    return jnp.asarray(value, jnp.float32)
+  return jax.tree_util.tree_map_with_path(fill, template)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """(model, inputs, unboxed variables) of the tiny v1 model, built once."""
+  model, x = UViT(**TINY), _inputs(TINY)
+  return model, x, _random_variables(model)
+
+
+def test_full_param_count_matches_released_models():
+  assert count_params(FULL) == 952_509_520
+  assert count_params({**FULL, 'version': 'v0'}) == 952_504_912
+
+
+def test_full_token_count():
+  assert UViT(**FULL).num_tokens == 1105
+  assert UViT(**{**FULL, 'version': 'v0'}).num_tokens == 1104
+  variables = nn.meta.unbox(uvit_lib.abstract_variables(UViT(**{**FULL, 'version': 'v0'})))
+  assert variables['params']['pos_embed'].shape == (1, 1104, 1536)
+
+
+def test_init_matches_reference_recipe(tiny):
+  """Dense N(0, .02) & zero bias, LayerNorm 1/0, pos_embed N(0, .02), pos_embed_token 0."""
+  model, x, _ = tiny
+  # rbg keys: threefry init kernels take many seconds to compile on CPU.
+  params = jax.jit(model.init)(jax.random.key(3, impl='unsafe_rbg'), **x)['params']
+  params = nn.meta.unbox(params)
+  qkv = np.concatenate([np.ravel(params[b]['attn']['qkv']['kernel'])
+                        for b in ('in_blocks_0', 'mid_block', 'out_blocks_0')])
+  assert abs(qkv.std() - 0.02) < 0.001 and abs(qkv.mean()) < 0.001
+  assert 'bias' not in params['in_blocks_0']['attn']['qkv']
+  np.testing.assert_array_equal(params['out_blocks_0']['skip_linear']['bias'], 0.)
+  np.testing.assert_array_equal(params['out_blocks_0']['norm1']['scale'], 1.)
+  np.testing.assert_array_equal(params['mid_block']['norm3']['bias'], 0.)
+  assert 'norm1' not in params['in_blocks_0'] and 'norm1' not in params['mid_block']
+  assert abs(np.asarray(params['pos_embed']).std() - 0.02) < 0.003
+  np.testing.assert_array_equal(params['pos_embed_token'], 0.)
+
+
+@pytest.mark.parametrize('version', ['v0', 'v1'])
+def test_output_shapes_and_data_type(version):
+  cfg = {**TINY, 'version': version}
+  model, x = UViT(**cfg), _inputs(cfg)
+  params = _random_variables(model)
+  z, clip, text = model.apply(params, **x)
+  assert z.shape == x['z'].shape and clip.shape == x['clip_img'].shape
+  assert text.shape == x['text'].shape
+  assert all(np.isfinite(np.asarray(o)).all() for o in (z, clip, text))
+  if version == 'v1':
+    # data_type=None means 1 (the sampling default), and the flag changes the output.
+    x1 = {**x, 'data_type': jnp.ones(2, jnp.int32)}
+    np.testing.assert_array_equal(model.apply(params, **{**x, 'data_type': None})[0],
+                                  model.apply(params, **x1)[0])
+    assert not np.allclose(model.apply(params, **x1)[0], z)
+  else:
+    assert 'token_embedding' not in params['params']
+
+
+def test_every_output_depends_on_every_input(tiny):
+  """Joint attention: each modality's noise prediction sees all the others."""
+  model, x, params = tiny
+  base = model.apply(params, **x)
+  for name in ('z', 'clip_img', 'text', 't_img', 't_text'):
+    moved = model.apply(params, **{**x, name: x[name] + 1.0})
+    for out_new, out_old in zip(moved, base):
+      assert not np.allclose(out_new, out_old, atol=1e-6), name
+
+
+def test_bfloat16_runs_and_stays_close(tiny):
+  model32, x, params = tiny
+  out32 = model32.apply(params, **x)
+  out16 = UViT(**TINY, dtype=jnp.bfloat16).apply(params, **x)
+  for a, b in zip(out32, out16):
+    assert b.dtype == jnp.float32  # outputs are returned in float32
+    rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+    assert rel < 0.05, rel
+
+
+def test_remat_variants_identical(tiny):
+  _, x, params = tiny
+
+  def loss_and_grad(remat):
+    model = UViT(**TINY, remat=remat)
+    def loss(p):
+      z, clip, text = model.apply(p, **x)
+      return jnp.sum(z ** 2) + jnp.sum(clip ** 2) + jnp.sum(text ** 2)
+    return jax.value_and_grad(loss)(params)
+
+  ref_loss, ref_grad = loss_and_grad('none')
+  for remat in ('block', 'dots_saveable'):
+    l, g = loss_and_grad(remat)
+    np.testing.assert_allclose(l, ref_loss, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           g, ref_grad)
+  with pytest.raises(ValueError, match='remat'):
+    UViT(**TINY, remat='bogus').init(jax.random.key(0), **x)
+
+
+def test_every_param_has_logical_names():
+  boxed = uvit_lib.abstract_variables(UViT(**TINY))
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
+  for v in leaves:
+    assert len(v.names) == len(v.value.shape), v
+  specs = nn.get_partition_spec(boxed)
+  flat = jax.tree_util.tree_leaves_with_path(specs['params'],
+                                             is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  names = {jax.tree_util.keystr(k): tuple(s) for k, s in flat}
+  assert len(names) == len(leaves)
+  assert names["['in_blocks_0']['attn']['qkv']['kernel']"] == ('embed', 'heads')
+  assert names["['in_blocks_0']['attn']['proj']['kernel']"] == ('heads', 'embed')
+  assert names["['mid_block']['mlp']['fc1']['kernel']"] == ('embed', 'mlp')
+  assert names["['out_blocks_0']['mlp']['fc2']['kernel']"] == ('mlp', 'embed')
+  assert names["['pos_embed']"] == (None, 'pos', 'embed')
+  assert names["['norm']['scale']"] == ('norm',)
+
+
+def test_resize_pos_embed():
+  variables = jax.tree_util.tree_map(  # boxed, as model.init returns them
+      lambda box, v: box.replace_boxed(v),
+      uvit_lib.abstract_variables(UViT(**TINY)), _random_variables(UViT(**TINY)),
+      is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+  same = resize_pos_embed(variables, 8, 8, 2)
+  np.testing.assert_array_equal(nn.meta.unbox(same)['params']['pos_embed'],
+                                nn.meta.unbox(variables)['params']['pos_embed'])
+  bigger = resize_pos_embed(variables, 8, 12, 2)
+  table = nn.meta.unbox(bigger)['params']['pos_embed']
+  n_prefix = 2 + TINY['num_text_tokens'] + 1
+  assert table.shape == (1, n_prefix + 36, TINY['width'])
+  np.testing.assert_array_equal(table[:, :n_prefix],
+                                nn.meta.unbox(variables)['params']['pos_embed'][:, :n_prefix])
+  # The resized params drive a model built for the new size...
+  big_model = UViT(**{**TINY, 'latent_size': 12})
+  out_big = big_model.apply(nn.meta.unbox(bigger), **_inputs(TINY, size=12))
+  assert out_big[0].shape == (2, 12, 12, 4)
+  # ...and equal the old model interpolating on the fly at that size.
+  out_fly = UViT(**TINY).apply(nn.meta.unbox(variables), **_inputs(TINY, size=12))
+  for a, b in zip(out_big, out_fly):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+  model, x = UViT(**TINY), _inputs(TINY)
+  with pytest.raises(ValueError, match='text'):
+    model.init(jax.random.key(0), **{**x, 'text': x['text'][:, :3]})
+  with pytest.raises(ValueError, match='version'):
+    UViT(**{**TINY, 'version': 'v2'}).init(jax.random.key(0), **x)
