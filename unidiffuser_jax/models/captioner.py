@@ -121,8 +121,6 @@ def _start(model, params, prefix_latent_blc, max_new_tokens):
   return model.apply(params, prefix_latent_blc, cache, method=CaptionDecoder.prefill)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens', 'eos_id',
-                                             'temperature', 'all_beams'))
 def beam_search(model: CaptionDecoder, params, prefix_latent_blc, *, num_beams: int = 5,
                 max_new_tokens: int = 67, eos_id: int | None = None, temperature: float = 1.0,
                 all_beams: bool = False):
@@ -130,7 +128,23 @@ def beam_search(model: CaptionDecoder, params, prefix_latent_blc, *, num_beams: 
 
   Returns (tokens [B, max_new_tokens] int32, lengths [B] int32) of the best beam;
   with all_beams, (tokens [B, K, N], lengths [B, K], scores [B, K]) of every beam,
-  best first (scores are the final length-normalised ones).
+  best first (scores are the final length-normalised ones). Jitted inside (one
+  compilation serves both forms); also callable under an outer jit.
+  """
+  out = beam_search_all(model, params, prefix_latent_blc, num_beams=num_beams,
+                        max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature)
+  if all_beams:
+    return out
+  tokens_bkn, lengths_bk, _ = out
+  return tokens_bkn[:, 0], lengths_bk[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens', 'eos_id',
+                                             'temperature'))
+def beam_search_all(model: CaptionDecoder, params, prefix_latent_blc, *, num_beams: int = 5,
+                    max_new_tokens: int = 67, eos_id: int | None = None,
+                    temperature: float = 1.0):
+  """All beams, best first: (tokens [B, K, N], lengths [B, K], normalised scores [B, K]).
 
   Reference behaviour reproduced on purpose (quirks included):
   - Step 0 takes the top-k tokens of the prefix's last position; scores are raw
@@ -196,15 +210,11 @@ def beam_search(model: CaptionDecoder, params, prefix_latent_blc, *, num_beams: 
   state = (jnp.int32(1), cache, buf_bkn, scores_bk, lengths_bk, stopped_bk, tok_bk, done_b)
   _, _, buf_bkn, scores_bk, lengths_bk, *_ = jax.lax.while_loop(cond, body, state)
   final_bk = scores_bk / lengths_bk.astype(jnp.float32)
-  if all_beams:
-    order_bk = jnp.argsort(-final_bk, axis=1)
-    return (jnp.take_along_axis(buf_bkn, order_bk[..., None], axis=1),
-            jnp.take_along_axis(lengths_bk, order_bk, axis=1),
-            jnp.take_along_axis(final_bk, order_bk, axis=1))
-  best_b = jnp.argmax(final_bk, axis=1)
-  tokens = jnp.take_along_axis(buf_bkn, best_b[:, None, None], axis=1)[:, 0]
-  lengths = jnp.take_along_axis(lengths_bk, best_b[:, None], axis=1)[:, 0]
-  return tokens, lengths
+  # Stable sort: on exact ties the lower beam index wins (torch's order is unspecified).
+  order_bk = jnp.argsort(-final_bk, axis=1, stable=True)
+  return (jnp.take_along_axis(buf_bkn, order_bk[..., None], axis=1),
+          jnp.take_along_axis(lengths_bk, order_bk, axis=1),
+          jnp.take_along_axis(final_bk, order_bk, axis=1))
 
 
 def _sample_loop(model, params, prefix_latent_blc, max_new_tokens, eos, pick):
@@ -258,14 +268,22 @@ def top_p_filter(logits_bv, top_p: float):
   return jnp.where(drop_bv, -jnp.inf, logits_bv)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'eos_id', 'top_p',
-                                             'temperature'))
 def nucleus(model: CaptionDecoder, params, prefix_latent_blc, key, *, top_p: float = 0.9,
             temperature: float = 1.0, max_new_tokens: int = 67, eos_id: int | None = None):
-  """Top-p sampling; step i draws with jax.random.fold_in(key, i). Same outputs as greedy."""
-  eos = model.eos_id if eos_id is None else eos_id
-  if temperature <= 0:
+  """Top-p sampling; step i draws with jax.random.fold_in(key, i). Same outputs as greedy.
+
+  top_p and temperature are traced (changing them does not recompile).
+  """
+  if isinstance(temperature, (int, float)) and temperature <= 0:
     raise ValueError(f'temperature must be positive, got {temperature}')
+  return _nucleus(model, params, prefix_latent_blc, key, jnp.float32(top_p),
+                  jnp.float32(temperature), max_new_tokens=max_new_tokens, eos_id=eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'eos_id'))
+def _nucleus(model, params, prefix_latent_blc, key, top_p, temperature, *, max_new_tokens,
+             eos_id):
+  eos = model.eos_id if eos_id is None else eos_id
 
   def pick(logits_bv, i):
     filtered = top_p_filter(logits_bv.astype(jnp.float32) / temperature, top_p)
