@@ -11,7 +11,7 @@ import transformers
 
 from unidiffuser_jax.models import clip
 from unidiffuser_jax.weights import clip as clip_weights
-from unidiffuser_jax.weights.convert import WeightMismatchError
+from unidiffuser_jax.weights.convert import WeightMismatchError, flatten
 
 TOL = 1e-4
 
@@ -154,5 +154,40 @@ def test_preprocess_on_device_close_to_host():
     assert got.shape == want.shape
     err = np.abs(got - want)
     # 1/255 / 0.26 = 0.015 is one uint8 step after normalisation.
-    assert err.mean() < 0.01, err.mean()
-    assert err.max() < 0.1, err.max()
+    assert err.mean() < 0.006, err.mean()
+    assert err.max() < 0.03, err.max()
+
+
+def _check_full_size(model, template, entries, ref, n_params):
+  theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()
+            if not k.endswith("position_ids")}
+  flat = flatten(template)
+  assert sum(int(np.prod(x.shape)) for x in flat.values()) == n_params
+  names = {e.name for e in entries}
+  assert len(names) == len(entries) == len(flat)
+  assert names <= set(theirs), sorted(names - set(theirs))[:5]
+  for e in entries:
+    fake = np.broadcast_to(np.zeros((), np.float32), theirs[e.name])  # no memory
+    assert e.to_ours(fake).shape == flat[e.path].shape, e.name
+
+
+def test_full_size_key_tables():
+  """ViT-L/14 text and ViT-B/32 vision towers at full size against CLIPModel's names.
+
+  torch models on the meta device and ShapeDtypeStruct templates: nothing is allocated.
+  """
+  large = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+               num_hidden_layers=12, max_position_embeddings=77, vocab_size=49408)
+  with torch.device("meta"):
+    ref_l = transformers.CLIPModel(transformers.CLIPConfig(text_config=large, projection_dim=768))
+    ref_b = transformers.CLIPModel(transformers.CLIPConfig(projection_dim=512))
+  text = clip.CLIPTextEncoder()  # defaults: ViT-L/14's text tower
+  text_cfg = clip_weights.text_config_from_json(ref_l.config.to_dict())
+  assert text_cfg == {f: getattr(text, f) for f in text_cfg}
+  _check_full_size(text, clip_weights.text_template(text), clip_weights.text_entries(12), ref_l,
+                   123_060_480)
+  vision = clip.CLIPVisionEncoder()  # defaults: ViT-B/32's vision tower + projection
+  vision_cfg = clip_weights.vision_config_from_json(ref_b.config.to_dict())
+  assert vision_cfg == {f: getattr(vision, f) for f in vision_cfg}
+  _check_full_size(vision, clip_weights.vision_template(vision), clip_weights.vision_entries(12),
+                   ref_b, 87_849_216)

@@ -10,7 +10,7 @@ import torch
 
 from unidiffuser_jax.models.vae import AutoencoderKL, sample_latent
 from unidiffuser_jax.weights import vae as vae_weights
-from unidiffuser_jax.weights.convert import WeightMismatchError
+from unidiffuser_jax.weights.convert import WeightMismatchError, flatten
 from unidiffuser_jax.weights.tensors import load_tensors, save_safetensors
 
 CHANNELS = (8, 16, 16)  # three levels: f = 4; the 16 -> 16 level has no shortcut conv
@@ -45,28 +45,32 @@ def _ours():
                        layers_per_block=LAYERS, latent_channels=LATENT, norm_num_groups=GROUPS)
 
 
+def _ldm_name(k: str, num_levels: int = len(CHANNELS)) -> tuple[str, bool]:
+  """diffusers AutoencoderKL name -> (CompVis/LDM name, stored as 1x1 conv?): the test's own table."""
+  n = num_levels
+  k2 = k
+  k2 = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", k2)
+  k2 = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", r"down.\1.downsample.conv", k2)
+  k2 = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)",
+              lambda m: f"up.{n - 1 - int(m.group(1))}.block.{m.group(2)}", k2)
+  k2 = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.conv",
+              lambda m: f"up.{n - 1 - int(m.group(1))}.upsample.conv", k2)
+  k2 = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k2)
+  k2 = k2.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+  attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+  m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k2)
+  if m:
+    k2 = f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
+    return k2, m.group(2) != "group_norm" and m.group(3) == "weight"
+  return k2, False
+
+
 def _to_ldm(sd: dict) -> dict:
-  """diffusers AutoencoderKL names -> CompVis/LDM names (the test's own table)."""
-  n = len(CHANNELS)
   out = {}
   for k, v in sd.items():
+    k2, is_1x1 = _ldm_name(k)
     v = v.numpy()
-    k2 = k
-    k2 = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", k2)
-    k2 = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", r"down.\1.downsample.conv", k2)
-    k2 = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)",
-                lambda m: f"up.{n - 1 - int(m.group(1))}.block.{m.group(2)}", k2)
-    k2 = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.conv",
-                lambda m: f"up.{n - 1 - int(m.group(1))}.upsample.conv", k2)
-    k2 = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k2)
-    k2 = k2.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k2)
-    if m:
-      k2 = f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
-      if m.group(2) != "group_norm" and m.group(3) == "weight":
-        v = v[:, :, None, None]  # LDM stores these as 1x1 convs
-    out[k2] = v
+    out[k2] = v[:, :, None, None] if is_1x1 else v  # LDM stores these as 1x1 convs
   return out
 
 
@@ -177,3 +181,37 @@ def test_bf16_compute_is_close(setup):
   ref = setup["moments_ref"].transpose(0, 2, 3, 1)
   rel = np.abs(np.asarray(moments) - ref).max() / np.abs(ref).max()
   assert rel < 0.05, rel
+
+
+def test_full_size_key_table_matches_diffusers():
+  """SD KL-f8 at full size: every diffusers / LDM tensor maps to a parameter of the right shape.
+
+  The torch model lives on the meta device and our template is a ShapeDtypeStruct
+  tree, so nothing full-size is allocated.
+  """
+  with torch.device("meta"):
+    ref = diffusers.AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4)
+  theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  model = AutoencoderKL()
+  template = vae_weights.vae_template(model)
+  n_ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(template))
+  assert n_ours == sum(int(np.prod(s)) for s in theirs.values()) == 83_653_863
+  flat = flatten(template)
+  for layout in ("diffusers", "ldm"):
+    entries = vae_weights.vae_entries(template, layout)
+    names = {e.name for e in entries}
+    assert len(names) == len(entries) == len(theirs)
+    if layout == "ldm":
+      ldm = {}
+      for k, shape in theirs.items():
+        k2, is_1x1 = _ldm_name(k, num_levels=4)
+        ldm[k2] = shape + (1, 1) if is_1x1 else shape
+      assert "decoder.up.1.block.0.nin_shortcut.weight" in ldm  # 512 -> 256, high-res side
+    want = theirs if layout == "diffusers" else ldm
+    assert names == set(want)
+    for e in entries:
+      fake = np.broadcast_to(np.zeros((), np.float32), want[e.name])  # no memory
+      assert e.to_ours(fake).shape == flat[e.path].shape, e.name
