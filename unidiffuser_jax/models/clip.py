@@ -221,7 +221,7 @@ def clip_preprocess_np(images: np.ndarray, size: int = 224) -> np.ndarray:
 
 
 def clip_preprocess(images_bhwc: jax.Array, size: int = 224) -> jax.Array:
-  """Images in [-1, 1] [B, H, W, 3] -> CLIP input [B, size, size, 3], jittable.
+  """Images in [-1, 1] [B, H, W, 3] -> CLIP input [B, size, size, 3], jittable (size static).
 
   Same geometry as clip_preprocess_np (short side to `size`, centre crop), but
   the resize is jax.image.resize's antialiased bicubic (Keys a = -0.5, as PIL)

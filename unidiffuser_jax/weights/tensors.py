@@ -219,11 +219,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if key not in self._storages:
       dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
       entry = f"{self._prefix}data/{key}"
+      nbytes = int(numel) * dtype.itemsize
       try:
-        raw = self._zf.read(entry)
+        with self._zf.open(entry) as f:
+          raw = f.read(nbytes)  # never more than the pickle claims (no zip-bomb reads)
       except KeyError:
         raise UnsafeWeightsError(f"{self._where}: storage {entry!r} is missing") from None
-      nbytes = int(numel) * dtype.itemsize
       if len(raw) < nbytes:
         raise UnsafeWeightsError(
             f"{self._where}: storage {entry!r} holds {len(raw)} bytes, expected {nbytes}")
