@@ -119,8 +119,8 @@ def test_top_p_filter_and_loss():
   mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
   logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
   want = -(logp[0, 0, 1] + logp[0, 1, 2] + logp[1, 0, 4]) / 3
-  np.testing.assert_allclose(jax.jit(caption_loss)(jnp.asarray(lg), jnp.asarray(ids), jnp.asarray(mask)),
-                             want, rtol=1e-5)
+  got = jax.jit(caption_loss)(jnp.asarray(lg), jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_bf16_forward_close(trained):

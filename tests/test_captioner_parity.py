@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('diffusers')
-from diffusers.pipelines.deprecated.unidiffuser.modeling_text_decoder import UniDiffuserTextDecoder  # noqa: E402
+from diffusers.pipelines.deprecated.unidiffuser import modeling_text_decoder  # noqa: E402
 
 from unidiffuser_jax.models.captioner import CaptionDecoder, beam_search  # noqa: E402
 from unidiffuser_jax.models.gpt2 import GPT2, init_kv_cache  # noqa: E402
@@ -92,9 +92,9 @@ def test_gpt2_logits_match_transformers(tmp_path, activation):
 def _reference_decoder(seed=0, eos_boost=1.0):
   """A random UniDiffuserTextDecoder whose beams stop at varied lengths."""
   torch.manual_seed(seed)
-  ref = UniDiffuserTextDecoder(prefix_length=L, prefix_inner_dim=INNER, prefix_hidden_dim=HIDDEN,
-                               vocab_size=V, n_positions=64, n_embd=E, n_layer=LAYERS,
-                               n_head=HEADS).eval()
+  ref = modeling_text_decoder.UniDiffuserTextDecoder(
+      prefix_length=L, prefix_inner_dim=INNER, prefix_hidden_dim=HIDDEN, vocab_size=V,
+      n_positions=64, n_embd=E, n_layer=LAYERS, n_head=HEADS).eval()
   with torch.no_grad():
     for name, p in ref.named_parameters():
       if p.ndim == 2 and 'wte' not in name and 'wpe' not in name:

@@ -198,8 +198,8 @@ def beam_search_all(model: CaptionDecoder, params, prefix_latent_blc, *, num_bea
     new_scores_bk = new_avg_bk * new_lengths_bk.astype(jnp.float32)
     new_stopped_bk = jnp.take_along_axis(stopped_bk, src_bk, axis=1) | (new_tok_bk == eos)
     flat_src = (jnp.arange(b)[:, None] * k + src_bk).reshape(b * k)
-    cache = {'k': jnp.take(cache['k'], flat_src, axis=1), 'v': jnp.take(cache['v'], flat_src, axis=1),
-             'index': cache['index']}
+    cache = {'k': jnp.take(cache['k'], flat_src, axis=1),
+             'v': jnp.take(cache['v'], flat_src, axis=1), 'index': cache['index']}
     keep = lambda new, old: jnp.where(done_b.reshape((b,) + (1,) * (old.ndim - 1)), old, new)
     state = (i + 1, cache, keep(new_buf, buf_bkn), keep(new_scores_bk, scores_bk),
              keep(new_lengths_bk, lengths_bk), keep(new_stopped_bk, stopped_bk),

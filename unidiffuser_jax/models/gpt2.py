@@ -72,8 +72,9 @@ class GPT2Attention(nn.Module):
       new_kv = None
     else:
       ck_bshd, cv_bshd = cache_kv
-      k_all = jax.lax.dynamic_update_slice(ck_bshd, k_bthd.astype(ck_bshd.dtype), (0, cache_index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(cv_bshd, v_bthd.astype(cv_bshd.dtype), (0, cache_index, 0, 0))
+      at = (0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(ck_bshd, k_bthd.astype(ck_bshd.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(cv_bshd, v_bthd.astype(cv_bshd.dtype), at)
       # Slots not yet written lie at positions > every query position, so the
       # causal mask below also hides them.
       key_pos = jnp.arange(ck_bshd.shape[1])
@@ -83,7 +84,8 @@ class GPT2Attention(nn.Module):
     causal_qk = key_pos[None, :] <= positions_t[:, None]
     logits_bhqk = jnp.where(causal_qk[None, None], logits_bhqk, jnp.finfo(jnp.float32).min)
     probs_bhqk = jax.nn.softmax(logits_bhqk, axis=-1)
-    out_bthd = jnp.einsum('bhqk,bkhd->bqhd', probs_bhqk.astype(self.dtype), v_all.astype(self.dtype))
+    out_bthd = jnp.einsum('bhqk,bkhd->bqhd', probs_bhqk.astype(self.dtype),
+                          v_all.astype(self.dtype))
     out = _dense(e, ('heads', 'embed'), self.proj_std, self.dtype, self.param_dtype,
                  'c_proj')(out_bthd.reshape(b, t, e))
     return out, new_kv
@@ -147,7 +149,8 @@ class GPT2(nn.Module):
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f'activation {self.activation!r} not in {sorted(_ACTIVATIONS)}')
     emb_init = nn.initializers.normal(0.02)
-    self.wte = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+    self.wte = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype,
+                        param_dtype=self.param_dtype,
                         embedding_init=nn.with_logical_partitioning(emb_init, ('vocab', 'embed')))
     self.wpe = nn.Embed(self.n_positions, self.n_embd, dtype=self.dtype,
                         param_dtype=self.param_dtype,

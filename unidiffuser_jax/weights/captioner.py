@@ -53,7 +53,8 @@ def _ln(path, name) -> list[Entry]:
   return [Entry(path + ('scale',), name + '.weight'), Entry(path + ('bias',), name + '.bias')]
 
 
-def gpt2_entries(n_layer: int, prefix: str = 'transformer.', root: tuple[str, ...] = ()) -> list[Entry]:
+def gpt2_entries(n_layer: int, prefix: str = 'transformer.',
+                 root: tuple[str, ...] = ()) -> list[Entry]:
   """GPT2Model tensors named `prefix`wte.weight ... -> our GPT2 params under `root`."""
   e = [Entry(root + ('wte', 'embedding'), prefix + 'wte.weight'),
        Entry(root + ('wpe', 'embedding'), prefix + 'wpe.weight')]
@@ -106,7 +107,8 @@ def _drop_tied_head(tensors: Mapping[str, np.ndarray], head: str, wte: str) -> d
   tensors = dict(tensors)
   if head in tensors:
     w = np.asarray(tensors.pop(head))
-    if wte in tensors and (w.shape != np.shape(tensors[wte]) or not np.array_equal(w, tensors[wte])):
+    if wte in tensors and not (w.shape == np.shape(tensors[wte])
+                               and np.array_equal(w, tensors[wte])):
       raise WeightMismatchError(
           f'tensor {head!r} differs from {wte!r}: our GPT-2 ties the LM head to the token '
           'embedding and cannot hold a separate head')
