@@ -119,7 +119,8 @@ def test_bfloat16_runs_and_stays_close(tiny):
   for a, b in zip(out32, out16):
     assert b.dtype == jnp.float32  # outputs are returned in float32
     rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
-    assert rel < 0.05, rel
+    print(f'bfloat16 vs float32 relative error {rel:.4f}')
+    assert 0 < rel < 0.02, rel  # > 0: bfloat16 really was used
 
 
 def test_remat_variants_identical(tiny):

@@ -9,6 +9,11 @@ and consumed last-in first-out by the out-blocks (U-Net style long skips).
 Parameter names follow the released thu-ml checkpoints (patch_embed, in_blocks_0,
 mid_block, out_blocks_0, norm, decoder_pred, ...) so weights/uvit.py maps them
 one to one. Layout is NHWC; see docs/INTERFACES.md.
+
+Precision: parameters are float32; with dtype=bfloat16 the matmuls (Dense, Conv,
+attention products) run in bfloat16 while LayerNorms, the residual stream between
+them, attention logits and softmax stay float32 (what torch autocast gives the
+reference model). Outputs are float32.
 """
 from collections.abc import Mapping
 import math
@@ -55,9 +60,11 @@ def _dense(features: int, in_name, out_name, dtype, name: str, use_bias: bool = 
       bias_init=_part(nn.initializers.zeros_init(), (out_name,)), name=name)
 
 
-def _layer_norm(dtype, name: str) -> nn.LayerNorm:
+def _layer_norm(name: str) -> nn.LayerNorm:
+  # Always float32, like torch autocast: the residual stream between LayerNorms then
+  # stays float32 and only the matmuls run in the compute dtype.
   return nn.LayerNorm(
-      epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
+      epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
       scale_init=_part(nn.initializers.ones_init(), ('norm',)),
       bias_init=_part(nn.initializers.zeros_init(), ('norm',)), name=name)
 
@@ -147,12 +154,12 @@ class Block(nn.Module):
       if skip_bld is None:
         raise ValueError('a skip block needs the skip activation')
       x_bld = _dense(self.width, 'mlp', 'embed', self.dtype, 'skip_linear')(
-          jnp.concatenate([x_bld, skip_bld.astype(x_bld.dtype)], axis=-1))
-      x_bld = _layer_norm(self.dtype, 'norm1')(x_bld)
+          jnp.concatenate([x_bld, skip_bld], axis=-1))
+      x_bld = _layer_norm('norm1')(x_bld)
     x_bld = x_bld + Attention(self.width, self.num_heads, self.dtype, name='attn')(x_bld)
-    x_bld = _layer_norm(self.dtype, 'norm2')(x_bld)
+    x_bld = _layer_norm('norm2')(x_bld)
     x_bld = x_bld + Mlp(self.width, self.mlp_dim, self.dtype, name='mlp')(x_bld)
-    return _layer_norm(self.dtype, 'norm3')(x_bld)
+    return _layer_norm('norm3')(x_bld)
 
 
 def _block_class(remat: str):
@@ -236,8 +243,8 @@ class UViT(nn.Module):
     img_bnd = patches_bhwd.reshape(b, gh * gw, w_)
     text_bld = _dense(w_, 'io', 'embed', self.dtype, 'text_embed')(text.astype(self.dtype))
     clip_b1d = _dense(w_, 'io', 'embed', self.dtype, 'clip_img_embed')(clip_img.astype(self.dtype))
-    t_img_b1d = timestep_embedding(t_img, w_)[:, None].astype(self.dtype)
-    t_text_b1d = timestep_embedding(t_text, w_)[:, None].astype(self.dtype)
+    t_img_b1d = timestep_embedding(t_img, w_)[:, None]  # float32, no weights
+    t_text_b1d = timestep_embedding(t_text, w_)[:, None]
 
     prefix = [t_img_b1d, t_text_b1d]
     pos_table = self.param(
@@ -260,8 +267,8 @@ class UViT(nn.Module):
     pos_parts.append(interpolate_patch_pos(
         pos_table[:, 2 + self.num_text_tokens + 1:], self.grid_size, (gh, gw)))
     pos_1td = jnp.concatenate(pos_parts, axis=1)
-    x_btd = jnp.concatenate(prefix + [text_bld, clip_b1d, img_bnd], axis=1)
-    x_btd = x_btd + pos_1td.astype(self.dtype)
+    tokens = prefix + [text_bld, clip_b1d, img_bnd]
+    x_btd = jnp.concatenate([t.astype(jnp.float32) for t in tokens], axis=1) + pos_1td
 
     # U-shaped stack of post-LN blocks.
     block_cls = _block_class(self.remat)
@@ -273,7 +280,7 @@ class UViT(nn.Module):
     x_btd = block_cls(**kw, name='mid_block')(x_btd)
     for i in range(self.depth // 2):
       x_btd = block_cls(**kw, skip=True, name=f'out_blocks_{i}')(x_btd, skips.pop())
-    x_btd = _layer_norm(self.dtype, 'norm')(x_btd)
+    x_btd = _layer_norm('norm')(x_btd)
 
     # Tokens -> outputs (time and data-type tokens are dropped).
     n_pre = x_btd.shape[1] - gh * gw
