@@ -17,11 +17,10 @@ from etils import epath
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
-def manager(workdir: str, *, save_every: int, keep: int, async_save: bool = True,
+def manager(workdir: str, *, keep: int, async_save: bool = True,
             with_data: bool = True) -> ocp.CheckpointManager:
   items = (STATE, DATA, CONFIG) if with_data else (STATE, CONFIG)
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(1, save_every),
       max_to_keep=keep,
       enable_async_checkpointing=async_save,
       create=True,
@@ -31,13 +30,12 @@ def manager(workdir: str, *, save_every: int, keep: int, async_save: bool = True
                                item_names=items, options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config_dict: dict,
-         *, force: bool = False) -> bool:
-  """Saves if `step` is due (or `force`); returns whether a save started."""
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config_dict: dict) -> bool:
+  """Starts saving `step` (the caller decides when a step is due); async for the arrays."""
   items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict)}
   if data_iter is not None:
     items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
-  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):

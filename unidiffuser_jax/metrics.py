@@ -68,7 +68,9 @@ class MetricLogger:
 def console_line(step: int, scalars: dict) -> str:
   order = ["loss", "loss_img", "loss_clip", "loss_text", "grad_norm", "lr", "step_time_s",
            "examples_per_s"]
-  keys = [k for k in order if k in scalars] + sorted(k for k in scalars if k not in order)
+  # Counters that are zero (e.g. most skip reasons) stay in TensorBoard but not on the console.
+  keys = [k for k in order if k in scalars] + sorted(
+      k for k in scalars if k not in order and scalars[k] != 0)
   return f"step {step:>7d} | " + " ".join(f"{k}={_fmt(scalars[k])}" for k in keys)
 
 

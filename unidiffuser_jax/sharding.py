@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves the (data, fsdp, tensor) sizes; at most one may be -1 (fill)."""
+  mesh_cfg = {k: v for k, v in mesh_cfg.items() if k != "num_devices"}
   unknown = set(mesh_cfg) - set(MESH_AXES)
   if unknown:
     raise ConfigError(f"config.mesh has unknown axes {sorted(unknown)}; use only {MESH_AXES}")
@@ -49,6 +50,11 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
+  wanted = int(mesh_cfg.get("num_devices", 0) or 0)
+  if wanted > len(devices):
+    raise ConfigError(f"config.mesh.num_devices={wanted} but only {len(devices)} devices are "
+                      f"present; lower it or set it to 0 (use all)")
+  devices = devices[:wanted] if wanted else devices
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 

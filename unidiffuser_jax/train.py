@@ -7,18 +7,17 @@ the data iterator is checkpointed with the state, so stopping and re-running
 the same command continues exactly as an unbroken run.
 """
 from collections.abc import Callable
+import dataclasses
 import functools
 import logging
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, metrics, rng, sharding
+from unidiffuser_jax import checkpoints, metrics, rng, sharding
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -33,13 +32,52 @@ class TrainState:
   opt_state: optax.OptState
 
 
-# ---------------------------------------------------------------- construction
+# ---------------------------------------------------------------- what is trained
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the generic loop trains: how to create the parameters and the loss.
+
+  init_params() -> boxed params (logical axis names); loss(params, frozen,
+  batch, key) -> (scalar, {name: scalar}); frozen holds the parameters that
+  are inputs but not trained (encoders). prepare_batch runs on the host.
+  """
+  name: str
+  init_params: Callable[[], dict]
+  loss: Callable
+  prepare_batch: Callable[[dict], dict] = lambda batch: batch
+
 
 def make_model(model_cfg) -> uvit.UViT:
   cfg = dict(model_cfg)
   cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
   return uvit.UViT(**cfg)
 
+
+def dummy_latents(model: uvit.UViT, batch: int = 1):
+  z = jnp.zeros((batch, model.latent_size, model.latent_size, model.latent_channels))
+  clip = jnp.zeros((batch, 1, model.clip_img_dim))
+  text = jnp.zeros((batch, model.num_text_tokens, model.text_dim))
+  t = jnp.zeros((batch,))
+  return z, clip, text, t, t, jnp.ones((batch,), jnp.int32)
+
+
+def uvit_task(model: uvit.UViT, encoders, seed: int) -> Task:
+  """The UniDiffuser objective on latents from the frozen encoders."""
+  def init_params():
+    return model.init(rng.key_for(seed, 0, "init"), *dummy_latents(model))["params"]
+
+  def loss(params, encoder_params, batch, key):
+    k_enc, k_loss = jax.random.split(key)
+    z0, clip0, text0 = encoders.batch_to_latents(encoder_params, batch, k_enc)
+    nnet = functools.partial(model.apply, {"params": params})
+    total, parts = objective.loss_fn(nnet, z0, clip0, text0, batch.get("data_type"), k_loss)
+    return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
+
+  return Task("uvit", init_params, loss)
+
+
+# ---------------------------------------------------------------- optimiser and state
 
 def lr_schedule(train_cfg) -> optax.Schedule:
   """Linear warm-up from 0 to lr over warmup_steps, then constant (U-ViT's recipe)."""
@@ -61,65 +99,48 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def dummy_latents(model: uvit.UViT, batch: int = 1):
-  z = jnp.zeros((batch, model.latent_size, model.latent_size, model.latent_channels))
-  clip = jnp.zeros((batch, 1, model.clip_img_dim))
-  text = jnp.zeros((batch, model.num_text_tokens, model.text_dim))
-  t = jnp.zeros((batch,))
-  return z, clip, text, t, t, jnp.ones((batch,), jnp.int32)
-
-
-def init_fn(model: uvit.UViT, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:
+def init_fn(task: Task, tx: optax.GradientTransformation) -> Callable[[], TrainState]:
   """A thunk that builds the boxed initial state (for eval_shape and sharded jit)."""
   def init():
-    params = model.init(rng.key_for(seed, 0, "init"), *dummy_latents(model))["params"]
+    params = task.init_params()
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=tx.init(params))
   return init
 
 
+def create_state(task: Task, tx, config, mesh):
+  rules = sharding.rules_from_config(config.sharding.rules)
+  return sharding.sharded_init(init_fn(task, tx), mesh, rules)
+
+
 # ---------------------------------------------------------------- the step
 
-def make_train_step(model: uvit.UViT, tx, encoders: encoders_lib.Encoders, config):
-  """Returns step(state, encoder_params, batch) -> (state, metrics); jit it with shardings."""
-  accum = int(config.train.grad_accum)
-  ema_decay = float(config.train.ema_decay)
-  seed = int(config.seed)
-  lr_fn = lr_schedule(config.train)
+def make_train_step(task: Task, tx, train_cfg, seed: int):
+  """Returns step(state, frozen_params, batch) -> (state, metrics); jit it with shardings."""
+  accum = int(train_cfg.grad_accum)
+  ema_decay = float(train_cfg.ema_decay)
+  lr_fn = lr_schedule(train_cfg)
+  grad_fn = jax.value_and_grad(task.loss, has_aux=True)
 
-  def micro_loss(params, encoder_params, batch, key):
-    k_enc, k_loss = jax.random.split(key)
-    z0, clip0, text0 = encoders.batch_to_latents(encoder_params, batch, k_enc)
-    nnet = functools.partial(model.apply, {"params": params})
-    loss, parts = objective.loss_fn(nnet, z0, clip0, text0, batch.get("data_type"), k_loss)
-    parts = {k: v for k, v in parts.items() if k.startswith("loss")}
-    return loss, parts
-
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-  def step(state: TrainState, encoder_params, batch):
-    key = rng.key_for(seed, state.step, "train")
-    batch = {k: v for k, v in batch.items() if k != "skipped"}
+  def step(state: TrainState, frozen, batch):
+    key = rng.key_for(seed, state.step, f"train/{task.name}")
     if accum == 1:
-      (loss, parts), grads = grad_fn(state.params, encoder_params, batch, key)
+      (loss, parts), grads = grad_fn(state.params, frozen, batch, key)
     else:
       # Microbatch i takes every accum-th example, so each device keeps its own
       # rows (a contiguous split would move data between devices).
-      def micro(i, b):
-        return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:])[:, i], b)
+      def micro(i):
+        return jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:])[:, i], batch)
 
       def body(carry, i):
-        g_sum, l_sum, p_sum = carry
-        (l, p), g = grad_fn(state.params, encoder_params, micro(i, batch), jax.random.fold_in(key, i))
-        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l,
-                jax.tree.map(jnp.add, p_sum, p)), None
+        out = grad_fn(state.params, frozen, micro(i), jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, out), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      p0 = {k: jnp.zeros(()) for k in ("loss_img", "loss_clip", "loss_text")}
-      (grads, loss, parts), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), p0), jnp.arange(accum))
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
-      parts = jax.tree.map(lambda p: p / accum, parts)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           jax.eval_shape(grad_fn, state.params, frozen, micro(0), key))
+      summed, _ = jax.lax.scan(body, zeros, jnp.arange(accum))
+      (loss, parts), grads = jax.tree.map(lambda x: x / accum, summed)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
@@ -130,11 +151,11 @@ def make_train_step(model: uvit.UViT, tx, encoders: encoders_lib.Encoders, confi
   return step
 
 
-def compile_train_step(step_fn, mesh, state_shardings, encoder_shardings):
+def compile_train_step(step_fn, mesh, state_shardings, frozen_shardings):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(
       step_fn,
-      in_shardings=(state_shardings, encoder_shardings, None),
+      in_shardings=(state_shardings, frozen_shardings, None),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
   )
@@ -142,65 +163,75 @@ def compile_train_step(step_fn, mesh, state_shardings, encoder_shardings):
 
 # ---------------------------------------------------------------- the loop
 
-def create_state(model, tx, config, mesh):
-  rules = sharding.rules_from_config(config.sharding.rules)
-  return sharding.sharded_init(init_fn(model, tx, int(config.seed)), mesh, rules)
-
-
-def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None) -> dict:
-  """Trains until config.train.steps, resuming from the newest checkpoint in `workdir`.
-
-  Returns the last logged scalars. `data_iterator` overrides the configured
-  data (tests use this); it must be a grain DatasetIterator of host batches.
-  """
-  from data_pipelines import sources  # data is only needed by training
-
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_divisible(config.train.batch_size, mesh)
-  if config.train.batch_size % config.train.grad_accum:
+def check_config(config, train_cfg, mesh) -> None:
+  sharding.check_batch_divisible(train_cfg.batch_size, mesh)
+  if train_cfg.batch_size % train_cfg.grad_accum:
     raise sharding.ConfigError(
-        f"config.train.batch_size={config.train.batch_size} is not divisible by "
-        f"config.train.grad_accum={config.train.grad_accum}")
-  model = make_model(config.model)
-  tx = make_optimizer(config.train)
-  encoders = encoders_lib.build(config.encoders, model)
-  encoder_params, encoder_shardings = encoders.load_params(config.encoders, mesh, config)
+        f"batch_size={train_cfg.batch_size} is not divisible by grad_accum="
+        f"{train_cfg.grad_accum}; make batch_size a multiple of grad_accum")
+  micro = train_cfg.batch_size // train_cfg.grad_accum
+  sharding.check_batch_divisible(micro, mesh, what="batch_size // grad_accum")
 
-  state, state_shardings = create_state(model, tx, config, mesh)
-  if data_iterator is None:
-    data_iterator = sources.make_train_iterator(config, jax.process_index(), jax.process_count())
 
-  mngr = checkpoints.manager(workdir, save_every=config.train.checkpoint_every,
-                             keep=config.train.keep_checkpoints)
+def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_shardings,
+             data_iterator) -> dict:
+  """The loop every trainer shares: restore, step, log, checkpoint; returns last scalars."""
+  from data_pipelines import sources
+
+  tx = make_optimizer(train_cfg)
+  state, state_shardings = create_state(task, tx, config, mesh)
+  mngr = checkpoints.manager(workdir, keep=train_cfg.keep_checkpoints)
   restored = checkpoints.restore_latest(
       mngr, checkpoints.abstract_with_shardings(state, state_shardings), data_iterator)
+  start_step = 0
   if restored is not None:
     start_step, state, data_iterator = restored
-    log.info("resumed from step %d in %s", start_step, workdir)
-  else:
-    start_step = 0
+    log.info("%s: resumed from step %d in %s", task.name, start_step, workdir)
 
-  step_fn = compile_train_step(make_train_step(model, tx, encoders, config), mesh,
-                               state_shardings, encoder_shardings)
-  total = int(config.train.steps)
+  step_fn = compile_train_step(make_train_step(task, tx, train_cfg, int(config.seed)), mesh,
+                               state_shardings, frozen_shardings)
+  total = int(train_cfg.steps)
   logger = metrics.MetricLogger(workdir, total_steps=total, start_step=start_step,
-                                every=config.train.log_every,
-                                examples_per_step=config.train.batch_size)
-  skipped_total = None
-  last = {}
+                                every=train_cfg.log_every, examples_per_step=train_cfg.batch_size,
+                                name=task.name)
+  skipped_total, last = None, {}
   config_dict = config.to_dict()
   with mesh:
     for step in range(start_step + 1, total + 1):
-      host_batch = next(data_iterator)
+      host_batch = task.prepare_batch(dict(next(data_iterator)))
       skipped = host_batch.pop("skipped", None)
       if skipped is not None:
         skipped_total = skipped if skipped_total is None else skipped_total + skipped
-      state, step_metrics = step_fn(state, encoder_params, sharding.to_global(host_batch, mesh))
-      host = sources.skip_metrics(skipped_total) if step % config.train.log_every == 0 else None
-      last = logger.step(step, step_metrics, host) or last
-      checkpoints.save(mngr, step, state, data_iterator, config_dict, force=(step == total))
+      state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
+      due = step % train_cfg.log_every == 0
+      last = logger.step(step, step_metrics, sources.skip_metrics(skipped_total) if due else None) or last
+      if step % train_cfg.checkpoint_every == 0 or step == total:
+        checkpoints.save(mngr, step, state, data_iterator, config_dict)
   last = logger.flush(total, sources.skip_metrics(skipped_total)) or last
   logger.close()
   mngr.wait_until_finished()
   mngr.close()
   return last
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None) -> dict:
+  """Trains the U-ViT until config.train.steps, resuming from the newest checkpoint in `workdir`.
+
+  Returns the last logged scalars. `data_iterator` overrides the configured
+  data (tests use this); it must be a grain DatasetIterator of host batches.
+  """
+  from data_pipelines import sources  # data and encoders are only needed by training
+  from unidiffuser_jax import encoders as encoders_lib
+
+  mesh = sharding.make_mesh(config.mesh)
+  check_config(config, config.train, mesh)
+  model = make_model(config.model)
+  encoders = encoders_lib.build(config.encoders)
+  encoder_params, encoder_shardings = encoders.load_params(config.encoders.weights, mesh,
+                                                           int(config.seed))
+  if data_iterator is None:
+    data_iterator = sources.make_train_iterator(config, config.train, jax.process_index(),
+                                                jax.process_count())
+  task = uvit_task(model, encoders, int(config.seed))
+  return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
+                  data_iterator)

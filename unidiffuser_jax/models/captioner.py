@@ -157,10 +157,14 @@ def beam_search_all(model: CaptionDecoder, params, prefix_latent_blc, *, num_bea
   - The kept score is recomputed as normalised_score * length (a float
     round-trip, not the raw sum).
   - A beam stops after emitting eos; the loop stops when all beams have stopped
-    (per prompt here: a finished prompt's state is frozen, as the reference breaks).
+    (per prompt here: a finished prompt's state is frozen, as the reference breaks;
+    running on would only append more 0s and could reorder beams by float noise).
   - The answer is the beam with the best score / length at the end; its length
     counts the EOS.
   """
+  if max_new_tokens < 1 or num_beams < 1:
+    raise ValueError(f'need max_new_tokens >= 1 and num_beams >= 1, got {max_new_tokens}, '
+                     f'{num_beams}')
   k = num_beams
   eos = model.eos_id if eos_id is None else eos_id
   b = prefix_latent_blc.shape[0]

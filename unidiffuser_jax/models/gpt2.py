@@ -178,6 +178,9 @@ class GPT2(nn.Module):
       raise ValueError('pass exactly one of input_ids and inputs_embeds')
     x_bte = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     t = x_bte.shape[1]
+    if cache is None and t > self.n_positions:
+      # Position lookups would silently clamp; refuse instead.
+      raise ValueError(f'sequence of {t} positions exceeds n_positions={self.n_positions}')
     start = 0 if cache is None else cache['index']
     positions_t = start + jnp.arange(t)
     x_bte = x_bte + self.wpe(positions_t)[None]

@@ -26,6 +26,10 @@ import numpy as np
 
 LN_EPS = 1e-5
 REMAT_POLICIES = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+# 'einsum': explicit float32 logits/softmax (default, every backend). 'xla' / 'cudnn':
+# jax.nn.dot_product_attention with that implementation ('cudnn' = fused flash
+# attention on NVIDIA GPUs, bf16/fp16 only); both also keep logits and softmax float32.
+ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
 
 
 # ----------------------------------------------------------------------------- initialisers
@@ -107,6 +111,7 @@ class Attention(nn.Module):
   width: int
   num_heads: int
   dtype: Any = jnp.float32
+  impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x_bld: jax.Array) -> jax.Array:
@@ -117,6 +122,12 @@ class Attention(nn.Module):
     # Output features are ordered (3, heads, head_dim), as in the released checkpoints.
     qkv_bl3hd = qkv.reshape(b, l, 3, h, dh)
     q_blhd, k_blhd, v_blhd = qkv_bl3hd[:, :, 0], qkv_bl3hd[:, :, 1], qkv_bl3hd[:, :, 2]
+    if self.impl in ('xla', 'cudnn'):
+      out_blhd = jax.nn.dot_product_attention(q_blhd, k_blhd, v_blhd, implementation=self.impl)
+      return _dense(self.width, 'heads', 'embed', self.dtype, 'proj')(
+          out_blhd.reshape(b, l, self.width).astype(self.dtype))
+    if self.impl != 'einsum':
+      raise ValueError(f'attention must be one of {ATTENTION_IMPLS}, got {self.impl!r}')
     # Logits and softmax in float32 whatever the compute dtype: post-LN U-ViT was
     # chosen because attention overflowed in half precision.
     logits_bhlm = jnp.einsum('blhd,bmhd->bhlm', q_blhd, k_blhd,
@@ -147,6 +158,7 @@ class Block(nn.Module):
   mlp_dim: int
   skip: bool = False
   dtype: Any = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x_bld: jax.Array, skip_bld: jax.Array | None = None) -> jax.Array:
@@ -156,7 +168,7 @@ class Block(nn.Module):
       x_bld = _dense(self.width, 'mlp', 'embed', self.dtype, 'skip_linear')(
           jnp.concatenate([x_bld, skip_bld], axis=-1))
       x_bld = _layer_norm('norm1')(x_bld)
-    x_bld = x_bld + Attention(self.width, self.num_heads, self.dtype, name='attn')(x_bld)
+    x_bld = x_bld + Attention(self.width, self.num_heads, self.dtype, self.attention, name='attn')(x_bld)
     x_bld = _layer_norm('norm2')(x_bld)
     x_bld = x_bld + Mlp(self.width, self.mlp_dim, self.dtype, name='mlp')(x_bld)
     return _layer_norm('norm3')(x_bld)
@@ -190,6 +202,7 @@ class UViT(nn.Module):
   num_data_types: int = 2
   dtype: Any = jnp.float32
   remat: str = 'none'
+  attention: str = 'einsum'  # see ATTENTION_IMPLS
 
   @property
   def grid_size(self) -> int:
@@ -272,7 +285,8 @@ class UViT(nn.Module):
 
     # U-shaped stack of post-LN blocks.
     block_cls = _block_class(self.remat)
-    kw = dict(width=w_, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype)
+    kw = dict(width=w_, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
+              attention=self.attention)
     skips = []
     for i in range(self.depth // 2):
       x_btd = block_cls(**kw, name=f'in_blocks_{i}')(x_btd)

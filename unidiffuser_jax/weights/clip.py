@@ -94,7 +94,8 @@ def _layer_entries(num_layers: int, theirs: str) -> list[convert.Entry]:
       e += [convert.Entry((p, ln, "scale"), f"{t}.{ln}.weight"),
             convert.Entry((p, ln, "bias"), f"{t}.{ln}.bias")]
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      e += [convert.Entry((p, "self_attn", proj, "kernel"), f"{t}.self_attn.{proj}.weight", lin, lin),
+      e += [convert.Entry((p, "self_attn", proj, "kernel"), f"{t}.self_attn.{proj}.weight",
+                          lin, lin),
             convert.Entry((p, "self_attn", proj, "bias"), f"{t}.self_attn.{proj}.bias")]
     for fc in ("fc1", "fc2"):
       e += [convert.Entry((p, fc, "kernel"), f"{t}.mlp.{fc}.weight", lin, lin),
@@ -150,7 +151,8 @@ def _with_tower_prefix(tensors: Mapping[str, np.ndarray], prefix: str,
   return {(prefix + k if k.startswith(roots) else k): v for k, v in tensors.items()}
 
 
-def clip_text_params_from_tensors(model: CLIPTextEncoder, tensors: Mapping[str, np.ndarray]) -> dict:
+def clip_text_params_from_tensors(model: CLIPTextEncoder,
+                                  tensors: Mapping[str, np.ndarray]) -> dict:
   """{HF name: array} -> CLIPTextEncoder params; other towers' tensors are ignored."""
   tensors = _with_tower_prefix(tensors, "text_model.",
                                ("embeddings.", "encoder.", "final_layer_norm."))
@@ -166,8 +168,8 @@ def clip_vision_params_from_tensors(model: CLIPVisionEncoder,
                                ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."))
   return convert.assign(
       vision_template(model), tensors, vision_entries(model.num_layers),
-      ignore_unexpected=lambda n: not (n.startswith("vision_model.")
-                                       or n.startswith("visual_projection.")) or _is_position_ids(n))
+      ignore_unexpected=lambda n: (not n.startswith(("vision_model.", "visual_projection."))
+                                   or _is_position_ids(n)))
 
 
 def export_clip_text(params: Mapping, model: CLIPTextEncoder) -> dict[str, np.ndarray]:

@@ -79,8 +79,8 @@ def _their_module(path: tuple[str, ...], layout: str, num_levels: int) -> str:
               else f"{m.group(3)}.conv")
     else:
       level = f"down_blocks.{i}" if kind == "down" else f"up_blocks.{i}"
-      what = (f"resnets.{m.group(4)}" if m.group(4) is not None
-              else f"{m.group(3)}rs.0.conv")  # downsamplers.0.conv / upsamplers.0.conv
+      sampler = {"downsample": "downsamplers.0.conv", "upsample": "upsamplers.0.conv"}
+      what = (f"resnets.{m.group(4)}" if m.group(4) is not None else sampler[m.group(3)])
     inner, tail = f"{level}.{what}", rest[1:]
   if tail:
     (sub,) = tail
@@ -134,7 +134,8 @@ def normalize_vae_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, np.nda
       if not k.startswith(prefix):
         continue  # the rest of a full SD checkpoint (unet, text encoder)
       k = k[len(prefix):]
-    m = re.fullmatch(r"(.*\.mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.(weight|bias)", k)
+    m = re.fullmatch(
+        r"(.*\.mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.(weight|bias)", k)
     if m:
       k = f"{m.group(1)}{_DEPRECATED_ATTENTION[m.group(2)]}.{m.group(3)}"
     out[k] = v

@@ -1,0 +1,33 @@
+"""Pieces every runbook shares: sharding rules, optimiser recipe, checkpoint cadence."""
+import ml_collections as mc
+
+# Logical axis -> mesh axis. FSDP splits the model width; tensor parallelism
+# splits heads and MLP hidden units. Everything else is replicated.
+SHARDING_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("io", None),
+    ("norm", None),
+    ("pos", None),
+    ("layers", None),
+)
+
+
+def sharding() -> mc.ConfigDict:
+  return mc.ConfigDict({"rules": [list(r) for r in SHARDING_RULES]})
+
+
+def train(**overrides) -> mc.ConfigDict:
+  """The paper's recipe: AdamW 2e-4, wd 0.03, betas (0.9, 0.9), warm-up then constant, EMA 0.9999."""
+  cfg = mc.ConfigDict(dict(
+      steps=1000, batch_size=8, grad_accum=1,
+      lr=2e-4, warmup_steps=5000, weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=1.0,
+      ema_decay=0.9999,
+      log_every=50, checkpoint_every=1000, keep_checkpoints=3,
+  ))
+  cfg.update(overrides)
+  return cfg

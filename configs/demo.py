@@ -1,0 +1,85 @@
+"""The offline demo: UniDiffuser end to end on generated shapes, on a 2-core CPU.
+
+  python -m unidiffuser_jax.main --config=configs/demo.py --workdir=workdirs/demo
+
+What it does, with no network and no pretrained weights:
+  1. generates captioned 32x32 images of coloured shapes ("a red circle on the left")
+     as img2dataset-style shards, plus a word-level tokenizer (data_pipelines/demo_data.py);
+  2. stage 1: trains the small caption decoder to reconstruct captions from the
+     (random, frozen) CLIP-style text encoder's features;
+  3. stage 2: trains a small UniDiffuser U-ViT on those shards through the grain pipeline;
+  4. samples text-to-image for demo prompts and image-to-text for held-out images,
+     and scores both with the demo's judge (colour, shape and position accuracy).
+
+The image "autoencoder" is a parameter-free space-to-depth map (models/pixel_ae.py)
+that stands where the Stable Diffusion VAE stands in configs/laion.py; the encoders
+are the real CLIP/GPT-2 modules at tiny sizes. Re-running the command resumes.
+"""
+import ml_collections as mc
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> mc.ConfigDict:
+  del arg
+  c = mc.ConfigDict()
+  c.seed = 0
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # 0: all devices present
+  c.sharding = common.sharding()
+
+  c.data = mc.ConfigDict(dict(
+      source="shards",
+      demo=True,                 # build the demo set under <workdir>/demo_data if missing
+      demo_train=2048, demo_heldout=64,
+      shards="", features="", tokenizer="",   # filled in by the demo builder
+      resolution=32, clip_resolution=32, max_length=12, data_type=0,
+      shuffle_buffer=512, interleave_cycle=4, num_workers=0, prefetch=2,
+      min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0, min_aesthetic=0.0,
+      min_caption_chars=1, max_caption_chars=200, max_image_pixels=4096 * 4096,
+      synthetic_vocab_size=64, synthetic_examples=1 << 30,
+  ))
+
+  c.encoders = mc.ConfigDict(dict(
+      autoencoder=dict(kind="pixel", factor=2, scale=1.0),
+      clip_image=dict(image_size=c.data.get_ref("clip_resolution"), patch_size=8, width=64,
+                      num_layers=2, num_heads=4, mlp_dim=128, proj_dim=32),
+      clip_text=dict(vocab_size=64, width=64, num_layers=2, num_heads=4, mlp_dim=128,
+                     max_positions=c.data.get_ref("max_length")),
+      captioner=dict(prefix_inner_dim=64, prefix_hidden_dim=16, vocab_size=64, n_positions=64,
+                     n_embd=64, n_layer=2, n_head=4, eos_id=63),
+      # Per-part weights: an orbax params dir; "" = random init from the seed
+      # (the demo's frozen random encoders). The captioner comes from stage 1.
+      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
+  ))
+
+  c.model = mc.ConfigDict(dict(
+      version="v1",
+      latent_size=c.data.get_ref("resolution") // c.encoders.autoencoder.get_ref("factor"),
+      latent_channels=3 * c.encoders.autoencoder.get_ref("factor") ** 2, patch_size=2,
+      width=192, depth=6, num_heads=6, mlp_dim=768,
+      text_dim=c.encoders.captioner.get_ref("prefix_hidden_dim"),
+      num_text_tokens=c.data.get_ref("max_length"),
+      clip_img_dim=c.encoders.clip_image.get_ref("proj_dim"),
+      num_data_types=2, dtype="float32", remat="none",
+  ))
+
+  c.train = common.train(steps=1500, batch_size=64, lr=5e-4, warmup_steps=100,
+                         ema_decay=0.995, log_every=50, checkpoint_every=500)
+
+  # Stage 1 (caption decoder), run first by the demo's train job.
+  c.captioner = mc.ConfigDict(dict(
+      tokenizer="",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
+      max_caption_tokens=12, init_from="",
+      train_first=True,
+      train=common.train(steps=400, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                         betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=400),
+  ))
+
+  c.sample = mc.ConfigDict(dict(
+      after_train=True,          # the demo ends by sampling and judging
+      tasks=("t2i", "i2t"), num=16, batch_size=16,
+      steps=20, order=3, method="singlestep_fast", skip_type="time_uniform",
+      guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
+      prompts=(), prompt_file="", images=(), seed=1, caption="beam",
+  ))
+  return c

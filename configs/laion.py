@@ -1,0 +1,78 @@
+"""UniDiffuser-v1 (952,509,520 parameters) at 512x512 on LAION: the paper's stages 2 and 3.
+
+  # plan: parameter count, mesh, shardings and per-device memory, no device needed
+  python -m unidiffuser_jax.main --config=configs/laion.py --mode=describe
+  # stage 2: laion-high-resolution, 200K steps, batch 2112 (from the stage-1 checkpoint)
+  python -m unidiffuser_jax.main --config=configs/laion.py --workdir=gs://BUCKET/uvit512 \
+      --config.data.shards='gs://BUCKET/laion-hr/{00000..99999}.tar'
+  # stage 3: laion-aesthetics v2 5+, original side >= 512, pwatermark < 0.5, ~220K more steps,
+  # resumed with optimizer state: same workdir, new shards, --config.train.steps=420000
+  #   --config.data.min_side=512 --config.data.max_watermark=0.5 --config.data.min_aesthetic=5
+
+Reproduces the recipe of Bao et al. 2023 (REFERENCE.md): AdamW lr 2e-4, weight decay 0.03,
+betas (0.9, 0.9), 5K warm-up then constant, EMA 0.9999, bfloat16 compute with float32 master
+weights and float32 softmax, remat per block. Frozen encoders: SD KL-f8 VAE (scale 0.18215),
+CLIP ViT-B/32 image, CLIP ViT-L/14 text, GPT-2 caption decoder; their weights come from
+`--mode=import` (config.encoders.weights). `arg` picks the U-ViT layout: "v1" (default) or "v0".
+"""
+import ml_collections as mc
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> mc.ConfigDict:
+  version = arg or "v1"
+  c = mc.ConfigDict()
+  c.seed = 0
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # 0: all devices present
+  c.sharding = common.sharding()
+
+  c.data = mc.ConfigDict(dict(
+      source="shards", demo=False, demo_train=0, demo_heldout=0,
+      shards="", features="", tokenizer="openai/clip-vit-large-patch14",
+      resolution=512, clip_resolution=224, max_length=77, data_type=0,
+      shuffle_buffer=10000, interleave_cycle=16, num_workers=8, prefetch=4,
+      min_side=512, max_aspect=2.0, max_watermark=0.5, max_unsafe=0.5, min_aesthetic=0.0,
+      min_caption_chars=5, max_caption_chars=1000, max_image_pixels=8192 * 8192,
+      synthetic_vocab_size=49408, synthetic_examples=1 << 30,
+  ))
+
+  c.encoders = mc.ConfigDict(dict(
+      autoencoder=dict(kind="vae", factor=8, scale=0.18215, block_out_channels=(128, 256, 512, 512),
+                       layers_per_block=2, latent_channels=4, norm_num_groups=32),
+      clip_image=dict(image_size=224, patch_size=32, width=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                      proj_dim=512),
+      clip_text=dict(vocab_size=49408, width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77),
+      captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, vocab_size=50258, n_positions=1024,
+                     n_embd=768, n_layer=12, n_head=12),
+      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
+  ))
+
+  c.model = mc.ConfigDict(dict(
+      version=version,
+      latent_size=c.data.get_ref("resolution") // c.encoders.autoencoder.get_ref("factor"),
+      latent_channels=c.encoders.autoencoder.get_ref("latent_channels"), patch_size=2,
+      width=1536, depth=30, num_heads=24, mlp_dim=6144,
+      text_dim=c.encoders.captioner.get_ref("prefix_hidden_dim"),
+      num_text_tokens=c.data.get_ref("max_length"),
+      clip_img_dim=c.encoders.clip_image.get_ref("proj_dim"),
+      num_data_types=2, dtype="bfloat16", remat="block",
+  ))
+
+  c.train = common.train(steps=200_000, batch_size=2112, lr=2e-4, warmup_steps=5000,
+                         weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=0.0,
+                         ema_decay=0.9999, log_every=100, checkpoint_every=2000)
+  c.captioner = mc.ConfigDict(dict(
+      tokenizer="gpt2",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
+      max_caption_tokens=77, init_from="",
+      train_first=False,
+      train=common.train(steps=100_000, batch_size=768, lr=2e-5, warmup_steps=1000,
+                         weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0),
+  ))
+  c.sample = mc.ConfigDict(dict(
+      after_train=False, tasks=("t2i",), num=4, batch_size=4,
+      steps=50, order=3, method="singlestep_fast", skip_type="time_uniform",
+      guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
+      prompts=(), prompt_file="", images=(), seed=1, caption="beam",
+  ))
+  return c

@@ -1,0 +1,168 @@
+"""The frozen encoders and decoders around the U-ViT, as one bundle.
+
+  image    -> autoencoder moments -> posterior sample x scale   = z      [B, h, w, C]
+  image    -> CLIP image encoder (projected, unnormalised)       = clip   [B, 1, D]
+  tokens   -> CLIP text encoder -> caption decoder's encode_prefix = text [B, L, 64]
+  z / scale -> autoencoder decode -> image;  text -> caption decoder -> caption
+
+The same bundle serves the real model (SD VAE, CLIP ViT-B/32 and ViT-L/14, GPT-2)
+and the demo (pixel autoencoder and tiny CLIP/GPT-2 modules): only the config's
+sizes and weight paths differ.
+"""
+import dataclasses
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unidiffuser_jax import rng, sharding
+from unidiffuser_jax.models import captioner as captioner_lib
+from unidiffuser_jax.models import clip as clip_lib
+from unidiffuser_jax.models import pixel_ae, vae
+
+log = logging.getLogger(__name__)
+PARTS = ("autoencoder", "clip_image", "clip_text", "captioner")
+
+
+def _module_fields(cfg, drop=()) -> dict:
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(cfg).items() if k not in drop}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+  autoencoder: object            # pixel_ae.PixelAutoencoder | vae.AutoencoderKL
+  latent_scale: float
+  clip_image: nn.Module
+  clip_text: nn.Module
+  captioner: nn.Module
+  clip_image_size: int
+  text_length: int
+
+  # ------------------------------------------------------------ parameters
+
+  def _init_part(self, part: str, key):
+    if part == "autoencoder":
+      if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
+        return {}
+      s = 2 ** len(self.autoencoder.block_out_channels)  # any size the encoder can halve
+      x = jnp.zeros((1, s, s, 3))
+      return self.autoencoder.init(key, x)["params"]
+    if part == "clip_image":
+      s = self.clip_image_size
+      return self.clip_image.init(key, jnp.zeros((1, s, s, 3)))["params"]
+    if part == "clip_text":
+      return self.clip_text.init(key, jnp.zeros((1, self.text_length), jnp.int32))["params"]
+    if part == "captioner":
+      latent = jnp.zeros((1, self.text_length, self.captioner.prefix_hidden_dim))
+      return self.captioner.init(key, latent, jnp.zeros((1, 2), jnp.int32))["params"]
+    raise KeyError(part)
+
+  def load_params(self, weights_cfg, mesh, seed: int):
+    """Returns ({part: params}, shardings): loaded where config.encoders.weights names a path,
+    otherwise initialised from (seed, 'init/<part>') -- the demo's frozen random encoders."""
+    rules = sharding.rules_from_config(_DEFAULT_RULES)
+    params, shards = {}, {}
+    for part in PARTS:
+      init = lambda part=part: self._init_part(part, rng.key_for(seed, 0, f"init/{part}"))
+      abstract = jax.eval_shape(init)
+      specs = sharding.logical_to_specs(abstract, mesh, rules)
+      shardings = sharding.named_shardings(specs, mesh)
+      path = weights_cfg.get(part, "") if weights_cfg else ""
+      if path:
+        from unidiffuser_jax import checkpoints
+        host = checkpoints.load_params(path)
+        _check_same_structure(part, path, nn.unbox(abstract), host)
+        params[part] = jax.device_put(host, shardings)
+        log.info("encoders: %s loaded from %s", part, path)
+      else:
+        params[part] = jax.jit(lambda init=init: nn.unbox(init()), out_shardings=shardings)()
+      shards[part] = shardings
+    return params, shards
+
+  # ------------------------------------------------------------ forward maps
+
+  def image_moments(self, params, image_bhwc):
+    if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
+      return self.autoencoder.encode(image_bhwc)
+    return self.autoencoder.apply({"params": params["autoencoder"]}, image_bhwc,
+                                  method=vae.AutoencoderKL.encode)
+
+  def latent_from_moments(self, moments, key):
+    return vae.sample_latent(moments, key) * self.latent_scale
+
+  def decode_latent(self, params, z_bhwc):
+    z = z_bhwc / self.latent_scale
+    if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
+      return self.autoencoder.decode(z)
+    return self.autoencoder.apply({"params": params["autoencoder"]}, z,
+                                  method=vae.AutoencoderKL.decode)
+
+  def clip_embedding(self, params, clip_image_bssc):
+    emb_bd = self.clip_image.apply({"params": params["clip_image"]}, clip_image_bssc)
+    return emb_bd[:, None, :].astype(jnp.float32)
+
+  def text_hidden(self, params, tokens_bl):
+    return self.clip_text.apply({"params": params["clip_text"]}, tokens_bl)
+
+  def text_latent_from_hidden(self, params, hidden_blw):
+    return self.captioner.apply({"params": params["captioner"]}, hidden_blw,
+                                method=captioner_lib.CaptionDecoder.encode_prefix)
+
+  def text_latent(self, params, tokens_bl):
+    return self.text_latent_from_hidden(params, self.text_hidden(params, tokens_bl))
+
+  def batch_to_latents(self, params, batch, key):
+    """A raw batch (image, clip_image, tokens) or a feature batch (moments, clip_img,
+    tokens | text_hidden) -> (z0, clip0, text0). Frozen: no gradient flows back."""
+    params = jax.lax.stop_gradient(params)
+    moments = batch["moments"] if "moments" in batch else self.image_moments(params, batch["image"])
+    z0 = self.latent_from_moments(moments, key)
+    clip0 = batch["clip_img"] if "clip_img" in batch else self.clip_embedding(params, batch["clip_image"])
+    if "text_hidden" in batch:
+      text0 = self.text_latent_from_hidden(params, batch["text_hidden"])
+    else:
+      text0 = self.text_latent(params, batch["tokens"])
+    return z0, clip0.astype(jnp.float32), text0.astype(jnp.float32)
+
+
+_DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+                  ("conv_in", None), ("conv_out", "fsdp"), ("io", None), ("norm", None),
+                  ("pos", None), ("layers", None))
+
+
+def _check_same_structure(part, path, abstract, host) -> None:
+  want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(host)}
+  problems = [f"missing {k}" for k in want if k not in got]
+  problems += [f"unexpected {k}" for k in got if k not in want]
+  problems += [f"{k}: shape {got[k]} but the config needs {want[k]}"
+               for k in want if k in got and tuple(got[k]) != tuple(want[k])]
+  if problems:
+    raise ValueError(f"encoder weights for {part} at {path} do not match config.encoders.{part}:\n  "
+                     + "\n  ".join(problems[:20]))
+
+
+def build(enc_cfg, model=None) -> Encoders:
+  ae_cfg = dict(enc_cfg.autoencoder)
+  kind = ae_cfg.pop("kind")
+  scale = float(ae_cfg.pop("scale"))
+  factor = ae_cfg.pop("factor")
+  if kind == "pixel":
+    autoencoder = pixel_ae.PixelAutoencoder(factor=factor)
+  elif kind == "vae":
+    autoencoder = vae.AutoencoderKL(**_module_fields(ae_cfg))
+  else:
+    raise ValueError(f"config.encoders.autoencoder.kind={kind!r}; use 'pixel' or 'vae'")
+  ci = dict(enc_cfg.clip_image)
+  ct = dict(enc_cfg.clip_text)
+  return Encoders(
+      autoencoder=autoencoder,
+      latent_scale=scale,
+      clip_image=clip_lib.CLIPVisionEncoder(**_module_fields(ci)),
+      clip_text=clip_lib.CLIPTextEncoder(**_module_fields(ct)),
+      captioner=captioner_lib.CaptionDecoder(**_module_fields(enc_cfg.captioner)),
+      clip_image_size=int(ci["image_size"]),
+      text_length=int(ct["max_positions"]),
+  )

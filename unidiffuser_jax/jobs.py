@@ -1,0 +1,77 @@
+"""The jobs that `--mode` selects. Each is a short runbook over library functions."""
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def run(mode: str, config, workdir: str | None) -> None:
+  if mode == "describe":
+    from unidiffuser_jax import describe
+    print(describe.describe(config), flush=True)
+    return
+  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+  config = _unlocked(config)
+  if mode == "train":
+    train_job(config, workdir)
+  elif mode == "train_captioner":
+    from unidiffuser_jax import captioner_train
+    _prepare_demo(config, workdir)
+    captioner_train.train_captioner(config, _captioner_dir(workdir))
+  elif mode == "sample":
+    from unidiffuser_jax import sample
+    _prepare_demo(config, workdir)
+    sample.run(config, workdir)
+  elif mode == "extract":
+    from unidiffuser_jax import extract
+    _prepare_demo(config, workdir)
+    extract.run(config, workdir)
+  elif mode in ("import", "export"):
+    from unidiffuser_jax import weight_jobs
+    getattr(weight_jobs, f"run_{mode}")(config, workdir)
+  else:
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def train_job(config, workdir: str) -> None:
+  """Train the U-ViT; for the demo, first the data and the caption decoder, last the samples."""
+  from unidiffuser_jax import train
+  _prepare_demo(config, workdir)
+  if config.captioner.train_first:
+    from unidiffuser_jax import captioner_train
+    captioner_train.train_captioner(config, _captioner_dir(workdir))
+  train.train(config, workdir)
+  if config.sample.after_train:
+    from unidiffuser_jax import sample
+    sample.run(config, workdir)
+
+
+def _captioner_dir(workdir: str) -> str:
+  return os.path.join(workdir, "captioner")
+
+
+def _prepare_demo(config, workdir: str) -> None:
+  """Demo only: generate the data set once and point the config at it."""
+  if config.data.demo:
+    from data_pipelines import demo_data
+    paths = demo_data.build_demo(os.path.join(workdir, "demo_data"), n_train=config.data.demo_train,
+                                 n_heldout=config.data.demo_heldout, size=config.data.resolution,
+                                 seed=config.seed)
+    config.data.shards = config.data.shards or ",".join(paths["train_shards"])
+    config.data.tokenizer = config.data.tokenizer or paths["tokenizer"]
+    config.data.heldout = ",".join(paths["heldout_shards"])
+    # The demo's word-level tokenizer fixes the vocabulary and the caption decoder's <|EOS|>.
+    from data_pipelines import transforms
+    tok = transforms.load_tokenizer(config.data.tokenizer)
+    config.encoders.clip_text.vocab_size = len(tok)
+    config.encoders.captioner.vocab_size = len(tok)
+    config.encoders.captioner.eos_id = tok.convert_tokens_to_ids("<|EOS|>")
+  if config.captioner.train_first and not config.encoders.weights.captioner:
+    config.encoders.weights.captioner = _captioner_dir(workdir)
+
+
+def _unlocked(config):
+  """A mutable copy: jobs fill in derived paths (demo data, stage-1 weights)."""
+  import ml_collections
+  c = ml_collections.ConfigDict(config.to_dict())  # FieldReferences resolved to values
+  return c

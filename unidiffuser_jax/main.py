@@ -1,0 +1,61 @@
+"""The one entry point: parse flags, check the config, dispatch on --mode.
+
+  python -m unidiffuser_jax.main --config=configs/demo.py --workdir=DIR [--mode=train]
+  python -m unidiffuser_jax.main --config=configs/laion.py --mode=describe
+  any config value can be overridden: --config.train.steps=10
+
+No logic lives here beyond choosing the job.
+"""
+import os
+import sys
+
+# Quieter TensorFlow (pulled in by clu's TensorBoard writer) before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+MODES = ("train", "describe", "sample", "import", "export", "extract", "train_captioner")
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (a runbook).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "Which job to run.")
+
+
+def _run(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from unidiffuser_jax import jobs
+  # Library INFO chatter (orbax, absl) would bury the progress bar and the metric lines.
+  logging.set_verbosity(logging.WARNING)
+  config, mode, workdir = _CONFIG.value, _MODE.value, _WORKDIR.value
+  if mode not in ("describe",) and not workdir:
+    raise app.UsageError(f"--mode={mode} needs --workdir=DIR")
+  jobs.run(mode, config, workdir)
+
+
+def main() -> None:
+  from unidiffuser_jax.sharding import ConfigError
+  try:
+    app.run(_run, flags_parser=_parse_flags)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's parser, with bad config overrides turned into one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e).splitlines()[0]
+    if "config." in msg or "--config" in msg:
+      msg += ("\n  (check the key's spelling against the config file; "
+              "`--mode=describe` prints nothing about keys, the config file lists them)")
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()
