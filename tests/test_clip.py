@@ -122,7 +122,8 @@ def test_missing_tensor_is_named():
   del tensors["text_model.encoder.layers.1.mlp.fc2.weight"]
   model = clip.CLIPTextEncoder(vocab_size=99, width=32, num_layers=2, num_heads=4, mlp_dim=40,
                                max_positions=12)
-  with pytest.raises(WeightMismatchError, match=r"text_model\.encoder\.layers\.1\.mlp\.fc2\.weight"):
+  with pytest.raises(WeightMismatchError,
+                     match=r"text_model\.encoder\.layers\.1\.mlp\.fc2\.weight"):
     clip_weights.clip_text_params_from_tensors(model, tensors)
 
 

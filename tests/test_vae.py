@@ -46,7 +46,7 @@ def _ours():
 
 
 def _ldm_name(k: str, num_levels: int = len(CHANNELS)) -> tuple[str, bool]:
-  """diffusers AutoencoderKL name -> (CompVis/LDM name, stored as 1x1 conv?): the test's own table."""
+  """diffusers name -> (CompVis/LDM name, stored as a 1x1 conv?): the test's own table."""
   n = num_levels
   k2 = k
   k2 = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", k2)
@@ -144,7 +144,8 @@ def test_deprecated_attention_names_and_export(setup):
 def test_missing_tensor_is_named(setup):
   tensors = {k: v.numpy() for k, v in setup["sd"].items()}
   del tensors["decoder.up_blocks.1.upsamplers.0.conv.weight"]
-  with pytest.raises(WeightMismatchError, match=r"decoder\.up_blocks\.1\.upsamplers\.0\.conv\.weight"):
+  with pytest.raises(WeightMismatchError,
+                     match=r"decoder\.up_blocks\.1\.upsamplers\.0\.conv\.weight"):
     vae_weights.vae_params_from_tensors(_ours(), tensors)
 
 
@@ -174,7 +175,8 @@ def test_sample_latent():
 
 
 def test_bf16_compute_is_close(setup):
-  params = vae_weights.vae_params_from_tensors(_ours(), {k: v.numpy() for k, v in setup["sd"].items()})
+  tensors = {k: v.numpy() for k, v in setup["sd"].items()}
+  params = vae_weights.vae_params_from_tensors(_ours(), tensors)
   model = AutoencoderKL(block_out_channels=CHANNELS, layers_per_block=LAYERS,
                         latent_channels=LATENT, norm_num_groups=GROUPS, dtype=jnp.bfloat16)
   x = jnp.asarray(setup["x"].transpose(0, 2, 3, 1))
