@@ -98,7 +98,7 @@ def test_sampling_shapes_and_determinism(trained):
     assert 1 <= n <= MAX_NEW and not row[n:].any()
     assert (row[:n - 1] != EOS).all()
   g1 = greedy(model, params, latent, max_new_tokens=MAX_NEW)
-  g2 = greedy(model, params, latent, max_new_tokens=MAX_NEW)
+  g2 = model.greedy(params, latent, max_new_tokens=MAX_NEW)  # method form, same function
   np.testing.assert_array_equal(g1[0], g2[0])
   assert g1[0].shape == (len(CAPTIONS), MAX_NEW)
   # A tiny nucleus keeps only the top token: nucleus sampling becomes greedy.

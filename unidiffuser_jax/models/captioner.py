@@ -80,6 +80,20 @@ class CaptionDecoder(nn.Module):
     """Stage-1 training path: CLIP text features -> 64-d latent -> captions' logits."""
     return self(self.encode_prefix(clip_hidden_bld), token_ids_bt)
 
+  # Host-side conveniences (call on the unbound module with its params); the
+  # module-level functions below do the work.
+  @nn.nowrap
+  def beam_search(self, params, prefix_latent_blc, **kw):
+    return beam_search(self, params, prefix_latent_blc, **kw)
+
+  @nn.nowrap
+  def greedy(self, params, prefix_latent_blc, **kw):
+    return greedy(self, params, prefix_latent_blc, **kw)
+
+  @nn.nowrap
+  def nucleus(self, params, prefix_latent_blc, key, **kw):
+    return nucleus(self, params, prefix_latent_blc, key, **kw)
+
   # Incremental decoding pieces used by the generation functions below.
   def prefill(self, prefix_latent_blc, cache):
     """Runs the prefix; returns (last-position logits [B, V], cache)."""
