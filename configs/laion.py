@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       after_train=False, tasks=("t2i",), num=4, batch_size=4,
       steps=50, order=3, method="singlestep_fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
-      prompts=(), prompt_file="", images=(), seed=1, caption="beam",
+      prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
+      num_beams=5, max_caption_tokens=67, gibbs_rounds=3,
   ))
   return c

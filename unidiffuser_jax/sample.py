@@ -1,0 +1,277 @@
+"""`--mode=sample`: every UniDiffuser generation mode as one compiled program, over the mesh.
+
+For each task in config.sample.tasks:
+  inputs (prompts and/or images) -> encoders -> one jitted program (the mode's
+  DPM-Solver lax.scan + decoding) per fixed-size batch -> PNGs, grid.png,
+  captions.jsonl under <workdir>/samples/<task>/.
+
+Sample i of a task always uses the key rng.key_for(seed, i, 'sample/<task>'),
+and the mode runs vmapped over samples, so a sample does not depend on which
+batch it lands in or how many devices share the work. Batches are padded to
+config.sample.batch_size, so each task compiles exactly once.
+"""
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, rng, sharding, train
+from unidiffuser_jax.diffusion import modes
+from unidiffuser_jax.models import captioner as captioner_lib
+
+log = logging.getLogger(__name__)
+
+TASKS = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t", "gibbs", "interpolate")
+_NEEDS_PROMPTS = ("t2i", "t2i2t")
+_NEEDS_IMAGES = ("i2t", "i2t2i", "gibbs", "interpolate")
+
+
+# ---------------------------------------------------------------- the programs
+
+def _solver_kw(s, shapes):
+  return dict(shapes=shapes, steps=int(s.steps), order=int(s.order), method=s.method,
+              skip_type=s.skip_type, data_type=int(s.data_type))
+
+
+def mode_program(task: str, model, encoders, s, shapes):
+  """(params, enc_params, inputs, keys) -> outputs for one batch; vmapped over samples."""
+  kw = _solver_kw(s, shapes)
+  g = float(s.guidance_scale)
+
+  def per_sample(params, inputs, key):
+    nnet = functools.partial(model.apply, {"params": params})
+    one = lambda x: x[None]
+    if task == "t2i":
+      z, clip = modes.t2i(nnet, one(inputs["text"]), key, guidance_scale=g,
+                          uncond_text=inputs.get("uncond_text"), **kw)
+      return {"z": z[0]}
+    if task == "i2t":
+      return {"text": modes.i2t(nnet, one(inputs["z"]), one(inputs["clip"]), key,
+                                guidance_scale=g, **kw)[0]}
+    if task == "joint":
+      z, clip, text = modes.joint(nnet, key, batch_size=1, guidance_scale=g, **kw)
+      return {"z": z[0], "text": text[0]}
+    if task == "i":
+      z, clip = modes.image_only(nnet, key, batch_size=1, **kw)
+      return {"z": z[0]}
+    if task == "t":
+      return {"text": modes.text_only(nnet, key, batch_size=1, **kw)[0]}
+    if task == "i2t2i":
+      text, z, clip = modes.i2t2i(nnet, one(inputs["z"]), one(inputs["clip"]), key,
+                                  guidance_scale=g, **kw)
+      return {"text": text[0], "z": z[0]}
+    if task == "t2i2t":
+      z, clip, text = modes.t2i2t(nnet, one(inputs["text"]), key, guidance_scale=g, **kw)
+      return {"z": z[0], "text": text[0]}
+    if task == "gibbs":
+      texts, zs, clips = modes.gibbs(nnet, one(inputs["z"]), one(inputs["clip"]), key,
+                                     rounds=int(s.gibbs_rounds), guidance_scale=g, **kw)
+      return {"text": texts[:, 0], "z": zs[:, 0]}
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+  def program(params, enc_params, inputs, keys):
+    out = jax.vmap(per_sample, in_axes=(None, 0, 0))(params, inputs, keys)
+    if "z" in out:  # decode inside the same program: pixels in [-1, 1]
+      z = out["z"]
+      flat = z.reshape((-1,) + z.shape[-3:])
+      pix = encoders.decode_latent(enc_params, flat)
+      out["pixels"] = pix.reshape(z.shape[:-3] + pix.shape[1:])
+    if "text" in out:
+      t = out["text"]
+      flat = t.reshape((-1,) + t.shape[-2:])
+      tokens, lengths = captioner_lib.beam_search(
+          encoders.captioner, {"params": enc_params["captioner"]}, flat, num_beams=int(s.num_beams),
+          max_new_tokens=int(s.max_caption_tokens), eos_id=encoders.captioner.eos_id)
+      out["tokens"] = tokens.reshape(t.shape[:-2] + tokens.shape[-1:])
+      out["lengths"] = lengths.reshape(t.shape[:-2])
+    return out
+
+  return program
+
+
+# ---------------------------------------------------------------- inputs
+
+def _load_image(path_or_bytes, resolution: int, clip_resolution: int):
+  from data_pipelines import transforms
+  data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+  img, _ = transforms.decode_image(data, max_pixels=1 << 28)
+  return transforms.image_to_array(img, resolution), transforms.clip_image(img, clip_resolution)
+
+
+def _demo_heldout(config, n: int):
+  """The demo's held-out records: (captions, image bytes, attributes)."""
+  from data_pipelines import shards, demo_data  # noqa: F401
+  caps, imgs, attrs = [], [], []
+  for path in config.data.heldout.split(","):
+    for e in shards.iter_entries(path):
+      if "files" not in e:
+        continue
+      img_ext = next(x for x in shards.IMAGE_EXTS if x in e["files"])
+      caps.append(e["files"]["txt"].decode())
+      imgs.append(e["files"][img_ext])
+      attrs.append(demo_data.parse_caption(caps[-1]))
+      if len(caps) == n:
+        return caps, imgs, attrs
+  return caps, imgs, attrs
+
+
+def gather_inputs(task: str, config):
+  """Host inputs for a task: {'prompts': [...]} and/or {'images': [...]} plus truth for the demo."""
+  s = config.sample
+  out = {}
+  prompts = list(s.prompts)
+  if s.prompt_file:
+    with open(s.prompt_file) as f:
+      prompts += [line.strip() for line in f if line.strip()]
+  images = list(s.images)
+  if config.data.get("demo") and not prompts and not images:
+    caps, imgs, attrs = _demo_heldout(config, int(s.num))
+    prompts, images, out["truth"] = caps, imgs, attrs
+  if task in _NEEDS_PROMPTS:
+    if not prompts:
+      raise ValueError(f"task {task} needs prompts: --config.sample.prompts='(\"a cat\",)' "
+                       f"or --config.sample.prompt_file=FILE")
+    out["prompts"] = prompts
+  if task in _NEEDS_IMAGES:
+    if not images:
+      raise ValueError(f"task {task} needs input images: --config.sample.images='(\"a.png\",)'")
+    out["images"] = images
+  return out
+
+
+# ---------------------------------------------------------------- the job
+
+def load_uvit_params(config, workdir: str):
+  path = config.sample.get("checkpoint", "") or workdir
+  return checkpoints.load_params(path)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs every task in config.sample.tasks; returns {task: scores or output dir}."""
+  from data_pipelines import transforms
+
+  s = config.sample
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
+  model = train.make_model(config.model)
+  encoders = encoders_lib.build(config.encoders)
+  enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed))
+  params = jax.device_put(load_uvit_params(config, workdir),
+                          NamedSharding(mesh, P()))  # replicated: data-parallel sampling
+  tokenizer = transforms.load_tokenizer(config.data.tokenizer)
+  cap_tokenizer = transforms.load_tokenizer(config.captioner.tokenizer or config.data.tokenizer)
+  shapes = modes.LatentShapes(
+      z=(model.latent_size, model.latent_size, model.latent_channels),
+      clip=(1, model.clip_img_dim), text=(model.num_text_tokens, model.text_dim))
+  results = {}
+  for task in s.tasks:
+    results[task] = _run_task(task, config, workdir, mesh, model, encoders, params, enc_params,
+                              tokenizer, cap_tokenizer, shapes)
+  return results
+
+
+def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, tokenizer,
+              cap_tokenizer, shapes):
+  from data_pipelines import transforms
+  s = config.sample
+  host = gather_inputs(task, config)
+  n = len(host.get("prompts", host.get("images", []))) or int(s.num)
+  n = min(n, int(s.num)) if task not in _NEEDS_PROMPTS else n
+  bsz = int(s.batch_size)
+  out_dir = os.path.join(workdir, "samples", task)
+  os.makedirs(out_dir, exist_ok=True)
+
+  enc_text = jax.jit(encoders.text_latent)
+  enc_image = jax.jit(lambda p, img, clip_img, key: (
+      encoders.latent_from_moments(encoders.image_moments(p, img), key),
+      encoders.clip_embedding(p, clip_img)))
+  batch_sh = lambda x: NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (x.ndim - 1))))
+  program = jax.jit(mode_program(task, model, encoders, s, shapes))
+
+  captions, pixels_all = [], []
+  with mesh:
+    for start in tqdm.trange(0, n, bsz, desc=f"sample {task}", unit="batch"):
+      idx = np.arange(start, start + bsz)
+      real = idx < n
+      idx = np.where(real, idx, n - 1)   # pad the last batch by repeating the last sample
+      inputs = {}
+      if "prompts" in host:
+        toks = transforms.tokenize(tokenizer, [host["prompts"][i] for i in idx],
+                                   config.data.max_length)
+        inputs["text"] = enc_text(enc_params, jnp.asarray(toks))
+      if "images" in host:
+        arrs = [_load_image(host["images"][i], config.data.resolution,
+                            config.data.clip_resolution) for i in idx]
+        img = np.stack([a for a, _ in arrs])
+        cimg = np.stack([c for _, c in arrs])
+        inputs["z"], inputs["clip"] = enc_image(enc_params, img, cimg,
+                                                rng.key_for(int(s.seed), start, f"encode/{task}"))
+      keys = jax.vmap(lambda i: rng.key_for(int(s.seed), i, f"sample/{task}"))(jnp.asarray(idx))
+      inputs = {k: jax.device_put(v, batch_sh(v)) for k, v in inputs.items()}
+      out = jax.device_get(program(params, enc_params, inputs, keys))
+      for j in np.flatnonzero(real):
+        i = int(idx[j])
+        if "pixels" in out:
+          pix = _to_uint8(out["pixels"][j])
+          pixels_all.append(pix)
+          for r, im in enumerate(pix if pix.ndim == 4 else [pix]):
+            suffix = f"_round{r}" if pix.ndim == 4 else ""
+            Image.fromarray(im).save(os.path.join(out_dir, f"{i:05d}{suffix}.png"))
+        if "tokens" in out:
+          toks, lens = out["tokens"][j], out["lengths"][j]
+          texts = captioner_lib.decode_text(cap_tokenizer, np.atleast_2d(toks),
+                                            np.atleast_1d(lens), encoders.captioner.eos_id)
+          rec = {"index": i, "caption": texts[0] if len(texts) == 1 else texts}
+          if "prompts" in host:
+            rec["prompt"] = host["prompts"][i]
+          captions.append(rec)
+  if captions:
+    with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
+      for rec in captions:
+        f.write(json.dumps(rec) + "\n")
+  if pixels_all:
+    _save_grid(pixels_all, os.path.join(out_dir, "grid.png"))
+  result = {"dir": out_dir, "num": n}
+  if "truth" in host:
+    result["scores"] = _judge(task, host, pixels_all, captions, n)
+    with open(os.path.join(out_dir, "scores.json"), "w") as f:
+      json.dump(result["scores"], f, indent=1)
+  print(f"{task}: {n} samples in {out_dir}" +
+        (f" | judge: {_fmt_scores(result['scores'])}" if "scores" in result else ""), flush=True)
+  return result
+
+
+def _judge(task, host, pixels_all, captions, n):
+  from data_pipelines import demo_data
+  if task == "t2i":
+    return demo_data.score_t2i(np.stack(pixels_all[:n]), host["prompts"][:n])
+  if task == "i2t":
+    return demo_data.score_i2t([c["caption"] for c in captions[:n]], host["truth"][:n])
+  return {}
+
+
+def _fmt_scores(scores) -> str:
+  chance = scores.get("chance", {})
+  return ", ".join(f"{a} {scores[a]:.2f} (chance {chance[a]:.2f})" for a in chance if a in scores)
+
+
+def _to_uint8(x):
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _save_grid(images, path, cols: int = 8):
+  ims = [im for im in images if im.ndim == 3] or [r for im in images for r in im]
+  h, w, _ = ims[0].shape
+  rows = (len(ims) + cols - 1) // cols
+  grid = np.full((rows * h, min(cols, len(ims)) * w, 3), 255, np.uint8)
+  for k, im in enumerate(ims):
+    r, c = divmod(k, cols)
+    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+  Image.fromarray(grid).save(path)
