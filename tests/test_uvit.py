@@ -63,6 +63,8 @@ def test_full_token_count():
   assert UViT(**{**FULL, 'version': 'v0'}).num_tokens == 1104
   variables = nn.meta.unbox(uvit_lib.abstract_variables(UViT(**{**FULL, 'version': 'v0'})))
   assert variables['params']['pos_embed'].shape == (1, 1104, 1536)
+  assert 'token_embedding' not in variables['params']
+  assert 'pos_embed_token' not in variables['params']
 
 
 def test_init_matches_reference_recipe(tiny):
@@ -83,23 +85,18 @@ def test_init_matches_reference_recipe(tiny):
   np.testing.assert_array_equal(params['pos_embed_token'], 0.)
 
 
-@pytest.mark.parametrize('version', ['v0', 'v1'])
-def test_output_shapes_and_data_type(version):
-  cfg = {**TINY, 'version': version}
-  model, x = UViT(**cfg), _inputs(cfg)
-  params = _random_variables(model)
+def test_output_shapes_and_data_type(tiny):
+  # (v0 forwards are covered by tests/test_uvit_parity.py.)
+  model, x, params = tiny
   z, clip, text = model.apply(params, **x)
   assert z.shape == x['z'].shape and clip.shape == x['clip_img'].shape
   assert text.shape == x['text'].shape
   assert all(np.isfinite(np.asarray(o)).all() for o in (z, clip, text))
-  if version == 'v1':
-    # data_type=None means 1 (the sampling default), and the flag changes the output.
-    x1 = {**x, 'data_type': jnp.ones(2, jnp.int32)}
-    np.testing.assert_array_equal(model.apply(params, **{**x, 'data_type': None})[0],
-                                  model.apply(params, **x1)[0])
-    assert not np.allclose(model.apply(params, **x1)[0], z)
-  else:
-    assert 'token_embedding' not in params['params']
+  # data_type=None means 1 (the sampling default), and the flag changes the output.
+  x1 = {**x, 'data_type': jnp.ones(2, jnp.int32)}
+  np.testing.assert_array_equal(model.apply(params, **{**x, 'data_type': None})[0],
+                                model.apply(params, **x1)[0])
+  assert not np.allclose(model.apply(params, **x1)[0], z)
 
 
 def test_every_output_depends_on_every_input(tiny):
@@ -112,35 +109,60 @@ def test_every_output_depends_on_every_input(tiny):
       assert not np.allclose(out_new, out_old, atol=1e-6), name
 
 
-def test_bfloat16_runs_and_stays_close(tiny):
+def _loss(model, x):
+  def loss(p):
+    z, clip, text = model.apply(p, **x)
+    return jnp.sum(z ** 2) + jnp.sum(clip ** 2) + jnp.sum(text ** 2)
+  return loss
+
+
+@pytest.fixture(scope='module')
+def f32_loss_grad(tiny):
+  """Reference float32 loss and gradient, no remat (computed once, eagerly)."""
+  model, x, params = tiny
+  return jax.value_and_grad(_loss(model, x))(params)
+
+
+def test_bfloat16_runs_and_stays_close(tiny, f32_loss_grad):
   model32, x, params = tiny
-  out32 = model32.apply(params, **x)
-  out16 = UViT(**TINY, dtype=jnp.bfloat16).apply(params, **x)
-  for a, b in zip(out32, out16):
+  model16 = UViT(**TINY, dtype=jnp.bfloat16)
+
+  @jax.jit  # one compile is cheaper than eager per-op compiles of a new dtype
+  def outputs_and_grads(p):
+    return model16.apply(p, **x), jax.grad(_loss(model16, x))(p)
+
+  out16, g16 = outputs_and_grads(params)
+  for a, b in zip(model32.apply(params, **x), out16):
     assert b.dtype == jnp.float32  # outputs are returned in float32
     rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
     print(f'bfloat16 vs float32 relative error {rel:.4f}')
     assert 0 < rel < 0.02, rel  # > 0: bfloat16 really was used
+  # Gradients (what mixed-precision training uses) stay float32 and close too.
+  for a, b in zip(jax.tree_util.tree_leaves(g16), jax.tree_util.tree_leaves(f32_loss_grad[1])):
+    assert a.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b)) <= 0.03 * float(jnp.linalg.norm(b)) + 1e-6
 
 
-def test_remat_variants_identical(tiny):
+def test_attention_implementations_agree(tiny):
+  model, x, params = tiny
+  ref = model.apply(params, **x)
+  got = UViT(**TINY, attention='xla').apply(params, **x)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+  with pytest.raises(ValueError, match='attention'):
+    UViT(**TINY, attention='flash').apply(params, **x)
+
+
+def test_remat_variants_identical(tiny, f32_loss_grad):
   _, x, params = tiny
-
-  def loss_and_grad(remat):
-    model = UViT(**TINY, remat=remat)
-    def loss(p):
-      z, clip, text = model.apply(p, **x)
-      return jnp.sum(z ** 2) + jnp.sum(clip ** 2) + jnp.sum(text ** 2)
-    return jax.value_and_grad(loss)(params)
-
-  ref_loss, ref_grad = loss_and_grad('none')
+  ref_loss, ref_grad = f32_loss_grad
   for remat in ('block', 'dots_saveable'):
-    l, g = loss_and_grad(remat)
+    l, g = jax.value_and_grad(_loss(UViT(**TINY, remat=remat), x))(params)
     np.testing.assert_allclose(l, ref_loss, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            g, ref_grad)
   with pytest.raises(ValueError, match='remat'):
-    UViT(**TINY, remat='bogus').init(jax.random.key(0), **x)
+    UViT(**TINY, remat='bogus').apply(params, **x)
 
 
 def test_every_param_has_logical_names():
