@@ -92,21 +92,12 @@ def test_convergence_order_on_gaussian(method, order, skip_type, steps, low, hig
   assert low <= slope <= high, (slope, errs)
 
 
-def test_higher_order_is_more_accurate_at_equal_evals():
-  with jax.enable_x64(True):
-    sched = schedule_lib.LinearVPSchedule()
-    for method in ("singlestep_fast", "multistep"):
-      e = [_errors(sched, method, o, "time_quadratic", (26,))[0] for o in (1, 2, 3)]
-      assert e[0] > e[1] > e[2], (method, e)
-
-
 # Measured RMS errors at 10 / 50 / 200 steps (order 3): singlestep
 # time_uniform 6.9e-2 / 1.05e-2 / 1.3e-3 (the time-uniform grid's last step
 # from t = 0.021 to 1e-3 spans a large lambda range, so it converges slowly),
 # singlestep logSNR 1.1e-2 / 4.2e-6 / 2.3e-7, multistep time_quadratic
 # 7.0e-4 / 1.15e-4 / 7.9e-6.
 @pytest.mark.parametrize("method,skip_type,bound", [("singlestep_fast", "time_uniform", 2.5e-3),
-                                                    ("singlestep_fast", "logSNR", 1e-6),
                                                     ("multistep", "time_quadratic", 3e-5)])
 def test_discrete_schedule_converges_to_exact_flow(method, skip_type, bound):
   # Under the SD schedule (log alpha piecewise linear in t) the exact eps

@@ -345,8 +345,8 @@ def sample(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, schedule=None, 
   return _run_singlestep(model_fn, x_T, key, schedule, segments)
 
 
-def sample_on_grid(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, grid, orders: Sequence[int],
-                   method: str, schedule=None) -> jax.Array:
+def sample_on_grid(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, grid,
+                   orders: Sequence[int], method: str, schedule=None) -> jax.Array:
   """Same solvers on an explicit time grid [N + 1] with explicit orders.
 
   multistep: orders[i] is step i's order (N entries). singlestep: orders are
