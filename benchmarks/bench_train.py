@@ -1,0 +1,310 @@
+"""U-ViT training step and sampling forward: ours (JAX, jitted) vs diffusers' UniDiffuserModel.
+
+  python benchmarks/bench_train.py                 # ~44.5M-parameter U-ViT, batch 16, float32
+  python benchmarks/bench_train.py --quick         # tiny model, few steps: a sanity run only
+  python benchmarks/bench_train.py --hlo_dir=/tmp/hlo   # also write our optimised HLO + op census
+
+Both sides do the same work per training step on the same sizes (float32, one
+process, every core):
+  UniDiffuser objective (t_img, t_text ~ U{1..1000} per sample, noise the image
+  latent + CLIP embedding with t_img and the text latent with t_text, MSE over
+  the concatenated noise) -> backward -> AdamW (torch.optim.AdamW with
+  foreach=True vs optax.adamw; no clipping) -> EMA of the weights.
+Ours is train.make_train_step (the function the trainer jits) on one CPU device;
+the reference is diffusers.pipelines.deprecated.unidiffuser.modeling_uvit.
+UniDiffuserModel configured as the released post-LN network (GELU MLP, no
+timestep MLP, data-type token = v1), torch threads = the machine's cores.
+
+Reported per side: median step time over --steps timed steps after --warmup,
+achieved GFLOP/s = FLOPs per step / median time, the fraction of the measured
+matmul peak (benchmarks/matmul_peak.py, measured in the same run), and the
+ratio ours/torch. FLOPs per step are counted two ways: analytically (matmuls
+and attention products only: 2*m*n*k each, backward = 2x forward) and by XLA's
+compiled.cost_analysis() on our jitted step; the FLOP/s column uses the
+ANALYTIC count for both sides so the two are directly comparable. The forward
+(sampling) section times one network evaluation at the same batch
+(torch.inference_mode vs a jitted model.apply) and reports examples/s.
+"""
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  width: int = 512
+  depth: int = 13
+  num_heads: int = 8
+  mlp_dim: int = 2048
+  latent_size: int = 16
+  latent_channels: int = 4
+  patch_size: int = 2
+  text_dim: int = 64
+  num_text_tokens: int = 77
+  clip_img_dim: int = 512
+  batch: int = 16
+
+  @property
+  def num_patches(self) -> int:
+    return (self.latent_size // self.patch_size) ** 2
+
+  @property
+  def num_tokens(self) -> int:  # v1: t_img, t_text, data_type, text, clip_img, patches
+    return 3 + self.num_text_tokens + 1 + self.num_patches
+
+
+FULL = Size()
+QUICK = Size(width=64, depth=3, num_heads=2, mlp_dim=256, latent_size=8, num_text_tokens=8,
+             clip_img_dim=32, text_dim=16, batch=2)
+
+
+# ---------------------------------------------------------------- analytic FLOPs
+
+def forward_flops(s: Size) -> int:
+  """Multiply-add FLOPs (2 per MAC) of one forward pass: every matmul and attention product."""
+  b, t, d, m = s.batch, s.num_tokens, s.width, s.mlp_dim
+  pp = s.patch_size ** 2 * s.latent_channels
+  block = 2 * t * d * 3 * d + 2 * t * d * d + 2 * 2 * t * d * m  # qkv, proj, fc1 + fc2
+  block += 2 * 2 * t * t * d                                     # q k^T and p v
+  skip = 2 * t * 2 * d * d                                        # out-blocks' skip_linear
+  embed = 2 * s.num_patches * pp * d + 2 * s.num_text_tokens * s.text_dim * d + 2 * s.clip_img_dim * d
+  head = 2 * s.num_patches * d * pp + 2 * s.num_text_tokens * d * s.text_dim + 2 * d * s.clip_img_dim
+  return b * (s.depth * block + (s.depth // 2) * skip + embed + head)
+
+
+def train_flops(s: Size) -> int:
+  return 3 * forward_flops(s)  # backward: a gradient for the activations and one for the weights
+
+
+# ---------------------------------------------------------------- data
+
+def make_batch(s: Size, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return dict(
+      z=rng.standard_normal((s.batch, s.latent_size, s.latent_size, s.latent_channels), np.float32),
+      clip_img=rng.standard_normal((s.batch, 1, s.clip_img_dim), np.float32),
+      text=rng.standard_normal((s.batch, s.num_text_tokens, s.text_dim), np.float32),
+      data_type=rng.integers(0, 2, (s.batch,)).astype(np.int32))
+
+
+def _median_time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+# ---------------------------------------------------------------- ours (JAX)
+
+def jax_side(s: Size, warmup: int, steps: int, hlo_dir: str | None) -> dict:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import ml_collections as mc
+
+  from unidiffuser_jax import train
+  from unidiffuser_jax.diffusion import objective
+  from unidiffuser_jax.models import uvit
+
+  model = uvit.UViT(version="v1", latent_size=s.latent_size, latent_channels=s.latent_channels,
+                    patch_size=s.patch_size, width=s.width, depth=s.depth, num_heads=s.num_heads,
+                    mlp_dim=s.mlp_dim, text_dim=s.text_dim, num_text_tokens=s.num_text_tokens,
+                    clip_img_dim=s.clip_img_dim, dtype=jnp.float32, remat="none")
+
+  def loss(params, frozen, batch, key):
+    del frozen  # the benchmark feeds latents: no frozen encoders
+    nnet = lambda *a: model.apply({"params": params}, *a)
+    total, parts = objective.loss_fn(nnet, batch["z"], batch["clip_img"], batch["text"],
+                                     batch["data_type"], key)
+    return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
+
+  task = train.Task("bench", lambda: model.init(jax.random.key(0), *train.dummy_latents(model))["params"],
+                    loss)
+  train_cfg = mc.ConfigDict(dict(lr=1e-4, warmup_steps=0, weight_decay=0.03, betas=(0.9, 0.9),
+                                 grad_clip_norm=0.0, ema_decay=0.9999, grad_accum=1))
+  tx = train.make_optimizer(train_cfg)
+  state = jax.jit(lambda: nn.unbox(train.init_fn(task, tx)()))()
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  step = jax.jit(train.make_train_step(task, tx, train_cfg, seed=0), donate_argnums=(0,))
+  batch = {k: jnp.asarray(v) for k, v in make_batch(s).items()}
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, {}, batch).compile()
+  compile_s = time.perf_counter() - t0
+  xla_flops = _cost_flops(compiled)
+  if hlo_dir:
+    _dump_hlo(compiled, hlo_dir)
+
+  holder = [state]
+
+  def one():
+    holder[0], out = compiled(holder[0], {}, batch)
+    jax.block_until_ready(out["loss"])
+
+  med, times = _median_time(one, warmup, steps)
+
+  fwd = jax.jit(lambda p, b: model.apply({"params": p}, b["z"], b["clip_img"], b["text"],
+                                         jnp.full((s.batch,), 500.0), jnp.full((s.batch,), 500.0),
+                                         b["data_type"]))
+  fwd_c = fwd.lower(holder[0].params, batch).compile()
+  fwd_flops_xla = _cost_flops(fwd_c)
+  fmed, _ = _median_time(lambda: jax.block_until_ready(fwd_c(holder[0].params, batch)),
+                         warmup, steps)
+  return dict(n_params=n_params, step_s=med, times=times, compile_s=compile_s, xla_flops=xla_flops,
+              fwd_s=fmed, fwd_xla_flops=fwd_flops_xla)
+
+
+def _cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _dump_hlo(compiled, hlo_dir: str) -> None:
+  """Writes the optimised HLO and prints how often the ops that hint at waste appear."""
+  import collections
+  import re
+  os.makedirs(hlo_dir, exist_ok=True)
+  text = compiled.as_text()
+  path = os.path.join(hlo_dir, "train_step.opt.hlo.txt")
+  with open(path, "w") as f:
+    f.write(text)
+  ops = collections.Counter(re.findall(r"=\s*[a-z0-9\[\]{},]+\s+([a-z\-]+)\(", text))
+  keep = ("dot", "convolution", "transpose", "copy", "fusion", "reduce", "custom-call", "bitcast")
+  print(f"  HLO written to {path}; op census: " +
+        ", ".join(f"{k}={ops[k]}" for k in keep if ops[k]))
+
+
+# ---------------------------------------------------------------- reference (PyTorch + diffusers)
+
+def torch_side(s: Size, warmup: int, steps: int) -> dict:
+  import torch
+  from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit
+
+  from unidiffuser_jax.diffusion import schedule  # float64 numpy table only, no JAX
+
+  torch.manual_seed(0)
+  model = modeling_uvit.UniDiffuserModel(
+      text_dim=s.text_dim, clip_img_dim=s.clip_img_dim, num_text_tokens=s.num_text_tokens,
+      num_attention_heads=s.num_heads, attention_head_dim=s.width // s.num_heads,
+      in_channels=s.latent_channels, out_channels=s.latent_channels, num_layers=s.depth,
+      dropout=0.0, attention_bias=False, sample_size=s.latent_size, patch_size=s.patch_size,
+      activation_fn="gelu", norm_type="layer_norm", block_type="unidiffuser", pre_layer_norm=False,
+      use_timestep_embedding=False, norm_elementwise_affine=True, use_patch_pos_embed=False,
+      ff_final_dropout=True, use_data_type_embedding=True)
+  # diffusers keeps an unused copy of the patch embedding (transformer.pos_embed.proj);
+  # leave it out of the optimiser and the parameter count.
+  params = [p for n, p in model.named_parameters() if not n.startswith("transformer.pos_embed.")]
+  for n, p in model.named_parameters():
+    if n.startswith("transformer.pos_embed."):
+      p.requires_grad_(False)
+  n_params = sum(p.numel() for p in params)
+  opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.9), weight_decay=0.03, foreach=True)
+  ema = [p.detach().clone() for p in params]
+  abar = torch.tensor(schedule.alphas_cumprod(), dtype=torch.float32)
+  b = {k: torch.from_numpy(v) for k, v in make_batch(s).items()}
+  z0 = b["z"].permute(0, 3, 1, 2).contiguous()  # NCHW
+  gen = torch.Generator().manual_seed(1)
+
+  def noise(x0, n):
+    a = abar[n - 1].view(-1, *([1] * (x0.ndim - 1)))
+    eps = torch.randn(x0.shape, generator=gen)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+
+  def one():
+    t_img = torch.randint(1, 1001, (s.batch,), generator=gen)
+    t_text = torch.randint(1, 1001, (s.batch,), generator=gen)
+    z_t, ez = noise(z0, t_img)
+    c_t, ec = noise(b["clip_img"], t_img)
+    y_t, ey = noise(b["text"], t_text)
+    pz, pc, py = model(z_t, c_t, y_t, t_img, t_text, data_type=b["data_type"])
+    se = torch.cat([(pz - ez).square().flatten(1), (pc - ec).square().flatten(1),
+                    (py - ey).square().flatten(1)], dim=1)
+    loss = se.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - 0.9999)
+    return loss
+
+  med, times = _median_time(one, warmup, steps)
+  model.eval()
+  t500 = torch.full((s.batch,), 500)
+
+  def fwd():
+    with torch.inference_mode():
+      model(z0, b["clip_img"], b["text"], t500, t500, data_type=b["data_type"])
+
+  fmed, _ = _median_time(fwd, warmup, steps)
+  return dict(n_params=n_params, step_s=med, times=times, fwd_s=fmed)
+
+
+# ---------------------------------------------------------------- report
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="tiny model and few steps (sanity only)")
+  parser.add_argument("--batch", type=int, default=0)
+  parser.add_argument("--warmup", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=0)
+  parser.add_argument("--peak_gflops", type=float, default=0.0,
+                      help="skip measuring the matmul peak and use this value")
+  parser.add_argument("--hlo_dir", default="", help="write our optimised HLO here")
+  args = parser.parse_args()
+  size = QUICK if args.quick else FULL
+  if args.batch:
+    size = dataclasses.replace(size, batch=args.batch)
+  warmup = args.warmup or (1 if args.quick else 3)
+  steps = args.steps or (3 if args.quick else 10)
+
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  import jax
+  import matmul_peak  # benchmarks/ is this script's directory
+
+  print(f"machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, jax "
+        f"{jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"torch {torch.__version__}")
+  print(f"config: {dataclasses.asdict(size)} -> {size.num_tokens} tokens "
+        f"({size.num_patches} image + {size.num_text_tokens} text + 3 + 1), float32, v1")
+  peak = args.peak_gflops or matmul_peak.measure([1024] if args.quick else [2048, 4096],
+                                                 3 if args.quick else 10)["peak"]
+
+  ours = jax_side(size, warmup, steps, args.hlo_dir or None)
+  ref = torch_side(size, warmup, steps)
+  ana = train_flops(size)
+  fwd_ana = forward_flops(size)
+  print(f"params: ours {ours['n_params']:,}, torch {ref['n_params']:,}")
+  print(f"FLOPs/step: analytic {ana / 1e9:.2f} GFLOP (used below); XLA cost_analysis "
+        + (f"{ours['xla_flops'] / 1e9:.2f} GFLOP" if ours["xla_flops"] else "n/a")
+        + f"; forward analytic {fwd_ana / 1e9:.2f}, XLA "
+        + (f"{ours['fwd_xla_flops'] / 1e9:.2f}" if ours["fwd_xla_flops"] else "n/a"))
+  print(f"matmul peak (measured now): {peak:.1f} GFLOP/s; our compile time {ours['compile_s']:.1f} s")
+  print(f"{'':16} | {'step ms':>9} | {'GFLOP/s':>8} | {'% peak':>6} | {'fwd ms':>8} | "
+        f"{'fwd ex/s':>8} | {'fwd % peak':>10}")
+  for name, r in (("ours (jax)", ours), ("torch+diffusers", ref)):
+    g = ana / r["step_s"] / 1e9
+    fg = fwd_ana / r["fwd_s"] / 1e9
+    print(f"{name:16} | {r['step_s'] * 1e3:9.1f} | {g:8.1f} | {100 * g / peak:5.1f}% | "
+          f"{r['fwd_s'] * 1e3:8.1f} | {size.batch / r['fwd_s']:8.1f} | {100 * fg / peak:9.1f}%")
+  print(f"ratio ours/torch (time): train step {ours['step_s'] / ref['step_s']:.2f}, "
+        f"forward {ours['fwd_s'] / ref['fwd_s']:.2f}  (< 1: ours is faster)")
+  print("step times (s): ours " + " ".join(f"{t:.3f}" for t in ours["times"]) +
+        " | torch " + " ".join(f"{t:.3f}" for t in ref["times"]))
+
+
+if __name__ == "__main__":
+  main()
