@@ -214,3 +214,22 @@ def test_bad_inputs_raise_clear_errors():
     model.init(jax.random.key(0), **{**x, 'text': x['text'][:, :3]})
   with pytest.raises(ValueError, match='version'):
     UViT(**{**TINY, 'version': 'v2'}).init(jax.random.key(0), **x)
+
+
+def test_runs_sharded_over_data_fsdp_tensor(tiny):
+  """The logical names shard on a (data, fsdp, tensor) = (2, 2, 2) mesh and give the same outputs."""
+  model, x, params = tiny
+  rules = (('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'), ('io', None),
+           ('norm', None), ('pos', None))  # as configs/common.py
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  shardings = nn.logical_to_mesh_sharding(
+      nn.get_partition_spec(uvit_lib.abstract_variables(model)), mesh, rules)
+  qkv_sharding = shardings['params']['in_blocks_0']['attn']['qkv']['kernel']
+  assert tuple(qkv_sharding.spec) == ('fsdp', 'tensor')
+  sharded = jax.device_put(params, shardings)
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  x4 = {k: jax.device_put(jnp.concatenate([v, v]), batch) for k, v in x.items()}
+  got = jax.jit(model.apply)(sharded, **x4)
+  for a, b in zip(got, model.apply(params, **x)):
+    np.testing.assert_allclose(np.asarray(a)[:2], b, atol=2e-5)
