@@ -119,9 +119,11 @@ class Attention(nn.Module):
     h = self.num_heads
     dh = self.width // h
     qkv = _dense(3 * self.width, 'embed', 'heads', self.dtype, 'qkv', use_bias=False)(x_bld)
-    # Output features are ordered (3, heads, head_dim), as in the released checkpoints.
-    qkv_bl3hd = qkv.reshape(b, l, 3, h, dh)
-    q_blhd, k_blhd, v_blhd = qkv_bl3hd[:, :, 0], qkv_bl3hd[:, :, 1], qkv_bl3hd[:, :, 2]
+    # Our qkv features are ordered (heads, 3, head_dim) so that splitting the 'heads'
+    # axis for tensor parallelism keeps each head's q, k, v on one device. The
+    # released checkpoints use (3, heads, head_dim); weights/uvit.py permutes.
+    qkv_blh3d = qkv.reshape(b, l, h, 3, dh)
+    q_blhd, k_blhd, v_blhd = qkv_blh3d[:, :, :, 0], qkv_blh3d[:, :, :, 1], qkv_blh3d[:, :, :, 2]
     if self.impl in ('xla', 'cudnn'):
       out_blhd = jax.nn.dot_product_attention(q_blhd, k_blhd, v_blhd, implementation=self.impl)
       return _dense(self.width, 'heads', 'embed', self.dtype, 'proj')(

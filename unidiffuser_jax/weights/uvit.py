@@ -3,7 +3,8 @@
 Released key layout (torch shapes; W = width, F = mlp_dim, p = patch, C = channels):
   patch_embed.proj.{weight [W,C,p,p], bias}      text_embed / clip_img_embed.{weight,bias}
   pos_embed [1, 2+L+1+N, W]                       v1 only: token_embedding.weight [2,W], pos_embed_token [1,1,W]
-  in_blocks.{i} / mid_block:  norm2, norm3, attn.qkv.weight (no bias), attn.proj, mlp.fc1, mlp.fc2
+  in_blocks.{i} / mid_block:  norm2, norm3, attn.qkv.weight (no bias; rows (3, heads, hd), ours
+                              are (heads, 3, hd)), attn.proj, mlp.fc1, mlp.fc2
   out_blocks.{i}: the same plus norm1 and skip_linear (norm1 exists only in skip blocks)
   norm, decoder_pred, clip_img_out, text_out
 Our module names mirror these (dots in ModuleList indices become underscores).
@@ -32,13 +33,35 @@ def _norm(ours: tuple[str, ...], theirs: str) -> list[Entry]:
   return [Entry(ours + ('scale',), f'{theirs}.weight'), Entry(ours + ('bias',), f'{theirs}.bias')]
 
 
-def _block(ours: str, theirs: str, skip: bool) -> list[Entry]:
+def _qkv_entry(ours: tuple[str, ...], theirs: str, num_heads: int) -> Entry:
+  """attn.qkv.weight [3W, W] with rows (3, heads, hd) <-> our kernel [W, 3W] with columns (heads, 3, hd)."""
+  def to_ours(w):
+    three_w, width = w.shape
+    w = w.reshape(3, num_heads, three_w // (3 * num_heads), width).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(w.reshape(three_w, width).T)
+
+  def to_theirs(k):
+    width, three_w = k.shape
+    k = k.T.reshape(num_heads, 3, three_w // (3 * num_heads), width).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(k.reshape(three_w, width))
+
+  def checked(fn):
+    def run(w):  # a mis-shaped tensor must reach assign's shape check, not crash here
+      try:
+        return fn(w)
+      except ValueError:
+        return w
+    return run
+  return Entry(ours + ('kernel',), f'{theirs}.weight', checked(to_ours), to_theirs)
+
+
+def _block(ours: str, theirs: str, skip: bool, num_heads: int) -> list[Entry]:
   o = (ours,)
   entries = []
   if skip:
     entries += _linear(o + ('skip_linear',), f'{theirs}.skip_linear')
     entries += _norm(o + ('norm1',), f'{theirs}.norm1')
-  entries += _linear(o + ('attn', 'qkv'), f'{theirs}.attn.qkv', bias=False)
+  entries.append(_qkv_entry(o + ('attn', 'qkv'), f'{theirs}.attn.qkv', num_heads))
   entries += _linear(o + ('attn', 'proj'), f'{theirs}.attn.proj')
   entries += _norm(o + ('norm2',), f'{theirs}.norm2')
   entries += _linear(o + ('mlp', 'fc1'), f'{theirs}.mlp.fc1')
@@ -60,10 +83,10 @@ def uvit_entries(model: UViT) -> list[Entry]:
     entries += [Entry(('token_embedding', 'embedding'), 'token_embedding.weight'),
                 Entry(('pos_embed_token',), 'pos_embed_token')]
   for i in range(model.depth // 2):
-    entries += _block(f'in_blocks_{i}', f'in_blocks.{i}', skip=False)
-  entries += _block('mid_block', 'mid_block', skip=False)
+    entries += _block(f'in_blocks_{i}', f'in_blocks.{i}', False, model.num_heads)
+  entries += _block('mid_block', 'mid_block', False, model.num_heads)
   for i in range(model.depth // 2):
-    entries += _block(f'out_blocks_{i}', f'out_blocks.{i}', skip=True)
+    entries += _block(f'out_blocks_{i}', f'out_blocks.{i}', True, model.num_heads)
   entries += _norm(('norm',), 'norm')
   entries += _linear(('decoder_pred',), 'decoder_pred')
   entries += _linear(('clip_img_out',), 'clip_img_out')
