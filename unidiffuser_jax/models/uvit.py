@@ -325,7 +325,9 @@ def dummy_inputs(model: UViT, batch_size: int = 1, dtype=jnp.float32) -> tuple:
 
 def abstract_variables(model: UViT) -> dict:
   """Boxed (logically partitioned) variable shapes from jax.eval_shape: nothing allocated."""
-  return jax.eval_shape(lambda key: model.init(key, *dummy_inputs(model)), jax.random.key(0))
+  # Attention kernel and remat do not change the parameters; the plain path traces anywhere.
+  plain = model.clone(attention='einsum', remat='none', parent=None)
+  return jax.eval_shape(lambda key: plain.init(key, *dummy_inputs(plain)), jax.random.key(0))
 
 
 def count_params(model_cfg: Mapping) -> int:
