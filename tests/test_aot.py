@@ -1,0 +1,155 @@
+"""Golden shardings of the full-width train step, read from what the compiler is handed.
+
+The laion config's U-ViT (width 1536, 24 heads, MLP 6144, 64x64x4 latents,
+bfloat16, remat per block; depth cut to 2 so lowering stays fast: every block
+has the same parameters, so deeper models shard identically) is lowered (not
+compiled, not run) by benchmarks/aot_tpu.py's abstract-input path on an
+8-device CPU mesh data=1, fsdp=4, tensor=2. The per-argument and per-result
+shardings are parsed from the lowered module's `main` signature (Shardy
+attributes, i.e. what XLA's partitioner receives) and compared with hand-written
+PartitionSpecs for parameters, EMA, both AdamW moments and the batch. No libtpu.
+"""
+import math
+import re
+
+import flax.linen as nn
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from benchmarks import aot_tpu
+from unidiffuser_jax import encoders as encoders_lib
+from unidiffuser_jax import sharding, train
+
+MESH = dict(data=1, fsdp=4, tensor=2)
+BATCH = 8
+# parameter path suffix -> spec under configs/common.py's rules (embed->fsdp, mlp/heads->tensor)
+GOLDEN = {
+    "['out_blocks_0']['attn']['qkv']['kernel']": P("fsdp", "tensor"),     # [1536, 4608]
+    "['out_blocks_0']['attn']['proj']['kernel']": P("tensor", "fsdp"),    # [1536, 1536]
+    "['mid_block']['mlp']['fc1']['kernel']": P("fsdp", "tensor"),         # [1536, 6144]
+    "['mid_block']['mlp']['fc1']['bias']": P("tensor"),                   # [6144]
+    "['in_blocks_0']['mlp']['fc2']['kernel']": P("tensor", "fsdp"),       # [6144, 1536]
+    "['out_blocks_0']['skip_linear']['kernel']": P("tensor", "fsdp"),     # [3072, 1536]
+    "['pos_embed']": P(None, None, "fsdp"),                               # [1, 1105, 1536]
+    "['patch_embed']['kernel']": P(None, None, None, "fsdp"),             # [2, 2, 4, 1536]
+    "['mid_block']['norm2']['scale']": P(),                               # LayerNorm: replicated
+    "['text_out']['kernel']": P("fsdp", None),                            # [1536, 64]
+}
+
+
+@pytest.fixture(scope="module")
+def lowered():
+  config = aot_tpu.load_config("configs/laion.py")
+  config.model.depth = 2
+  mesh = sharding.make_mesh(MESH)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  model = train.make_model(config.model)
+  encoders = encoders_lib.build(config.encoders)
+  task = train.uvit_task(model, encoders, 0)
+  tx = train.make_optimizer(config.train)
+  boxed = jax.eval_shape(train.init_fn(task, tx))
+  specs = sharding.logical_to_specs(boxed, mesh, rules)
+  state_shardings = sharding.named_shardings(specs, mesh)
+  state = aot_tpu.abstract_with(nn.unbox(boxed), state_shardings)
+  frozen, frozen_shardings = aot_tpu.abstract_frozen(encoders, mesh, rules, 0)
+  step = train.compile_train_step(train.make_train_step(task, tx, config.train, 0), mesh,
+                                  state_shardings, frozen_shardings)
+  low = step.lower(state, frozen, aot_tpu.features_batch(config, model, BATCH, mesh))
+  return dict(text=low.as_text(), state=state, specs=specs, mesh=mesh)
+
+
+def _dims(inner: str) -> tuple:
+  """'{"fsdp"}, {}' -> (('fsdp',), ())"""
+  return tuple(tuple(re.findall(r'"(\w+)"', d)) for d in re.findall(r"\{([^}]*)\}", inner))
+
+
+def _main_signature(text: str) -> tuple[list, dict]:
+  start = text.index("func.func public @main(")
+  end = text.index("{\n", start)
+  sig = text[start:end]
+  args_part, results_part = sig.split(") -> (", 1)
+  args = [(int(i), shape, _dims(inner), "tf.aliasing_output" in rest)
+          for i, shape, inner, rest in re.findall(
+              r"%arg(\d+): tensor<([^>]*)> \{sdy\.sharding = #sdy\.sharding<@mesh, \[(.*?)\][^>]*>"
+              r"([^}]*)\}", args_part)]
+  results = {name: (shape, _dims(inner)) for shape, name, inner in re.findall(
+      r'tensor<([^>]*)> \{jax\.result_info = "([^"]*)", sdy\.sharding = '
+      r"#sdy\.sharding<@mesh, \[(.*?)\]", results_part)}
+  return args, results
+
+
+def _as_dims(spec: P, ndim: int) -> tuple:
+  out = []
+  for i in range(ndim):
+    a = spec[i] if i < len(spec) else None
+    out.append(() if a is None else ((a,) if isinstance(a, str) else tuple(a)))
+  return tuple(out)
+
+
+def _shape_str(shape, dtype) -> str:
+  return "x".join(map(str, shape)) + ("x" if shape else "") + {"float32": "f32", "int32": "i32"}[
+      str(dtype)]
+
+
+def _state_args(lowered):
+  """[(keystr, leaf, arg dims, donated)]: the state's leaves are main's first arguments, in order."""
+  args, _ = _main_signature(lowered["text"])
+  leaves = jax.tree_util.tree_flatten_with_path(lowered["state"])[0]
+  assert len(args) > len(leaves)
+  out = []
+  for (path, leaf), (i, shape, dims, donated) in zip(leaves, args):
+    name = jax.tree_util.keystr(path)
+    assert shape == _shape_str(leaf.shape, leaf.dtype), (i, name, shape, leaf.shape)
+    out.append((name, leaf, dims, donated))
+  return out
+
+
+def test_parameter_and_optimizer_shardings_are_golden(lowered):
+  _, results = _main_signature(lowered["text"])
+  state_args = _state_args(lowered)
+  for suffix, spec in GOLDEN.items():
+    hits = [(n, leaf, d) for n, leaf, d, _ in state_args if n.endswith(suffix)]
+    # params, ema_params and AdamW's mu and nu: four copies, all laid out alike
+    kinds = sorted(n.split(suffix)[0] for n, _, _ in hits)
+    assert kinds == [".ema_params", ".opt_state[0][0].mu", ".opt_state[0][0].nu", ".params"], kinds
+    for name, leaf, dims in hits:
+      want = _as_dims(spec, leaf.ndim)
+      assert dims == want, f"input {name}: {dims} != {want}"
+      out_shape, out_dims = results[f"result[0]{name}"]
+      assert out_dims == want, f"output {name}: {out_dims} != {want}"
+  # scalars: the step counter and Adam's count are replicated
+  for name, leaf, dims, _ in state_args:
+    if leaf.ndim == 0:
+      assert dims == (), name
+
+
+def test_state_is_donated_and_batch_is_split_over_data_axes(lowered):
+  state_args = _state_args(lowered)
+  assert all(donated for *_, donated in state_args), "train state must alias its outputs"
+  args, results = _main_signature(lowered["text"])
+  by_shape = {shape: dims for _, shape, dims, _ in args[len(state_args):]}
+  assert by_shape[f"{BATCH}x64x64x8xf32"] == (("data", "fsdp"), (), (), ())   # moments
+  assert by_shape[f"{BATCH}x77x768xf32"] == (("data", "fsdp"), (), ())        # text_hidden
+  assert by_shape[f"{BATCH}xi32"] == (("data", "fsdp"),)                     # data_type
+  assert results["result[1]['loss']"][1] == ()                              # metrics replicated
+
+
+def test_per_device_parameter_bytes(lowered):
+  mesh = lowered["mesh"]
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  per_device = total = 0
+  for name, leaf, dims, _ in _state_args(lowered):
+    if not name.startswith(".params"):
+      continue
+    n = math.prod(leaf.shape) * leaf.dtype.itemsize
+    split = math.prod(size(d) for d in dims)
+    if name.endswith(("['qkv']['kernel']", "['fc1']['kernel']", "['fc2']['kernel']")):
+      assert split == 8, name  # the big matrices are cut over every device
+    assert n % split == 0, name
+    per_device += n // split
+    total += n
+  # what --mode=describe reports must be what the compiler is asked to hold
+  assert per_device == sharding.bytes_per_device(lowered["state"].params, lowered["specs"].params,
+                                                 mesh)
+  assert 7.5 < total / per_device <= 8.0, total / per_device
