@@ -75,6 +75,10 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
                          betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=400),
   ))
 
+  # --mode=import sources (a released file, a directory or a repo id in the local hub cache;
+  # "" = skip that part): written to <workdir>/weights/<part>. See unidiffuser_jax/weight_jobs.py.
+  c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
+                                 captioner=""))
   c.sample = mc.ConfigDict(dict(
       after_train=True,          # the demo ends by sampling and judging
       tasks=("t2i", "i2t"), num=16, batch_size=16,

@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       train=common.train(steps=100_000, batch_size=768, lr=2e-5, warmup_steps=1000,
                          weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0),
   ))
+  # --mode=import sources (a released file, a directory or a repo id in the local hub cache;
+  # "" = skip that part): written to <workdir>/weights/<part>. See unidiffuser_jax/weight_jobs.py.
+  c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
+                                 captioner=""))
   c.sample = mc.ConfigDict(dict(
       after_train=False, tasks=("t2i",), num=4, batch_size=4,
       steps=50, order=3, method="singlestep_fast", skip_type="time_uniform",

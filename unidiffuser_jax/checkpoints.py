@@ -62,20 +62,29 @@ def abstract_with_shardings(tree, shardings):
 def load_params(path: str, abstract_params=None, item: str = STATE, key: str | None = "ema_params"):
   """Reads one parameter tree (by default the EMA weights) from a checkpoint step or item dir.
 
-  `path` may be a workdir (newest step is used), a checkpoints/<step> dir, or an
-  item directory written by orbax StandardSave.
+  `path` may be a workdir (newest step is used), a checkpoints/<step> dir, an
+  item directory written by orbax StandardSave, or a plain params dir (a bare
+  parameter tree saved with StandardCheckpointer, as `--mode=import` writes),
+  which is returned whole.
   """
   p = epath.Path(path)
+  in_step = False
   if (p / "checkpoints").exists():
     steps = sorted(int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit())
     if not steps:
       raise FileNotFoundError(f"{path}: the checkpoints folder holds no finished step")
     p = p / "checkpoints" / str(steps[-1])
   if (p / item).exists():
-    p = p / item
+    p, in_step = p / item, True
   restored = ocp.StandardCheckpointer().restore(p.resolve())
+  if key is not None and not in_step and key not in restored and not _is_train_state(restored):
+    return restored  # a plain params dir
   if key is not None:
     if key not in restored:
       raise KeyError(f"{p}: no {key!r} in checkpoint (has {sorted(restored)})")
     restored = restored[key]
   return restored
+
+
+def _is_train_state(tree) -> bool:
+  return isinstance(tree, dict) and bool({"params", "opt_state", "step"} & set(tree))

@@ -1,0 +1,321 @@
+"""--mode=import / --mode=export on tiny models saved in the released layouts.
+
+Sources are written by the PyTorch references (diffusers' UniDiffuserModel renamed to the thu-ml
+U-ViT layout, diffusers' AutoencoderKL renamed to the LDM layout, transformers' CLIP towers via
+save_pretrained, diffusers' UniDiffuserTextDecoder renamed to caption_decoder.pth's layout, a hub
+GPT-2 via save_pretrained); what the job writes is read back through the project's loaders and
+compared with those source tensors, and what export writes is loaded back into PyTorch.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mc
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+from tests import test_captioner_parity as capp  # the released-layout renaming of the caption decoder
+from tests import test_clip as clipt  # tiny randomised CLIP towers
+from tests import test_uvit_parity as uvp  # diffusers <-> thu-ml U-ViT key tables, tiny torch model
+from tests import test_vae as vaet  # diffusers -> LDM VAE names, tiny torch VAE
+from diffusers.pipelines.deprecated.unidiffuser import modeling_text_decoder
+
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, sample, sharding, weight_jobs
+from unidiffuser_jax.models.captioner import CaptionDecoder
+from unidiffuser_jax.models.uvit import UViT
+from unidiffuser_jax.weights import captioner as wcap
+from unidiffuser_jax.weights import clip as wclip
+from unidiffuser_jax.weights import vae as wvae
+from unidiffuser_jax.weights.convert import flatten
+from unidiffuser_jax.weights.tensors import load_tensors
+from unidiffuser_jax.weights.uvit import export_uvit
+
+torch.set_num_threads(1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAP = dict(prefix_inner_dim=32, prefix_hidden_dim=6, vocab_size=64, n_positions=64, n_embd=32,
+           n_layer=2, n_head=4)
+EOS = 63
+
+
+def _config(**weights) -> mc.ConfigDict:
+  c = mc.ConfigDict()
+  c.seed = 0
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)
+  c.model = dict(version="v1", **uvp.CFG, num_data_types=2, dtype="float32", remat="none")
+  c.encoders = dict(
+      autoencoder=dict(kind="vae", factor=4, scale=0.18215, block_out_channels=vaet.CHANNELS,
+                       layers_per_block=vaet.LAYERS, latent_channels=vaet.LATENT,
+                       norm_num_groups=vaet.GROUPS),
+      clip_image=dict(image_size=24, patch_size=8, width=32, num_layers=2, num_heads=4,
+                      mlp_dim=40, proj_dim=20),
+      clip_text=dict(vocab_size=99, width=32, num_layers=2, num_heads=4, mlp_dim=40,
+                     max_positions=12),
+      captioner=dict(**CAP, eos_id=EOS),
+      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""))
+  c.sample = dict(checkpoint="")
+  c.weights = dict(uvit="", autoencoder="", clip_image="", clip_text="", captioner="")
+  c.weights.update(weights)
+  return c
+
+
+def _torch_caption_decoder(seed=0):
+  torch.manual_seed(seed)
+  ref = modeling_text_decoder.UniDiffuserTextDecoder(
+      prefix_length=12, prefix_inner_dim=CAP["prefix_inner_dim"],
+      prefix_hidden_dim=CAP["prefix_hidden_dim"], vocab_size=CAP["vocab_size"],
+      n_positions=CAP["n_positions"], n_embd=CAP["n_embd"], n_layer=CAP["n_layer"],
+      n_head=CAP["n_head"]).eval()
+  g = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      p.copy_((1.0 if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") else 0.0)
+              + 0.2 * torch.randn(p.shape, generator=g))
+  return ref
+
+
+def _torch_save(tensors: dict, path) -> str:
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+  """Every part in its released layout, written by the PyTorch side."""
+  d = tmp_path_factory.mktemp("sources")
+  uvit_torch = uvp._torch_model("v1")
+  uvit = uvp.diffusers_to_released(uvit_torch.state_dict(), "v1")
+  vae = vaet._to_ldm(vaet._torch_vae().state_dict())
+  text_ref, vision_ref = clipt._text_model(), clipt._vision_model()
+  text_ref.save_pretrained(d / "clip_text")
+  vision_ref.save_pretrained(d / "clip_image")
+  cap_torch = _torch_caption_decoder()
+  cap = capp._released_layout(capp._to_numpy(cap_torch.state_dict()))
+  return dict(
+      dir=d, uvit_torch=uvit_torch, uvit=uvit, vae=vae, cap_torch=cap_torch, cap=cap,
+      clip_text_sd=capp._to_numpy(text_ref.state_dict()),
+      clip_image_sd=capp._to_numpy(vision_ref.state_dict()),
+      paths=dict(uvit=_torch_save(uvit, d / "uvit_v1.pth"),
+                 autoencoder=_torch_save({**vae, "loss.logvar": np.zeros(())},
+                                         d / "autoencoder_kl.pth"),
+                 clip_text=str(d / "clip_text"), clip_image=str(d / "clip_image"),
+                 captioner=_torch_save(cap, d / "caption_decoder.pth")))
+
+
+@pytest.fixture(scope="module")
+def imported(sources, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("import"))
+  config = _config(**sources["paths"])
+  done = weight_jobs.run_import(config, workdir)
+  return config, workdir, done
+
+
+def _same_tensors(got: dict, want: dict):
+  assert set(got) == set(want), (set(got) ^ set(want))
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_import_writes_every_part_and_prints_overrides(imported, sources, capsys):
+  config, workdir, done = imported
+  assert set(done) == set(weight_jobs.PARTS)
+  for part, d in done.items():
+    assert d["path"] == os.path.join(os.path.abspath(workdir), "weights", part)
+  assert done["uvit"]["overrides"] == [f"--config.sample.checkpoint={done['uvit']['path']}"]
+  assert done["clip_text"]["overrides"] == [
+      f"--config.encoders.weights.clip_text={done['clip_text']['path']}"]
+  assert done["uvit"]["params"] == sum(v.size for v in sources["uvit"].values())
+  assert done["captioner"]["kind"] == "decoder"
+  with open(os.path.join(workdir, "weights", "import.json")) as f:
+    assert json.load(f)["autoencoder"]["source"] == sources["paths"]["autoencoder"]
+
+
+def test_written_dirs_load_through_project_loaders(imported, sources):
+  config, workdir, done = imported
+  # U-ViT: the path sample.py loads from config.sample.checkpoint.
+  cfg = _config()
+  cfg.sample.checkpoint = done["uvit"]["path"]
+  params = sample.load_uvit_params(cfg, workdir)
+  _same_tensors(export_uvit(params, UViT(version="v1", **uvp.CFG)), sources["uvit"])
+  # The frozen encoders: config.encoders.weights.<part> as the printed overrides set it.
+  enc_cfg = config.encoders
+  for part in encoders_lib.PARTS:
+    enc_cfg.weights[part] = done[part]["path"]
+  enc = encoders_lib.build(enc_cfg)
+  mesh = sharding.make_mesh(config.mesh)
+  enc_params, _ = enc.load_params(enc_cfg.weights, mesh, 0)
+  host = jax.device_get(enc_params)
+  _same_tensors(wvae.export_vae_tensors(host["autoencoder"], enc.autoencoder, "ldm"),
+                sources["vae"])  # the LDM file's loss.* entry is training-only and dropped
+  text = {k if k.startswith("text_model.") else "text_model." + k: v
+          for k, v in sources["clip_text_sd"].items() if not k.endswith("position_ids")}
+  _same_tensors(wclip.export_clip_text(host["clip_text"], enc.clip_text), text)
+  vision = {k if k.startswith(("vision_model.", "visual_projection.")) else "vision_model." + k: v
+            for k, v in sources["clip_image_sd"].items() if not k.endswith("position_ids")}
+  _same_tensors(wclip.export_clip_vision(host["clip_image"], enc.clip_image), vision)
+  _same_tensors(wcap.export_caption_decoder({"params": host["captioner"]}), sources["cap"])
+
+
+def test_export_round_trip_and_pytorch_loads_it(imported, sources, tmp_path):
+  config, workdir, done = imported
+  cfg = _config()
+  cfg.sample.checkpoint = done["uvit"]["path"]
+  cfg.encoders.weights.captioner = done["captioner"]["path"]
+  out = weight_jobs.run_export(cfg, str(tmp_path))
+  assert out["uvit"]["path"] == str(tmp_path / "export" / "uvit_v1.safetensors")
+  exported = load_tensors(out["uvit"]["path"])
+  _same_tensors(exported, sources["uvit"])
+  cap_exported = load_tensors(out["captioner"]["path"])
+  _same_tensors(cap_exported, sources["cap"])
+
+  # import -> export -> import: identical parameters.
+  again = weight_jobs.run_import(_config(uvit=out["uvit"]["path"],
+                                         captioner=out["captioner"]["path"]),
+                                 str(tmp_path / "again"))
+  for part in ("uvit", "captioner"):
+    a = flatten(checkpoints.load_params(done[part]["path"]))
+    b = flatten(checkpoints.load_params(again[part]["path"]))
+    _same_tensors({"/".join(k): v for k, v in b.items()}, {"/".join(k): v for k, v in a.items()})
+
+  # diffusers' UniDiffuserModel loads the exported U-ViT and agrees with our model.
+  fresh = uvp._torch_model("v1", seed=9)
+  missing, unexpected = fresh.load_state_dict(uvp.released_to_diffusers(exported, "v1"),
+                                              strict=True)
+  assert not missing and not unexpected
+  x = uvp._inputs("v1")
+  model = UViT(version="v1", **uvp.CFG)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, **x))  # one compilation, not eager ops
+  ours = [np.asarray(o) for o in apply(checkpoints.load_params(done["uvit"]["path"]),
+                                       {k: jnp.asarray(v) for k, v in x.items()})]
+  for name, w, g in zip(("z", "clip_img", "text"), uvp._run_torch(fresh.eval(), x), ours):
+    assert np.abs(w).max() > 0.1
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=name)
+
+  # diffusers' UniDiffuserTextDecoder loads the exported caption decoder (module./gpt. names
+  # are the released file's; diffusers drops "module." and calls the GPT-2 "transformer").
+  renamed = {}
+  for k, v in cap_exported.items():
+    k = k[len("module."):]
+    renamed["transformer." + k[len("gpt."):] if k.startswith("gpt.") else k] = torch.from_numpy(v)
+  dec = _torch_caption_decoder(seed=5)
+  missing, unexpected = dec.load_state_dict(renamed, strict=False)
+  assert not missing and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in unexpected)
+  ids = torch.randint(0, CAP["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(0))
+  prefix = torch.randn(2, 12, CAP["prefix_inner_dim"], generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    want = sources["cap_torch"](ids, prefix)[0].logits
+    got = dec(ids, prefix)[0].logits
+  torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_export_reads_ema_params_of_a_workdir(imported, tmp_path):
+  import orbax.checkpoint as ocp
+  config, _, done = imported
+  ema = checkpoints.load_params(done["uvit"]["path"])
+  raw = jax.tree.map(np.zeros_like, ema)
+  step_dir = tmp_path / "run" / "checkpoints" / "7" / "state"
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(str(step_dir), {"step": np.int32(7), "params": raw, "ema_params": ema,
+                            "opt_state": {"count": np.int32(7)}})
+  ckpt.wait_until_finished()
+  out = weight_jobs.run_export(_config(), str(tmp_path / "run"))
+  assert set(out) == {"uvit"}  # no caption decoder in this workdir: skipped, not an error
+  exported = load_tensors(out["uvit"]["path"])
+  np.testing.assert_array_equal(exported["pos_embed"], ema["pos_embed"])
+  assert np.abs(exported["mid_block.mlp.fc1.weight"]).max() > 0  # EMA, not the zero raw params
+
+
+def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
+  cfg = transformers.GPT2Config(vocab_size=CAP["vocab_size"] - 1, n_positions=CAP["n_positions"],
+                                n_embd=CAP["n_embd"], n_layer=CAP["n_layer"], n_head=CAP["n_head"])
+  torch.manual_seed(0)
+  hub = transformers.GPT2LMHeadModel(cfg).eval()
+  snap = tmp_path / "hub" / "models--gpt2" / "snapshots" / "abc"
+  hub.save_pretrained(snap)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  done = weight_jobs.run_import(_config(captioner="gpt2"), str(tmp_path / "w"))
+  assert done["captioner"]["kind"] == "gpt2"
+  assert done["captioner"]["overrides"] == [
+      f"--config.captioner.init_from={done['captioner']['path']}"]
+  params = checkpoints.load_params(done["captioner"]["path"])
+  wte = hub.transformer.wte.weight.detach().numpy()
+  got = params["gpt"]["wte"]["embedding"]
+  np.testing.assert_array_equal(got[:-1], wte)
+  np.testing.assert_allclose(got[-1], wte.mean(0), atol=1e-6)  # the <|EOS|> row
+  np.testing.assert_array_equal(params["gpt"]["h_1"]["mlp"]["c_fc"]["kernel"],
+                                hub.transformer.h[1].mlp.c_fc.weight.detach().numpy())
+  assert set(params) == {"prefix_encoder", "prefix_decoder", "gpt"}
+  # A hub GPT-2 of another size is refused with the config keys to change.
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "none"))
+  big = _config(captioner=str(snap))
+  big.encoders.captioner.n_layer = 3
+  with pytest.raises(weight_jobs.WeightJobError, match=r"n_layer: file 2, config 3"):
+    weight_jobs.run_import(big, str(tmp_path / "w2"))
+
+
+def test_uvit_config_mismatch_says_which_config(sources, tmp_path):
+  tensors = sources["uvit"]
+  v0 = _config(uvit=sources["paths"]["uvit"])
+  v0.model.version = "v0"
+  with pytest.raises(weight_jobs.WeightJobError) as e:
+    weight_jobs.run_import(v0, str(tmp_path))
+  msg = str(e.value)
+  assert "version: file 'v1', config 'v0'" in msg and "--config.model.version=v1" in msg
+  assert "configs/laion.py:v1" in msg
+  assert not os.path.exists(tmp_path / "weights" / "uvit")
+  wide = UViT(version="v1", **{**uvp.CFG, "width": 64, "num_heads": 8, "mlp_dim": 256,
+                                "latent_size": 16})
+  with pytest.raises(weight_jobs.WeightJobError) as e:
+    weight_jobs.check_uvit_config(weight_jobs.uvit_config_from_tensors(tensors), wide, v0, "f")
+  msg = str(e.value)
+  assert "--config.model.width=32" in msg and "--config.model.mlp_dim=128" in msg
+  assert "--config.model.latent_size=8" in msg and "--config.data.resolution=32" in msg
+
+
+def test_misshaped_and_missing_tensors_are_named(sources, tmp_path):
+  bad = dict(sources["uvit"])
+  bad["in_blocks.1.mlp.fc1.bias"] = bad["in_blocks.1.mlp.fc1.bias"][:-1]
+  del bad["out_blocks.0.norm1.bias"]
+  save_file(bad, str(tmp_path / "bad.safetensors"))
+  with pytest.raises(weight_jobs.WeightJobError) as e:
+    weight_jobs.run_import(_config(uvit=str(tmp_path / "bad.safetensors")), str(tmp_path))
+  assert "'in_blocks.1.mlp.fc1.bias' has shape (127,)" in str(e.value)
+  assert "missing tensor 'out_blocks.0.norm1.bias'" in str(e.value)
+  cap = dict(sources["cap"])
+  cap["module.decode_prefix.weight"] = cap["module.decode_prefix.weight"][:, :-1]
+  with pytest.raises(weight_jobs.WeightJobError, match=r"module\.decode_prefix\.weight"):
+    weight_jobs.run_import(_config(captioner=_torch_save(cap, tmp_path / "c.pth")),
+                           str(tmp_path))
+
+
+class _Evil:
+  """Pickles as a call to os.system; a plain unpickler would run it."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_payload_is_refused_in_one_line(tmp_path):
+  marker = tmp_path / "pwned"
+  path = tmp_path / "uvit_v1.pth"
+  torch.save({"pos_embed": torch.zeros(1, 3, 4), "x": _Evil(marker)}, str(path))
+  proc = subprocess.run(
+      [sys.executable, "-m", "unidiffuser_jax.main", "--config=configs/demo.py", "--mode=import",
+       f"--workdir={tmp_path / 'w'}", f"--config.weights.uvit={path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "import uvit" in errors[0] and "refusing to load global" in errors[0]
+  assert "system" in errors[0]
+  assert not marker.exists()
+  assert not os.path.exists(tmp_path / "w" / "weights" / "uvit")
