@@ -71,13 +71,14 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   ))
   # --mode=import sources (a released file, a directory or a repo id in the local hub cache;
   # "" = skip that part): written to <workdir>/weights/<part>. See unidiffuser_jax/weight_jobs.py.
+  # resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
   c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
-                                 captioner=""))
+                                 captioner="", resize_pos_embed=False))
   c.sample = mc.ConfigDict(dict(
       after_train=False, tasks=("t2i",), num=4, batch_size=4,
       steps=50, order=3, method="singlestep_fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
-      num_beams=5, max_caption_tokens=67, gibbs_rounds=3,
+      num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,
   ))
   return c

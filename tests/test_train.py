@@ -7,37 +7,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
-from configs import demo
 from data_pipelines import synthetic
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax import sharding, train
 from unidiffuser_jax.diffusion import objective
-
-
-def tiny_config(**train_overrides):
-  c = demo.get_config()
-  c.data.source = "synthetic"
-  c.data.demo = False
-  c.data.resolution = 16
-  c.data.clip_resolution = 16
-  c.data.max_length = 6
-  c.encoders.clip_image.patch_size = 8
-  c.encoders.clip_image.width = 32
-  c.encoders.clip_image.mlp_dim = 64
-  c.encoders.clip_image.num_layers = 1
-  c.encoders.clip_text.width = 32
-  c.encoders.clip_text.mlp_dim = 64
-  c.encoders.clip_text.num_layers = 1
-  c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32, n_layer=1,
-                              n_positions=16)
-  c.encoders.captioner.eos_id = 63
-  c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
-  c.train.update(steps=6, batch_size=8, warmup_steps=2, lr=1e-3, log_every=1, checkpoint_every=3,
-                 ema_decay=0.9)
-  c.train.update(train_overrides)
-  c.captioner.train_first = False
-  c.sample.after_train = False
-  return c
+from tests.tiny import tiny_config
 
 
 def _setup(config, devices):

@@ -48,12 +48,13 @@ def _parse_flags(argv):
   """absl's parser, with bad config overrides turned into one clear line."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    msg = str(e).splitlines()[0]
-    if "config." in msg or "--config" in msg:
-      msg += ("\n  (check the key's spelling against the config file; "
-              "`--mode=describe` prints nothing about keys, the config file lists them)")
-    print(f"error: {msg}", file=sys.stderr)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown override key as AttributeError("'key'\nDid you mean...").
+    text = str(e.args[0] if isinstance(e, AttributeError) and e.args else e)
+    text = text.replace("\\n", " ").replace("\n", " ").replace("\\", "").strip("'\" ")
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: bad command-line config {' '.join(bad) or ''}: {text} "
+          f"(keys and value types must match the config file's get_config())", file=sys.stderr)
     sys.exit(2)
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 TASKS = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t", "gibbs", "interpolate")
 _NEEDS_PROMPTS = ("t2i", "t2i2t")
 _NEEDS_IMAGES = ("i2t", "i2t2i", "gibbs", "interpolate")
+# interpolate: sample i goes from input image 2i to image 2i+1 in config.sample.interp_points.
 
 
 # ---------------------------------------------------------------- the programs
@@ -74,6 +75,11 @@ def mode_program(task: str, model, encoders, s, shapes):
       texts, zs, clips = modes.gibbs(nnet, one(inputs["z"]), one(inputs["clip"]), key,
                                      rounds=int(s.gibbs_rounds), guidance_scale=g, **kw)
       return {"text": texts[:, 0], "z": zs[:, 0]}
+    if task == "interpolate":
+      zs, clips, texts = modes.interpolate(
+          nnet, one(inputs["z"]), one(inputs["clip"]), one(inputs["z2"]), one(inputs["clip2"]),
+          key, num=int(s.interp_points), **{k: v for k, v in kw.items()})
+      return {"z": zs[:, 0]}
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
   def program(params, enc_params, inputs, keys):
@@ -158,6 +164,10 @@ def run(config, workdir: str) -> dict:
   from data_pipelines import transforms
 
   s = config.sample
+  for task in s.tasks:  # fail on missing prompts/images before loading anything
+    if task not in TASKS:
+      raise ValueError(f"config.sample.tasks: unknown task {task!r}; choose from {TASKS}")
+    gather_inputs(task, config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
   model = train.make_model(config.model)
@@ -182,6 +192,9 @@ def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, 
   from data_pipelines import transforms
   s = config.sample
   host = gather_inputs(task, config)
+  if task == "interpolate":
+    host["images2"] = host["images"][1::2]
+    host["images"] = host["images"][0::2][:len(host["images2"])]
   n = len(host.get("prompts", host.get("images", []))) or int(s.num)
   n = min(n, int(s.num)) if task not in _NEEDS_PROMPTS else n
   bsz = int(s.batch_size)
@@ -189,9 +202,13 @@ def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, 
   os.makedirs(out_dir, exist_ok=True)
 
   enc_text = jax.jit(encoders.text_latent)
-  enc_image = jax.jit(lambda p, img, clip_img, key: (
-      encoders.latent_from_moments(encoders.image_moments(p, img), key),
-      encoders.clip_embedding(p, clip_img)))
+  def encode_images(p, img, clip_img, keys):
+    # The posterior sample of image i uses its own key, so it is the same in any batch.
+    moments = encoders.image_moments(p, img)
+    z = jax.vmap(lambda m, k: encoders.latent_from_moments(m[None], k)[0])(moments, keys)
+    return z, encoders.clip_embedding(p, clip_img)
+
+  enc_image = jax.jit(encode_images)
   batch_sh = lambda x: NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (x.ndim - 1))))
   program = jax.jit(mode_program(task, model, encoders, s, shapes))
 
@@ -206,13 +223,16 @@ def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, 
         toks = transforms.tokenize(tokenizer, [host["prompts"][i] for i in idx],
                                    config.data.max_length)
         inputs["text"] = enc_text(enc_params, jnp.asarray(toks))
-      if "images" in host:
-        arrs = [_load_image(host["images"][i], config.data.resolution,
+      for name, suffix in (("images", ""), ("images2", "2")):
+        if name not in host:
+          continue
+        arrs = [_load_image(host[name][i], config.data.resolution,
                             config.data.clip_resolution) for i in idx]
         img = np.stack([a for a, _ in arrs])
         cimg = np.stack([c for _, c in arrs])
-        inputs["z"], inputs["clip"] = enc_image(enc_params, img, cimg,
-                                                rng.key_for(int(s.seed), start, f"encode/{task}"))
+        enc_keys = jax.vmap(lambda i, sfx=suffix: rng.key_for(int(s.seed), i, f"encode/{task}{sfx}"))(
+            jnp.asarray(idx))
+        inputs["z" + suffix], inputs["clip" + suffix] = enc_image(enc_params, img, cimg, enc_keys)
       keys = jax.vmap(lambda i: rng.key_for(int(s.seed), i, f"sample/{task}"))(jnp.asarray(idx))
       inputs = {k: jax.device_put(v, batch_sh(v)) for k, v in inputs.items()}
       out = jax.device_get(program(params, enc_params, inputs, keys))
@@ -222,7 +242,7 @@ def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, 
           pix = _to_uint8(out["pixels"][j])
           pixels_all.append(pix)
           for r, im in enumerate(pix if pix.ndim == 4 else [pix]):
-            suffix = f"_round{r}" if pix.ndim == 4 else ""
+            suffix = f"_{r}" if pix.ndim == 4 else ""   # gibbs rounds, interpolation points
             Image.fromarray(im).save(os.path.join(out_dir, f"{i:05d}{suffix}.png"))
         if "tokens" in out:
           toks, lens = out["tokens"][j], out["lengths"][j]

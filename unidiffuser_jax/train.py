@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, metrics, rng, sharding
+from unidiffuser_jax import checkpoints, rng, sharding
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -51,7 +51,12 @@ class Task:
 def make_model(model_cfg) -> uvit.UViT:
   cfg = dict(model_cfg)
   cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
-  return uvit.UViT(**cfg)
+  try:
+    model = uvit.UViT(**cfg)
+    model._check_config()  # pylint: disable=protected-access
+  except (TypeError, ValueError) as e:
+    raise sharding.ConfigError(f"config.model: {e}") from None
+  return model
 
 
 def dummy_latents(model: uvit.UViT, batch: int = 1):
@@ -177,6 +182,7 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
              data_iterator) -> dict:
   """The loop every trainer shares: restore, step, log, checkpoint; returns last scalars."""
   from data_pipelines import sources
+  from unidiffuser_jax import metrics  # TensorBoard (TensorFlow) only when training
 
   tx = make_optimizer(train_cfg)
   state, state_shardings = create_state(task, tx, config, mesh)

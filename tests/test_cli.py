@@ -1,0 +1,73 @@
+"""The entry point as a user runs it: describe, bad configs, and a short demo run."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, timeout=900):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "unidiffuser_jax.main", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("arg,count", [("configs/laion.py", 952_509_520),
+                                       ("configs/laion.py:v0", 952_504_912)])
+def test_describe_counts_released_params(arg, count):
+  res = run_main(f"--config={arg}", "--mode=describe")
+  assert res.returncode == 0, res.stderr[-2000:]
+  lines = res.stdout.splitlines()
+  assert f"params: {count}" in lines
+  assert any(line.startswith("mesh: ") for line in lines)
+  assert any("per-device bytes" in line for line in lines)
+
+
+def test_describe_plans_for_a_pod_without_devices():
+  res = run_main("--config=configs/laion.py", "--mode=describe", "--config.mesh.num_devices=256",
+                 "--config.mesh.fsdp=-1", "--config.mesh.tensor=4", "--config.train.batch_size=2112")
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "mesh: {'data': 1, 'fsdp': 64, 'tensor': 4} (256 devices)" in res.stdout
+  line = [l for l in res.stdout.splitlines() if l.startswith("per-device bytes")][0]
+  value, unit = line.split("params ")[1].split(",")[0].split()
+  per_device = float(value) * {"GiB": 2**30, "MiB": 2**20}[unit]
+  full = 952_509_520 * 4
+  # Nearly everything is split 256 ways (fsdp x tensor); only norms and biases of
+  # tensor-split layers stay larger, so one device holds between 1/256 and ~1/200.
+  assert full / 256 * 0.99 < per_device < full / 200, line
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=4"],
+     "has 16 devices but 8 are available"),
+    (["--config.mesh.data=3"], "not divisible by 3"),
+    (["--config.train.batch_size=63"], "use a multiple of 8"),
+    (["--config.train.stepz=5"], 'Did you mean "steps"'),
+    (["--config.model.width=100"], "config.model: width 100 is not divisible by num_heads"),
+])
+def test_bad_config_stops_with_one_clear_line(args, expect):
+  res = run_main("--config=configs/demo.py", "--mode=describe", *args)
+  assert res.returncode == 2
+  errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and expect in errors[0], res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_demo_command_leaves_checkpoint_and_events(tmp_path):
+  workdir = tmp_path / "w"
+  res = run_main("--config=configs/demo.py", f"--workdir={workdir}", "--config.train.steps=20",
+                 # keep the test short: a small demo set, a few caption-decoder steps, no sampling
+                 "--config.data.demo_train=256", "--config.data.demo_heldout=8",
+                 "--config.captioner.train.steps=4", "--config.sample.after_train=False",
+                 "--config.train.log_every=10")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert os.path.isdir(workdir / "checkpoints" / "20" / "state")
+  assert os.path.isfile(workdir / "checkpoints" / "20" / "data" / "process_0-of-1.json")
+  assert glob.glob(str(workdir / "events.out.tfevents.*"))
+  assert os.path.isdir(workdir / "captioner" / "checkpoints" / "4")
+  assert "step      20 | loss=" in res.stderr + res.stdout
