@@ -20,7 +20,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from tests import test_captioner_parity as capp  # the released-layout renaming of the caption decoder
+from tests import test_captioner_parity as capp  # caption_decoder.pth's layout
 from tests import test_clip as clipt  # tiny randomised CLIP towers
 from tests import test_uvit_parity as uvp  # diffusers <-> thu-ml U-ViT key tables, tiny torch model
 from tests import test_vae as vaet  # diffusers -> LDM VAE names, tiny torch VAE
@@ -59,7 +59,8 @@ def _config(**weights) -> mc.ConfigDict:
       captioner=dict(**CAP, eos_id=EOS),
       weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""))
   c.sample = dict(checkpoint="")
-  c.weights = dict(uvit="", autoencoder="", clip_image="", clip_text="", captioner="")
+  c.weights = dict(uvit="", autoencoder="", clip_image="", clip_text="", captioner="",
+                   resize_pos_embed=False)
   c.weights.update(weights)
   return c
 
@@ -275,6 +276,27 @@ def test_uvit_config_mismatch_says_which_config(sources, tmp_path):
   msg = str(e.value)
   assert "--config.model.width=32" in msg and "--config.model.mlp_dim=128" in msg
   assert "--config.model.latent_size=8" in msg and "--config.data.resolution=32" in msg
+
+
+def test_uvit_for_another_latent_size_is_interpolated_on_request(sources, tmp_path):
+  cfg = _config(uvit=sources["paths"]["uvit"])
+  cfg.model.latent_size = 12  # the file's is 8: a 4x4 patch grid becomes 6x6
+  with pytest.raises(weight_jobs.WeightJobError, match=r"(?s)latent_size=8.*resize_pos_embed=True"):
+    weight_jobs.run_import(cfg, str(tmp_path))
+  cfg.weights.resize_pos_embed = True
+  done = weight_jobs.run_import(cfg, str(tmp_path))
+  got = checkpoints.load_params(done["uvit"]["path"])
+  src, w = sources["uvit"]["pos_embed"], uvp.CFG["width"]
+  n_prefix = 3 + uvp.CFG["num_text_tokens"]  # times, text, clip_img
+  grid = torch.from_numpy(src[:, n_prefix:]).reshape(1, 4, 4, w).permute(0, 3, 1, 2)
+  want = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bilinear")
+  want = want.permute(0, 2, 3, 1).reshape(1, 36, w).numpy()
+  assert got["pos_embed"].shape == (1, n_prefix + 36, w)
+  np.testing.assert_allclose(got["pos_embed"][:, n_prefix:], want, atol=1e-6)
+  np.testing.assert_array_equal(got["pos_embed"][:, :n_prefix], src[:, :n_prefix])
+  np.testing.assert_array_equal(got["pos_embed_token"], sources["uvit"]["pos_embed_token"])
+  np.testing.assert_array_equal(got["mid_block"]["mlp"]["fc1"]["kernel"],
+                                sources["uvit"]["mid_block.mlp.fc1.weight"].T)
 
 
 def test_misshaped_and_missing_tensors_are_named(sources, tmp_path):

@@ -7,6 +7,7 @@ written as a plain params tree (orbax StandardCheckpointer) to
 DIR/weights/<part>. The job ends with the command-line overrides that use them.
 
   config.weights.uvit         uvit_v0.pth / uvit_v1.pth, or our safetensors export
+                              (resize_pos_embed=True: for another latent size, bilinearly)
   config.weights.autoencoder  autoencoder_kl.pth (LDM layout), or a diffusers VAE file/dir/repo id
   config.weights.clip_text    a CLIPTextModel / CLIPModel dir or repo id in the local hub cache
   config.weights.clip_image   a CLIPVisionModelWithProjection / CLIPModel dir or repo id
@@ -19,7 +20,6 @@ else DIR/captioner) -> DIR/export/uvit_<version>.safetensors and
 DIR/export/caption_decoder.safetensors in the released thu-ml key layout.
 """
 import json
-import logging
 import os
 import re
 
@@ -32,7 +32,6 @@ import tqdm
 from unidiffuser_jax import rng
 from unidiffuser_jax.sharding import ConfigError
 
-log = logging.getLogger(__name__)
 
 PARTS = ("uvit", "autoencoder", "clip_image", "clip_text", "captioner")
 _VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -94,6 +93,11 @@ def _file_in(src: str, names: tuple[str, ...], subfolders=("",), what: str = "")
       f"directory or as a repo id in the local Hugging Face cache. Nothing is downloaded.")
 
 
+def _read_json(directory: str, name: str) -> dict:
+  with open(os.path.join(directory, name)) as f:
+    return json.load(f)
+
+
 def _mismatch_message(what: str, diffs: list[tuple[str, object, object]], flag: str) -> str:
   rows = "\n  ".join(f"{k}: file {f!r}, config {c!r}" for k, f, c in diffs)
   fix = " ".join(f"--config.{flag}.{k}={_flag_value(f)}" for k, f, _ in diffs)
@@ -120,7 +124,8 @@ def uvit_config_from_tensors(tensors) -> dict:
     out["version"] = "v0"
   pe = t.get("patch_embed.proj.weight")
   if pe is not None and pe.ndim == 4:
-    out.update(width=int(pe.shape[0]), latent_channels=int(pe.shape[1]), patch_size=int(pe.shape[2]))
+    out.update(width=int(pe.shape[0]), latent_channels=int(pe.shape[1]),
+               patch_size=int(pe.shape[2]))
   n_in = {int(m.group(1)) for k in t for m in [re.match(r"in_blocks\.(\d+)\.", k)] if m}
   n_out = {int(m.group(1)) for k in t for m in [re.match(r"out_blocks\.(\d+)\.", k)] if m}
   if n_in or n_out:
@@ -136,8 +141,13 @@ def uvit_config_from_tensors(tensors) -> dict:
   return out
 
 
-def check_uvit_config(file_cfg: dict, model, config, path: str) -> None:
-  """Raises WeightJobError naming each disagreement and the overrides that fix it."""
+def check_uvit_config(file_cfg: dict, model, config, path: str,
+                      allow_resize: bool = False) -> int | None:
+  """Raises WeightJobError naming each disagreement and the overrides that fix it.
+
+  With `allow_resize`, a file whose only difference is the latent size is accepted:
+  returns that size (the caller interpolates the patch position table); else None.
+  """
   diffs = []
   for k in ("version", "width", "depth", "mlp_dim", "latent_channels", "patch_size", "text_dim",
             "clip_img_dim", "num_data_types"):
@@ -154,12 +164,17 @@ def check_uvit_config(file_cfg: dict, model, config, path: str) -> None:
     if patches > 0 and grid * grid == patches:
       latent = grid * model.patch_size
       factor = config.get("encoders", {}).get("autoencoder", {}).get("factor")
-      res = f" (--config.data.resolution={latent * factor} where the config derives it)" if factor else ""
+      res = (f" (--config.data.resolution={latent * factor} where the config derives it)"
+             if factor else "")
       diffs.append(("latent_size", latent, model.latent_size))
-      notes.append(f"the file's position table is for a {latent}x{latent} latent{res}")
+      notes.append(f"the file's position table is for a {latent}x{latent} latent{res}; or "
+                   f"keep the config's size and interpolate the patch positions bilinearly: "
+                   f"--config.weights.resize_pos_embed=True")
     else:
       notes.append(f"pos_embed has {n} tokens, config.model implies {want} "
                    f"(3 + num_text_tokens {model.num_text_tokens} + {model.num_patches} patches)")
+  if allow_resize and [k for k, _, _ in diffs] == ["latent_size"] and len(notes) == 1:
+    return diffs[0][1]
   if diffs or notes:
     msg = _mismatch_message(f"U-ViT file {path} ({_describe_uvit(file_cfg)})", diffs, "model")
     if file_cfg.get("version") and file_cfg.get("version") != model.version:
@@ -171,6 +186,7 @@ def check_uvit_config(file_cfg: dict, model, config, path: str) -> None:
     if notes:
       msg += "\n  " + "\n  ".join(notes)
     raise WeightJobError(msg)
+  return None
 
 
 def _describe_uvit(c: dict) -> str:
@@ -181,11 +197,16 @@ def _describe_uvit(c: dict) -> str:
 def import_uvit_file(config, path: str) -> dict:
   from unidiffuser_jax import train
   from unidiffuser_jax.weights.tensors import load_tensors
+  from unidiffuser_jax.models.uvit import resize_pos_embed
   from unidiffuser_jax.weights.uvit import import_uvit
   tensors = load_tensors(path)
   model = train.make_model(config.model)
-  check_uvit_config(uvit_config_from_tensors(tensors), model, config, path)
-  return import_uvit(tensors, model)
+  file_latent = check_uvit_config(uvit_config_from_tensors(tensors), model, config, path,
+                                  bool(config.weights.get("resize_pos_embed", False)))
+  if file_latent is None:
+    return import_uvit(tensors, model)
+  params = import_uvit(tensors, model.clone(latent_size=file_latent))
+  return resize_pos_embed(params, file_latent, model.latent_size, model.patch_size)
 
 
 # ============================================================== encoders
@@ -228,7 +249,7 @@ def import_clip_text(config, src: str) -> dict:
   from unidiffuser_jax.weights import clip as wclip
   d = wclip.find_model_dir(src)
   model = _encoders(config).clip_text
-  _check_module(model, wclip.text_config_from_json(wclip._read_config(d)),
+  _check_module(model, wclip.text_config_from_json(_read_json(d, "config.json")),
                 f"CLIP text model {d}", "encoders.clip_text")
   return wclip.clip_text_params_from_tensors(model, wclip.load_model_tensors(d))
 
@@ -237,7 +258,7 @@ def import_clip_image(config, src: str) -> dict:
   from unidiffuser_jax.weights import clip as wclip
   d = wclip.find_model_dir(src)
   model = _encoders(config).clip_image
-  _check_module(model, wclip.vision_config_from_json(wclip._read_config(d)),
+  _check_module(model, wclip.vision_config_from_json(_read_json(d, "config.json")),
                 f"CLIP vision model {d}", "encoders.clip_image")
   return wclip.clip_vision_params_from_tensors(model, wclip.load_model_tensors(d))
 
@@ -255,7 +276,7 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
   else:
     d = wclip.find_model_dir(src)
     tensors = wclip.load_model_tensors(d)
-    cfg_json = wclip._read_config(d)
+    cfg_json = _read_json(d, "config.json")
   latent = jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim))
   ids = jnp.zeros((1, 2), jnp.int32)
   try:
@@ -365,8 +386,9 @@ def _is_params_source(path: str) -> bool:
 
 
 def _check_tree(params, template, what: str, src: str, flag: str) -> None:
-  want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(template)}
-  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  leaves = jax.tree_util.tree_leaves_with_path
+  want = {jax.tree_util.keystr(p): x.shape for p, x in leaves(template)}
+  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in leaves(params)}
   problems = [f"missing {k}" for k in want if k not in got]
   problems += [f"unexpected {k}" for k in got if k not in want]
   problems += [f"{k}: shape {got[k]}, config.{flag} needs {want[k]}"
@@ -422,7 +444,8 @@ def run_export(config, workdir: str) -> dict:
   cap_src = config.encoders.weights.get("captioner", "") or os.path.join(workdir, "captioner")
   jobs = []
   if _is_params_source(uvit_src):
-    jobs.append(("uvit", uvit_src, os.path.join(out_dir, f"uvit_{config.model.version}.safetensors")))
+    name = f"uvit_{config.model.version}.safetensors"
+    jobs.append(("uvit", uvit_src, os.path.join(out_dir, name)))
   if _is_params_source(cap_src):
     jobs.append(("captioner", cap_src, os.path.join(out_dir, "caption_decoder.safetensors")))
   if not jobs:
