@@ -278,6 +278,37 @@ def test_uvit_config_mismatch_says_which_config(sources, tmp_path):
   assert "--config.model.latent_size=8" in msg and "--config.data.resolution=32" in msg
 
 
+def test_full_size_released_layout_fits_configs_laion():
+  """The released uvit_v1.pth shapes (REFERENCE.md facts: width 1536, depth 30, MLP 6144, pos_embed
+  1104 tokens, 952,509,520 parameters) pass configs/laion.py's check; its v0 variant is told to
+  use configs/laion.py:v1. Shapes only: nothing of full size is allocated."""
+  import flax.linen as nn
+  from configs import laion
+  from unidiffuser_jax import train
+  from unidiffuser_jax.models.uvit import abstract_variables
+  from unidiffuser_jax.weights import convert
+  from unidiffuser_jax.weights.uvit import uvit_entries
+  config = laion.get_config()
+  model = train.make_model(config.model)
+  template = flatten(nn.meta.unbox(abstract_variables(model))["params"])
+  shapes = {}
+  for e in uvit_entries(model):
+    s = tuple(template[e.path].shape)
+    s = s[::-1] if e.to_theirs is convert.linear_kernel else (
+        (s[3], s[2], s[0], s[1]) if len(s) == 4 else s)
+    shapes[e.name] = jax.ShapeDtypeStruct(s, jnp.float32)
+  assert shapes["pos_embed"].shape == (1, 1104, 1536)
+  assert sum(int(np.prod(x.shape)) for x in shapes.values()) == 952_509_520
+  file_cfg = weight_jobs.uvit_config_from_tensors(shapes)
+  assert file_cfg == dict(version="v1", num_data_types=2, width=1536, latent_channels=4,
+                          patch_size=2, depth=30, mlp_dim=6144, text_dim=64, clip_img_dim=512,
+                          pos_tokens=1104)
+  weight_jobs.check_uvit_config(file_cfg, model, config, "uvit_v1.pth")
+  v0 = laion.get_config("v0")
+  with pytest.raises(weight_jobs.WeightJobError, match=r"configs/laion\.py:v1"):
+    weight_jobs.check_uvit_config(file_cfg, train.make_model(v0.model), v0, "uvit_v1.pth")
+
+
 def test_uvit_for_another_latent_size_is_interpolated_on_request(sources, tmp_path):
   cfg = _config(uvit=sources["paths"]["uvit"])
   cfg.model.latent_size = 12  # the file's is 8: a 4x4 patch grid becomes 6x6
