@@ -18,6 +18,9 @@ Export: the U-ViT's EMA params (config.sample.checkpoint, else the workdir's
 newest checkpoint) and the caption decoder (config.encoders.weights.captioner,
 else DIR/captioner) -> DIR/export/uvit_<version>.safetensors and
 DIR/export/caption_decoder.safetensors in the released thu-ml key layout.
+
+Sources are local (files, directories, the local Hugging Face cache; nothing is
+downloaded); DIR may be local or remote (gs://...). Both jobs run on one host.
 """
 import json
 import os
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from etils import epath
 
 from unidiffuser_jax import rng
 from unidiffuser_jax.sharding import ConfigError
@@ -55,8 +59,13 @@ def save_params(path: str, params) -> None:
   """A plain params tree -> orbax dir (what checkpoints.load_params and encoders read)."""
   import orbax.checkpoint as ocp
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), _host_float32(params), force=True)
+  ckpt.save(epath.Path(_abs(path)), _host_float32(params), force=True)
   ckpt.wait_until_finished()
+
+
+def _abs(path: str) -> str:
+  """Absolute local paths; remote ones (gs://...) as given."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def _hub_dir(repo_id: str, names: tuple[str, ...], subfolders=("",)) -> str | None:
@@ -354,13 +363,12 @@ def run_import(config, workdir: str) -> dict:
       raise WeightJobError(f"import {part}: {e}") from None
     except (ValueError, FileNotFoundError, KeyError) as e:  # unsafe / mismatched / missing files
       raise WeightJobError(f"import {part} from {src}: {e}") from None
-    dest = os.path.abspath(os.path.join(root, part))
+    dest = _abs(os.path.join(root, part))
     save_params(dest, params)
     done[part] = dict(source=src, path=dest, params=_count(params), kind=kind,
                       overrides=_overrides(part, dest, kind))
   bar.close()
-  with open(os.path.join(root, "import.json"), "w") as f:
-    json.dump(done, f, indent=1)
+  (epath.Path(root) / "import.json").write_text(json.dumps(done, indent=1))
   print(_import_summary(done, config), flush=True)
   return done
 
@@ -380,9 +388,9 @@ def _import_summary(done: dict, config) -> str:
 # ============================================================== the export job
 
 def _is_params_source(path: str) -> bool:
-  return bool(path) and (os.path.isdir(os.path.join(path, "checkpoints")) or
-                         os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")) or
-                         os.path.isfile(os.path.join(path, "_METADATA")))
+  p = epath.Path(path) if path else None
+  return p is not None and any((p / n).exists()
+                               for n in ("checkpoints", "_CHECKPOINT_METADATA", "_METADATA"))
 
 
 def _check_tree(params, template, what: str, src: str, flag: str) -> None:
@@ -399,10 +407,12 @@ def _check_tree(params, template, what: str, src: str, flag: str) -> None:
 
 
 def _save_safetensors(path: str, tensors: dict, metadata: dict) -> None:
-  from safetensors.numpy import save_file
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
-            path, metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+  from safetensors.numpy import save
+  data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
+              metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_bytes(data)  # local or remote (gs://) workdirs alike
 
 
 def export_uvit_to(config, src: str, path: str) -> int:
@@ -462,7 +472,7 @@ def run_export(config, workdir: str) -> dict:
       raise
     except (ValueError, FileNotFoundError, KeyError) as e:
       raise WeightJobError(f"export {name} from {src}: {e}") from None
-    done[name] = dict(path=os.path.abspath(path), source=src, params=n)
+    done[name] = dict(path=_abs(path), source=src, params=n)
   lines = ["exported (released thu-ml key layout, float32 safetensors):"]
   lines += [f"  {k:<10} {d['params']:>13,}  {d['path']}  (from {d['source']})"
             for k, d in done.items()]
