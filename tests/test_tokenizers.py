@@ -97,6 +97,13 @@ def test_hub_cache_lookup_is_local(tmp_path, monkeypatch):
   assert tokenizers.clip_token_ids(tok, "cat")[0, 1] == vocab["cat</w>"]
 
 
+def test_gpt2_found_under_its_new_hub_name(tmp_path, monkeypatch):
+  cache = tmp_path / "hub"
+  _, vocab = _gpt2_files(cache / "models--openai-community--gpt2" / "snapshots" / "x")
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  assert tokenizers.eos_id(tokenizers.gpt2_tokenizer("gpt2")) == len(vocab)
+
+
 def test_missing_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
   with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):

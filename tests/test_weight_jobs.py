@@ -236,7 +236,7 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
                                 n_embd=CAP["n_embd"], n_layer=CAP["n_layer"], n_head=CAP["n_head"])
   torch.manual_seed(0)
   hub = transformers.GPT2LMHeadModel(cfg).eval()
-  snap = tmp_path / "hub" / "models--gpt2" / "snapshots" / "abc"
+  snap = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc"  # as "gpt2"
   hub.save_pretrained(snap)
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
   done = weight_jobs.run_import(_config(captioner="gpt2"), str(tmp_path / "w"))

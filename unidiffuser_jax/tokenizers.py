@@ -21,6 +21,8 @@ GPT2_REPO = "gpt2"
 EOS_TOKEN = "<|EOS|>"
 MAX_LENGTH = 77
 
+# Hub ids that moved (the cache may hold either name).
+_HUB_ALIASES = {"gpt2": ("openai-community/gpt2",)}
 _FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
@@ -48,12 +50,13 @@ def find_tokenizer_dir(name_or_path: str) -> str:
   if os.path.isdir(name_or_path):
     candidates = [name_or_path, os.path.join(name_or_path, "tokenizer")]
   else:
-    repo = os.path.join(_hub_cache_dir(), "models--" + name_or_path.replace("/", "--"))
-    ref = os.path.join(repo, "refs", "main")
-    if os.path.isfile(ref):
-      with open(ref) as f:
-        candidates.append(os.path.join(repo, "snapshots", f.read().strip()))
-    candidates += sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
+    for repo_id in (name_or_path,) + _HUB_ALIASES.get(name_or_path, ()):
+      repo = os.path.join(_hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
+      ref = os.path.join(repo, "refs", "main")
+      if os.path.isfile(ref):
+        with open(ref) as f:
+          candidates.append(os.path.join(repo, "snapshots", f.read().strip()))
+      candidates += sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
   for c in candidates:
     if os.path.isdir(c) and _has_tokenizer_files(c):
       return c

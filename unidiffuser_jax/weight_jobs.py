@@ -272,6 +272,23 @@ def import_clip_image(config, src: str) -> dict:
   return wclip.clip_vision_params_from_tensors(model, wclip.load_model_tensors(d))
 
 
+# Hub ids that moved: the old name's cache folder may be missing while the new one's is there.
+_HUB_ALIASES = {"gpt2": "openai-community/gpt2"}
+
+
+def _find_model_dir(src: str) -> str:
+  from unidiffuser_jax.weights import clip as wclip
+  try:
+    return wclip.find_model_dir(src)
+  except FileNotFoundError:
+    if src in _HUB_ALIASES:
+      try:
+        return wclip.find_model_dir(_HUB_ALIASES[src])
+      except FileNotFoundError:
+        pass
+    raise
+
+
 def import_captioner(config, src: str) -> tuple[dict, str]:
   """-> (params, kind): kind 'decoder' (a trained caption decoder) or 'gpt2' (fresh start)."""
   from unidiffuser_jax.weights import captioner as wcap
@@ -283,7 +300,7 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
   if os.path.isfile(src):
     tensors = load_tensors(src)
   else:
-    d = wclip.find_model_dir(src)
+    d = _find_model_dir(src)
     tensors = wclip.load_model_tensors(d)
     cfg_json = _read_json(d, "config.json")
   latent = jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim))
