@@ -251,6 +251,15 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
   np.testing.assert_array_equal(params["gpt"]["h_1"]["mlp"]["c_fc"]["kernel"],
                                 hub.transformer.h[1].mlp.c_fc.weight.detach().numpy())
   assert set(params) == {"prefix_encoder", "prefix_decoder", "gpt"}
+  # The printed override is what the stage-1 trainer takes: its init swaps in these values
+  # under the same logical-axis boxes (a structure mismatch would fail here).
+  from unidiffuser_jax import captioner_train
+  cfg = _config()
+  cfg.captioner = dict(max_caption_tokens=8, init_from=done["captioner"]["path"])
+  task = captioner_train.captioner_task(encoders_lib.build(cfg.encoders), cfg, None)
+  boxed = jax.eval_shape(task.init_params)
+  assert (boxed["gpt"]["wte"]["embedding"].value.shape
+          == params["gpt"]["wte"]["embedding"].shape)
   # A hub GPT-2 of another size is refused with the config keys to change.
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "none"))
   big = _config(captioner=str(snap))
