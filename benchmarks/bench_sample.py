@@ -1,15 +1,17 @@
 """Sampling, per mode: our compiled sampler vs diffusers' UniDiffuserPipeline (PyTorch).
 
-  python benchmarks/bench_sample.py            # 44.5M-parameter U-ViT (bench_train's), 16x16
+  python benchmarks/bench_sample.py            # 44.8M-parameter U-ViT (bench_train's), 16x16
                                                # latent, 77 text tokens, batch 2, 10 steps
   python benchmarks/bench_sample.py --quick    # tiny model, 3 steps: a sanity run only
   python benchmarks/bench_sample.py --modes t2i joint --steps 50 --batch 8
 
 Same weights, sizes, solver, steps and guidance on both sides, float32, one
-process, every core (torch threads = os.cpu_count(); XLA's CPU client uses one
-Eigen thread per core). Our U-ViT is initialised, exported with export_uvit to
-the released thu-ml layout, renamed to diffusers' UniDiffuserModel names and
-loaded with load_state_dict(strict=True); one forward is compared before timing.
+process, every core (torch threads = os.cpu_count(), or --torch_threads on a
+loaded machine, where two threads on two shared cores can be 10x slower than
+one; XLA's CPU client uses one Eigen thread per core). Our U-ViT is
+initialised, exported with export_uvit to the released thu-ml layout, renamed
+to diffusers' UniDiffuserModel names and loaded with load_state_dict(strict=
+True); one forward is compared before timing.
 
 Solver on both sides: multistep DPM-Solver++ (data prediction), order --order,
 --steps steps = --steps U-ViT evaluations per sample and mode call, with the
