@@ -195,6 +195,7 @@ def test_export_round_trip_and_pytorch_loads_it(imported, sources, tmp_path):
                                        {k: jnp.asarray(v) for k, v in x.items()})]
   for name, w, g in zip(("z", "clip_img", "text"), uvp._run_torch(fresh.eval(), x), ours):
     assert np.abs(w).max() > 0.1
+    print(f"exported U-ViT in diffusers vs ours, {name}: max abs err {np.abs(g - w).max():.2e}")
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=name)
 
   # diffusers' UniDiffuserTextDecoder loads the exported caption decoder (module./gpt. names
