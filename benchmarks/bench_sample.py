@@ -170,7 +170,8 @@ def time_ours(task: str, model, params, run: Run, cond: dict) -> dict:
   import jax
   import jax.numpy as jnp
 
-  inputs = {"t2i": {"text": cond["text"]}, "i2t": {"z": cond["z"], "clip": cond["clip"]}}.get(task, {})
+  inputs = {"t2i": {"text": cond["text"]},
+            "i2t": {"z": cond["z"], "clip": cond["clip"]}}.get(task, {})
   inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
   keys = jax.random.split(jax.random.key(11), run.size.batch)
   program = ours_program(task, model, run)
@@ -278,7 +279,8 @@ def _byte_chars() -> list[str]:
 
 def _write_bpe(directory: str, vocab: list[str], merges: list[str]) -> tuple[str, str]:
   os.makedirs(directory, exist_ok=True)
-  vocab_path, merges_path = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+  vocab_path = os.path.join(directory, "vocab.json")
+  merges_path = os.path.join(directory, "merges.txt")
   with open(vocab_path, "w") as f:
     json.dump({tok: i for i, tok in enumerate(vocab)}, f)
   with open(merges_path, "w") as f:
@@ -422,14 +424,15 @@ def time_diffusers_e2e(pipe, task: str, run: Run) -> float:
 
   s = run.size
   mode = DIFFUSERS_MODE[task]
-  getattr(pipe, {"text2img": "set_text_to_image_mode", "img2text": "set_image_to_text_mode",
-                 "joint": "set_joint_mode", "img": "set_image_mode", "text": "set_text_mode"}[mode])()
+  setter = {"text2img": "set_text_to_image_mode", "img2text": "set_image_to_text_mode",
+            "joint": "set_joint_mode", "img": "set_image_mode", "text": "set_text_mode"}[mode]
+  getattr(pipe, setter)()
   kw = dict(num_inference_steps=run.steps, guidance_scale=run.guidance + 1.0, output_type="np",
             generator=torch.Generator().manual_seed(0))
   side = s.latent_size * pipe.vae_scale_factor
   if mode == "text2img":
     kw["prompt"] = ["a cat"] * s.batch
-  elif mode == "img2text":  # one image, batch captions of it (the pipeline's list form needs tensors)
+  elif mode == "img2text":  # one image, a batch of captions (a list of images must be tensors)
     rng = np.random.default_rng(0)
     kw["image"] = Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8))
     kw["num_prompts_per_image"] = s.batch
@@ -466,7 +469,7 @@ def main() -> None:
   parser.add_argument("--peak_gflops", type=float, default=0.0,
                       help="skip measuring the matmul peak and use this value")
   parser.add_argument("--torch_threads", type=int, default=0,
-                      help="torch threads (default: all cores, the fair setting on a quiet machine)")
+                      help="torch threads (default: all cores, the fair setting when quiet)")
   parser.add_argument("--no_e2e", action="store_true",
                       help="skip the end-to-end diffusers pipeline calls")
   args = parser.parse_args()
