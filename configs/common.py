@@ -28,6 +28,7 @@ def train(**overrides) -> mc.ConfigDict:
       lr=2e-4, warmup_steps=5000, weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=1.0,
       ema_decay=0.9999,
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
+      init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
   ))
   cfg.update(overrides)
   return cfg

@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # Stage 1 (caption decoder), run first by the demo's train job.
   c.captioner = mc.ConfigDict(dict(
       tokenizer="",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
-      max_caption_tokens=12, init_from="",
+      max_caption_tokens=12,
       train_first=True,
       train=common.train(steps=400, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.0,
                          betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=400),

@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
                          ema_decay=0.9999, log_every=100, checkpoint_every=2000)
   c.captioner = mc.ConfigDict(dict(
       tokenizer="gpt2",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
-      max_caption_tokens=77, init_from="",
+      max_caption_tokens=77,
       train_first=False,
       train=common.train(steps=100_000, batch_size=768, lr=2e-5, warmup_steps=1000,
                          weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0),

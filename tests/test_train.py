@@ -163,3 +163,21 @@ def test_grad_accumulation_averages_microbatch_gradients():
   assert float(m["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(new_state.params), jax.device_get(expected))
+
+
+def test_fine_tune_starts_from_given_weights(tmp_path):
+  import orbax.checkpoint as ocp
+  config = tiny_config()
+  mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
+  shifted = jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(state.params))
+  ocp.StandardCheckpointer().save(tmp_path / "w", shifted)
+  ocp.StandardCheckpointer().close()
+  started = train.start_from(state, state_sh, str(tmp_path / "w"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.params), shifted)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.ema_params), shifted)
+  assert jax.tree.map(lambda a: a.sharding, started.params) == state_sh.params
+  # A model of another width is refused, naming the first mismatching parameter.
+  config.model.update(width=64, mlp_dim=128)
+  mesh, model, tx, enc, enc_params, enc_sh, other, other_sh = _setup(config, jax.devices())
+  with pytest.raises(sharding.ConfigError, match="has shape"):
+    train.start_from(other, other_sh, str(tmp_path / "w"))

@@ -243,7 +243,7 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
   done = weight_jobs.run_import(_config(captioner="gpt2"), str(tmp_path / "w"))
   assert done["captioner"]["kind"] == "gpt2"
   assert done["captioner"]["overrides"] == [
-      f"--config.captioner.init_from={done['captioner']['path']}"]
+      f"--config.captioner.train.init_from={done['captioner']['path']}"]
   params = checkpoints.load_params(done["captioner"]["path"])
   wte = hub.transformer.wte.weight.detach().numpy()
   got = params["gpt"]["wte"]["embedding"]
@@ -252,15 +252,16 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
   np.testing.assert_array_equal(params["gpt"]["h_1"]["mlp"]["c_fc"]["kernel"],
                                 hub.transformer.h[1].mlp.c_fc.weight.detach().numpy())
   assert set(params) == {"prefix_encoder", "prefix_decoder", "gpt"}
-  # The printed override is what the stage-1 trainer takes: its init swaps in these values
-  # under the same logical-axis boxes (a structure mismatch would fail here).
+  # The printed override is what the stage-1 trainer takes (train.start_from swaps these
+  # values in); it needs the same tree and shapes as the trainer's own init.
+  import flax.linen as nn
   from unidiffuser_jax import captioner_train
   cfg = _config()
-  cfg.captioner = dict(max_caption_tokens=8, init_from=done["captioner"]["path"])
+  cfg.captioner = dict(max_caption_tokens=8)
   task = captioner_train.captioner_task(encoders_lib.build(cfg.encoders), cfg, None)
-  boxed = jax.eval_shape(task.init_params)
-  assert (boxed["gpt"]["wte"]["embedding"].value.shape
-          == params["gpt"]["wte"]["embedding"].shape)
+  shapes = nn.unbox(jax.eval_shape(task.init_params))
+  assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(np.shape, params)
   # A hub GPT-2 of another size is refused with the config keys to change.
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "none"))
   big = _config(captioner=str(snap))

@@ -13,7 +13,7 @@ config.captioner.tokenizer at the caption tokenizer (GPT-2's, plus <|EOS|>).
 import jax
 import numpy as np
 
-from unidiffuser_jax import checkpoints, rng, sharding, train
+from unidiffuser_jax import rng, sharding, train
 from unidiffuser_jax.models import captioner as captioner_lib
 
 
@@ -37,7 +37,6 @@ def captioner_task(encoders, config, tokenizer) -> train.Task:
   cap = encoders.captioner
   seed = int(config.seed)
   max_len = int(config.captioner.max_caption_tokens)
-  init_from = config.captioner.get("init_from", "")
 
   def init_params():
     latent = np.zeros((1, encoders.text_length, cap.prefix_hidden_dim), np.float32)
@@ -62,23 +61,7 @@ def captioner_task(encoders, config, tokenizer) -> train.Task:
     return {k: batch[k] for k in ("tokens", "caption_tokens", "caption_mask", "skipped")
             if k in batch}
 
-  task = train.Task("captioner", init_params, loss, prepare_batch)
-  if init_from:
-    # Fine-tune imported weights (e.g. hub GPT-2 via --mode=import) instead of a random start.
-    imported = checkpoints.load_params(init_from)
-    task = train.Task("captioner", _boxed_like(init_params, imported), loss, prepare_batch)
-  return task
-
-
-def _boxed_like(init_params, values):
-  """init_params with its values replaced by `values`, keeping the logical-axis boxes."""
-  import flax.linen as nn
-
-  def init():
-    boxed = init_params()
-    return jax.tree.map(lambda box, v: box.replace_boxed(v) if isinstance(box, nn.Partitioned)
-                        else v, boxed, values, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return init
+  return train.Task("captioner", init_params, loss, prepare_batch)
 
 
 def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
@@ -104,6 +87,7 @@ def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
     data_iterator = sources.make_train_iterator(cfg, train_cfg, jax.process_index(),
                                                 jax.process_count())
   task = captioner_task(encoders, config, tokenizer)
+  # init_from: fine-tune imported weights (e.g. hub GPT-2 via --mode=import).
   return train.run_loop(config, train_cfg, task, workdir, mesh, frozen, frozen_shardings,
-                        data_iterator)
+                        data_iterator, init_from=config.captioner.get("init_from", ""))
 

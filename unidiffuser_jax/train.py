@@ -14,6 +14,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import struct
 
@@ -178,8 +179,25 @@ def check_config(config, train_cfg, mesh) -> None:
   sharding.check_batch_divisible(micro, mesh, what="batch_size // grad_accum")
 
 
+def start_from(state: TrainState, state_shardings, path: str) -> TrainState:
+  """Fine-tuning: params and EMA from `path` (an imported params dir or a workdir),
+  fresh optimizer state. Every mismatch is named before anything is replaced."""
+  loaded = checkpoints.load_params(path)
+  want = jax.tree_util.tree_structure(state.params)
+  if jax.tree_util.tree_structure(loaded) != want:
+    raise sharding.ConfigError(f"init_from={path}: its parameter tree does not match the model "
+                               f"config (compare `--mode=describe` with the file)")
+  for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(loaded)):
+    if tuple(a.shape) != tuple(b.shape):
+      raise sharding.ConfigError(f"init_from={path}: {jax.tree_util.keystr(kp)} has shape "
+                                 f"{tuple(b.shape)} but the config needs {tuple(a.shape)}")
+  params = jax.device_put(jax.tree.map(lambda a, b: np.asarray(b, a.dtype), state.params, loaded),
+                          state_shardings.params)
+  return state.replace(params=params, ema_params=params)
+
+
 def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_shardings,
-             data_iterator) -> dict:
+             data_iterator, init_from: str = "") -> dict:
   """The loop every trainer shares: restore, step, log, checkpoint; returns last scalars."""
   from data_pipelines import sources
   from unidiffuser_jax import metrics  # TensorBoard (TensorFlow) only when training
@@ -193,6 +211,9 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   if restored is not None:
     start_step, state, data_iterator = restored
     log.info("%s: resumed from step %d in %s", task.name, start_step, workdir)
+  elif init_from:
+    state = start_from(state, state_shardings, init_from)
+    log.info("%s: starting from the weights in %s", task.name, init_from)
 
   step_fn = compile_train_step(make_train_step(task, tx, train_cfg, int(config.seed)), mesh,
                                state_shardings, frozen_shardings)
@@ -240,4 +261,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
                                                 jax.process_count())
   task = uvit_task(model, encoders, int(config.seed))
   return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
-                  data_iterator)
+                  data_iterator, init_from=config.train.get("init_from", ""))

@@ -341,7 +341,7 @@ def _overrides(part: str, dest: str, kind: str) -> list[str]:
   if part == "uvit":
     return [f"--config.sample.checkpoint={dest}"]
   if part == "captioner" and kind == "gpt2":
-    return [f"--config.captioner.init_from={dest}"]  # fine-tune it first (train_captioner)
+    return [f"--config.captioner.train.init_from={dest}"]  # fine-tune it first (train_captioner)
   return [f"--config.encoders.weights.{part}={dest}"]
 
 
