@@ -20,6 +20,15 @@ def make_train_iterator(config, train_cfg, process_index: int, process_count: in
         host_batch=host_batch, seed=config.seed, num_examples=data.synthetic_examples,
         data_type=data.data_type, num_skip_reasons=len(skip_reasons()))
   from data_pipelines import pipeline
+  if data.source == "features" and data.get("with_text", False):
+    # Feature records hold no caption strings; a trainer that asks for them
+    # (stage 1, the caption decoder) reads the raw shards the features came from.
+    if not data.get("shards", ""):
+      raise ValueError("config.data.source='features' holds no captions, and this trainer needs "
+                       "them (data.with_text); set config.data.shards to the raw shards too")
+    return pipeline.make_iterator(
+        data, global_batch_size=train_cfg.batch_size, process_index=process_index,
+        process_count=process_count, seed=config.seed)
   if data.source == "features":
     return pipeline.make_feature_iterator(
         data, global_batch_size=train_cfg.batch_size, process_index=process_index,
