@@ -12,8 +12,21 @@ each output resolution measures records/s of
                shuffle, filters, both transforms, batching (no tokenizer).
 "per core" = records / CPU seconds of this process (all threads), so it is
 comparable between machines with different core counts; "wall" is records
-per wall second. For the share of step time spent waiting for data in a
-training run, wrap next(data_iter) with pipeline.DataWaitTimer.
+per wall second.
+
+The second part (--what wait) is the fraction of step time spent waiting for
+data in a demo training run: configs/demo.py as it is (its generated shards,
+its model and batch), the train loop's own pieces (train.uvit_task,
+compile_train_step, sources.make_train_iterator), iterated as run_loop does
+(next batch -> to_global -> async step). After --warmup steps (compilation,
+worker start-up, prefetch fill) it times --steps steps with
+pipeline.DataWaitTimer: wait = time blocked in next(data_iterator), total =
+wall time of those steps (the device is synchronised at the end; with --sync
+after every step, so no data time hides behind device time). Reported for
+--workers (default 0 and 2 grain worker processes).
+
+  python benchmarks/bench_data.py --what wait --steps 30 --warmup 5
+  python benchmarks/bench_data.py --quick     # a few seconds per part: does it run?
 """
 from __future__ import annotations
 
@@ -99,12 +112,97 @@ def timed(fn, *args):
   return n, time.perf_counter() - w0, time.process_time() - c0
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--n', type=int, default=300)
-  ap.add_argument('--src', default='640x480')
-  ap.add_argument('--res', default='256,512')
-  a = ap.parse_args(argv)
+# ---------------------------------------------------------------------------
+# The share of step time spent waiting for data in a demo training run.
+
+
+def demo_config(quick: bool):
+  """configs/demo.py; with quick, shrunk to 16x16 images and a depth-2 U-ViT."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.data.demo = False
+  c.captioner.train_first = False
+  c.sample.after_train = False
+  if quick:
+    c.data.update(resolution=16, clip_resolution=16, max_length=6, shuffle_buffer=16)
+    c.encoders.clip_image.update(patch_size=8, width=32, mlp_dim=64, num_layers=1)
+    c.encoders.clip_text.update(width=32, mlp_dim=64, num_layers=1)
+    c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32,
+                                n_layer=1, n_positions=16)
+    c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
+    c.train.batch_size = 8
+  return c.copy_and_resolve_references()
+
+
+def data_wait(config, shard_dir, n_train, workers, steps, warmup, sync):
+  """Rows (workers, timer summary, step seconds) for each grain worker count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from data_pipelines import demo_data, sources  # pylint: disable=g-import-not-at-top
+  from unidiffuser_jax import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
+  from unidiffuser_jax import sharding, train  # pylint: disable=g-import-not-at-top
+
+  paths = demo_data.build_demo(shard_dir, n_train=n_train, n_heldout=2,
+                               size=config.data.resolution, seed=0,
+                               shard_size=max(1, n_train // 8))
+  config.data.shards = ','.join(paths['train_shards'])
+  config.data.tokenizer = paths['tokenizer']
+  tok = transforms.load_tokenizer(config.data.tokenizer)  # as jobs.py sets up the demo
+  config.encoders.clip_text.vocab_size = len(tok)
+  config.encoders.captioner.vocab_size = len(tok)
+  config.encoders.captioner.eos_id = tok.convert_tokens_to_ids('<|EOS|>')
+
+  mesh = sharding.make_mesh(config.mesh)
+  train.check_config(config, config.train, mesh)
+  model = train.make_model(config.model)
+  enc = encoders_lib.build(config.encoders)
+  frozen, frozen_sh = enc.load_params(config.encoders.weights, mesh,
+                                      int(config.seed))
+  task = train.uvit_task(model, enc, int(config.seed))
+  tx = train.make_optimizer(config.train)
+  state, state_sh = train.create_state(task, tx, config, mesh)
+  step_fn = train.compile_train_step(
+      train.make_train_step(task, tx, config.train, int(config.seed)), mesh,
+      state_sh, frozen_sh)
+
+  rows = []
+  with mesh:
+    for nw in workers:
+      config.data.num_workers = nw
+      it = sources.make_train_iterator(config, config.train, 0, 1)
+      timer = None
+      for i in range(warmup + steps):
+        if i == warmup:
+          jax.block_until_ready(state)
+          timer = pipeline.DataWaitTimer()
+        batch = dict(timer.next(it) if timer else next(it))
+        batch.pop('skipped', None)
+        state, m = step_fn(state, frozen, sharding.to_global(batch, mesh))
+        if sync or i == warmup + steps - 1:
+          jax.block_until_ready(m)
+      summary = timer.summary()
+      rows.append((nw, summary, summary['total_s'] / max(1, summary['batches'])))
+      if hasattr(it, 'close'):
+        it.close()
+  return rows
+
+
+def run_wait(a):
+  config = demo_config(a.quick)
+  workers = [int(w) for w in a.workers.split(',')]
+  with tempfile.TemporaryDirectory() as d:
+    rows = data_wait(config, d, a.demo_n, workers, a.steps, a.warmup, a.sync)
+  print(f'demo training run ({"quick, tiny model" if a.quick else "configs/demo.py"}): '
+        f'batch {config.train.batch_size}, {config.data.resolution}px, '
+        f'{a.steps} timed steps after {a.warmup}, '
+        f'{"sync every step" if a.sync else "async steps as in run_loop"}')
+  print(f'{"workers":>7} {"wait s":>8} {"total s":>8} {"step ms":>8} '
+        f'{"wait %":>7}')
+  for nw, s, step_s in rows:
+    print(f'{nw:>7} {s["wait_s"]:>8.3f} {s["total_s"]:>8.3f} '
+          f'{1000 * step_s:>8.1f} {100 * s["wait_fraction"]:>6.1f}%')
+
+
+def run_throughput(a):
   w, h = map(int, a.src.split('x'))
   with tempfile.TemporaryDirectory() as d:
     paths = make_data(d, a.n, w, h)
@@ -121,6 +219,36 @@ def main(argv=None):
   print(f'{"res":>5} {"loader":<11} {"rec/s/core":>11} {"rec/s wall":>11}')
   for res, name, per_core, wall in rows:
     print(f'{res:>5} {name:<11} {per_core:>11.1f} {wall:>11.1f}')
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--what', default='throughput,wait',
+                  help='comma list of parts: throughput, wait')
+  ap.add_argument('--quick', action='store_true',
+                  help='tiny sizes and few steps: checks that it runs')
+  ap.add_argument('--n', type=int, default=300)
+  ap.add_argument('--src', default='640x480')
+  ap.add_argument('--res', default='256,512')
+  ap.add_argument('--workers', default='0,2')
+  ap.add_argument('--steps', type=int, default=30)
+  ap.add_argument('--warmup', type=int, default=5)
+  ap.add_argument('--demo-n', type=int, default=1024,
+                  help='demo training images generated for the wait part')
+  ap.add_argument('--sync', action='store_true',
+                  help='wait for the device after every step')
+  a = ap.parse_args(argv)
+  if a.quick:
+    a.n, a.src, a.res = 24, '96x64', '32'
+    a.steps, a.warmup, a.demo_n = 4, 2, 64
+  parts = [p.strip() for p in a.what.split(',') if p.strip()]
+  unknown = set(parts) - {'throughput', 'wait'}
+  if unknown:
+    ap.error(f'--what: unknown parts {sorted(unknown)}')
+  if 'throughput' in parts:
+    run_throughput(a)
+  if 'wait' in parts:
+    run_wait(a)
 
 
 if __name__ == '__main__':
