@@ -1,6 +1,6 @@
 """U-ViT training step and sampling forward: ours (JAX, jitted) vs diffusers' UniDiffuserModel.
 
-  python benchmarks/bench_train.py                 # ~44.5M-parameter U-ViT, batch 16, float32
+  python benchmarks/bench_train.py                 # 44.8M-parameter U-ViT, batch 16, float32
   python benchmarks/bench_train.py --quick         # tiny model, few steps: a sanity run only
   python benchmarks/bench_train.py --hlo_dir=/tmp/hlo   # also write our optimised HLO + op census
 

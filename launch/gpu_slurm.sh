@@ -31,4 +31,4 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
 echo "nodes: ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?} x ${SLURM_GPUS_PER_NODE:-?} GPUs)"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
-  python launch/multihost_main.py --config.mesh.num_devices=0 "$@"
+  python launch/multihost_main.py "$@"

@@ -48,8 +48,7 @@ if [[ "$SETUP" == "1" ]]; then
 fi
 
 # One process per worker; launch/multihost_main.py calls jax.distributed.initialize() first.
-args=(--config.mesh.num_devices=0 --workdir="$WORKDIR" --mode="$MODE")
-quoted="$(printf ' %q' "${args[@]}" "$@")"
+quoted="$(printf ' %q' "$@" --workdir="$WORKDIR" --mode="$MODE")"
 run="cd ~/$REMOTE_DIR && . .venv/bin/activate && python launch/multihost_main.py$quoted"
 if [[ "$DETACH" == "1" ]]; then
   tpu ssh "$TPU_NAME" --command="nohup bash -c '$run' > ~/unidiffuser.log 2>&1 < /dev/null & echo started on \$(hostname)"
