@@ -107,7 +107,7 @@ def _median_time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
 
 # ---------------------------------------------------------------- ours (JAX)
 
-def jax_side(s: Size, warmup: int, steps: int, hlo_dir: str | None) -> dict:
+def jax_side(s: Size, warmup: int, steps: int, hlo_dir: str | None, compile_only=False) -> dict:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -145,6 +145,8 @@ def jax_side(s: Size, warmup: int, steps: int, hlo_dir: str | None) -> dict:
   xla_flops = _cost_flops(compiled)
   if hlo_dir:
     _dump_hlo(compiled, hlo_dir)
+  if compile_only:
+    return dict(n_params=n_params, compile_s=compile_s, xla_flops=xla_flops)
 
   holder = [state]
 
@@ -263,6 +265,8 @@ def main() -> None:
   parser.add_argument("--peak_gflops", type=float, default=0.0,
                       help="skip measuring the matmul peak and use this value")
   parser.add_argument("--hlo_dir", default="", help="write our optimised HLO here")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="only compile our step (with --hlo_dir: inspect the HLO), time nothing")
   args = parser.parse_args()
   size = QUICK if args.quick else FULL
   if args.batch:
@@ -280,6 +284,11 @@ def main() -> None:
         f"torch {torch.__version__}")
   print(f"config: {dataclasses.asdict(size)} -> {size.num_tokens} tokens "
         f"({size.num_patches} image + {size.num_text_tokens} text + 3 + 1), float32, v1")
+  if args.compile_only:
+    r = jax_side(size, 0, 0, args.hlo_dir or None, compile_only=True)
+    print(f"params {r['n_params']:,}; compiled in {r['compile_s']:.1f} s; FLOPs/step analytic "
+          f"{train_flops(size) / 1e9:.2f} G, XLA {(r['xla_flops'] or 0) / 1e9:.2f} G")
+    return
   peak = args.peak_gflops or matmul_peak.measure([1024] if args.quick else [2048, 4096],
                                                  3 if args.quick else 10)["peak"]
 
