@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   ))
 
   c.encoders = mc.ConfigDict(dict(
-      autoencoder=dict(kind="pixel", factor=2, scale=1.0),
+      autoencoder=dict(kind="pixel", factor=4, scale=1.0),
       clip_image=dict(image_size=c.data.get_ref("clip_resolution"), patch_size=8, width=64,
                       num_layers=2, num_heads=4, mlp_dim=128, proj_dim=32),
       clip_text=dict(vocab_size=64, width=64, num_layers=2, num_heads=4, mlp_dim=128,
@@ -56,23 +56,23 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       version="v1",
       latent_size=c.data.get_ref("resolution") // c.encoders.autoencoder.get_ref("factor"),
       latent_channels=3 * c.encoders.autoencoder.get_ref("factor") ** 2, patch_size=2,
-      width=192, depth=6, num_heads=6, mlp_dim=768,
+      width=128, depth=6, num_heads=4, mlp_dim=512,
       text_dim=c.encoders.captioner.get_ref("prefix_hidden_dim"),
       num_text_tokens=c.data.get_ref("max_length"),
       clip_img_dim=c.encoders.clip_image.get_ref("proj_dim"),
       num_data_types=2, dtype="float32", remat="none",
   ))
 
-  c.train = common.train(steps=1500, batch_size=64, lr=5e-4, warmup_steps=100,
-                         ema_decay=0.995, log_every=50, checkpoint_every=500)
+  c.train = common.train(steps=800, batch_size=32, lr=1e-3, warmup_steps=50,
+                         ema_decay=0.99, log_every=50, checkpoint_every=200)
 
   # Stage 1 (caption decoder), run first by the demo's train job.
   c.captioner = mc.ConfigDict(dict(
       tokenizer="",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
       max_caption_tokens=12,
       train_first=True,
-      train=common.train(steps=400, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.0,
-                         betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=400),
+      train=common.train(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                         betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=300),
   ))
 
   # --mode=import sources (a released file, a directory or a repo id in the local hub cache;

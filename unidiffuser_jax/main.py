@@ -21,11 +21,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config f
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "Which job to run.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first: one process per host on a TPU "
+    "pod slice or a GPU cluster (coordinator from the environment; see launch/).")
 
 
 def _run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _MULTIHOST.value:
+    import jax
+    jax.distributed.initialize()
   from unidiffuser_jax import jobs
   # Library INFO chatter (orbax, absl) would bury the progress bar and the metric lines.
   logging.set_verbosity(logging.WARNING)
