@@ -30,6 +30,7 @@ def make_train_iterator(config, train_cfg, process_index: int, process_count: in
         data, global_batch_size=train_cfg.batch_size, process_index=process_index,
         process_count=process_count, seed=config.seed)
   if data.source == "features":
+    check_features_match(config)
     return pipeline.make_feature_iterator(
         data, global_batch_size=train_cfg.batch_size, process_index=process_index,
         process_count=process_count, seed=config.seed)
@@ -51,3 +52,31 @@ def skip_metrics(skipped_total) -> dict[str, float]:
     return {}
   counts = np.asarray(skipped_total)
   return {f"data/skipped_{r}": float(c) for r, c in zip(skip_reasons(), counts)}
+
+
+def check_features_match(config) -> None:
+  """Stops early if the feature shards were extracted with other encoders or sizes.
+
+  --mode=extract writes extract-*.json next to the shards, recording what the
+  features depend on ('made_with'); features from elsewhere (no such file)
+  are not checked.
+  """
+  import glob
+  import json
+  import os
+  from unidiffuser_jax import extract
+  spec = config.data.features
+  folder = spec if isinstance(spec, str) and os.path.isdir(spec) else None
+  if folder is None:
+    return
+  want = extract.made_with(config)
+  for path in sorted(glob.glob(os.path.join(folder, "extract-*.json"))):
+    with open(path) as f:
+      got = json.load(f).get("made_with")
+    if got is None:
+      continue
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if diff:
+      raise ValueError(
+          f"the feature shards in {folder} were extracted with other settings ({', '.join(diff)} "
+          f"differ from this config; see {path}); re-run --mode=extract with this config")

@@ -5,14 +5,13 @@ import json
 import os
 
 import jax
-import flax
 import numpy as np
 import pytest
 
 from configs import demo
 from data_pipelines import demo_data, make_shards, pipeline, transforms
 from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import extract, jobs, rng, sharding, train
+from unidiffuser_jax import checkpoints, extract, jobs, rng, sharding, train
 
 N_TRAIN = 21   # not a multiple of the batch (8): the last batch is padded
 
@@ -33,6 +32,7 @@ def tiny_config(data_paths, bad_shards=()):
   c.captioner.train_first = False
   c.sample.after_train = False
   c.extract = dict(text="both", shard_size=8)
+  c.mesh = dict(data=2, fsdp=2, tensor=2, num_devices=0)   # the batch split over data x fsdp
   return c
 
 
@@ -68,7 +68,7 @@ def _raw_records(config):
 def single(extracted):
   """The encoders and a U-ViT loss on one device: the reference side of the comparisons."""
   config, _ = extracted
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   enc = encoders_lib.build(config.encoders)
   params, _ = enc.load_params(config.encoders.weights, mesh, int(config.seed))
   return enc, params
@@ -128,21 +128,29 @@ def test_extract_writes_every_record_once_with_encoder_outputs(extracted, single
   assert sorted(seen) == sorted(expected)
 
 
-def test_train_from_features(extracted, tmp_path):
+@pytest.fixture(scope="module")
+def trained(extracted, tmp_path_factory):
+  """train.train for 2 steps with config.data.source='features'."""
   config, workdir = extracted
   config = config.copy_and_resolve_references()
   config.data.source = "features"
   config.data.features = os.path.join(workdir, "features")
-  config.mesh.num_devices = 2           # still sharded (fsdp=2), cheaper to compile than 8
+  config.mesh = dict(data=1, fsdp=2, tensor=1, num_devices=2)   # sharded, cheaper to compile
   config.train.update(steps=2, checkpoint_every=2)
-  last = train.train(config, str(tmp_path / "run"))
+  run_dir = str(tmp_path_factory.mktemp("run"))
+  return run_dir, train.train(config, run_dir)
+
+
+def test_train_from_features(trained):
+  run_dir, last = trained
   assert last and all(np.isfinite(last[k]) for k in ("loss", "loss_img", "loss_clip", "loss_text"))
-  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2" / "data")
+  assert os.path.isfile(os.path.join(run_dir, "checkpoints", "2", "data", "process_0-of-1.json"))
 
 
-def test_feature_batch_loss_matches_raw_batch_loss(extracted, single):
-  """The U-ViT loss with the key of training step 0, on 8 raw records and on their
-  feature records: the precomputed path is the encoders path."""
+def test_feature_batch_loss_matches_raw_batch_loss(extracted, single, trained):
+  """The training loss (train.uvit_task, the key a train step derives) on 8 raw records and
+  on their feature records, with the U-ViT weights trained above: the precomputed path is
+  the encoders path."""
   config, workdir = extracted
   enc, enc_params = single
   recs = _raw_records(config)
@@ -156,11 +164,25 @@ def test_feature_batch_loss_matches_raw_batch_loss(extracted, single):
 
   model = train.make_model(config.model)
   task = train.uvit_task(model, enc, int(config.seed))
-  params = flax.linen.unbox(task.init_params())
-  key = rng.key_for(int(config.seed), 0, "train/uvit")   # what make_train_step derives at step 0
+  params = jax.device_get(checkpoints.load_params(trained[0], key="params"))
+  key = rng.key_for(int(config.seed), 2, "train/uvit")   # what make_train_step derives at step 2
   both = jax.jit(lambda p, a, b: (task.loss(p, enc_params, a, key), task.loss(p, enc_params, b, key)))
   (l_raw, parts_raw), (l_feat, parts_feat) = jax.device_get(both(params, raw, feature))
   assert np.isfinite(l_raw)
   assert l_feat == pytest.approx(l_raw, rel=1e-5)
   for k in parts_raw:
     assert parts_feat[k] == pytest.approx(parts_raw[k], rel=1e-5, abs=1e-7), k
+
+
+def test_stale_features_stop_with_a_clear_message(extracted):
+  from data_pipelines import sources
+  config, workdir = extracted
+  config = config.copy_and_resolve_references()
+  config.data.source = "features"
+  config.data.features = os.path.join(workdir, "features")
+  config.encoders.clip_image.proj_dim = 16          # other encoders than the extraction's
+  with pytest.raises(ValueError, match=r"encoders differ.*re-run --mode=extract"):
+    sources.make_train_iterator(config, config.train, 0, 1)
+  config.encoders.clip_image.proj_dim = 32
+  config.data.data_type = 1                         # reading options are free to change
+  assert "moments" in next(sources.make_train_iterator(config, config.train, 0, 1))

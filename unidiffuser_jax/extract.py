@@ -69,6 +69,21 @@ def output_dir(config, workdir: str) -> str:
   return config.data.get("features", None) or os.path.join(workdir, "features")
 
 
+def made_with(config) -> dict:
+  """What the features depend on; training from them checks it against its own config
+  (data_pipelines/sources.py), so stale features stop with a clear message."""
+  encoders = {k: v for k, v in config.encoders.to_dict().items() if k != "captioner"}
+  encoders["weights"] = {k: v for k, v in encoders.get("weights", {}).items() if k != "captioner"}
+  made = {
+      "encoders": encoders,
+      "seed": int(config.seed),   # random-init encoders (the demo's) are drawn from it
+      "resolution": int(config.data.resolution),
+      "clip_resolution": int(config.data.clip_resolution),
+      "max_length": int(config.data.max_length),
+  }
+  return json.loads(json.dumps(made))   # as it reads back from the JSON file
+
+
 def file_tag(process_index: int, process_count: int) -> str:
   return f"p{process_index:05d}-of-{process_count:05d}"
 
@@ -192,6 +207,7 @@ def run(config, workdir: str) -> dict:
       "text": text_mode,
       "skipped": {r: int(c) for r, c in zip(pipeline.SKIP_REASONS, skipped) if c},
       "shards": config.data.shards,
+      "made_with": made_with(config),
   }
   _write_text(os.path.join(out_dir, f"keys-{tag}.txt"), "".join(k + "\n" for k in keys))
   _write_text(os.path.join(out_dir, f"extract-{tag}.json"), json.dumps(summary, indent=1))
