@@ -2,7 +2,7 @@
 
   pip install -r requirements-tpu.txt      # libtpu: the TPU compiler, no TPU needed to compile
   python benchmarks/aot_tpu.py                                 # v5e 16x16 (256 chips), configs/laion.py
-  python benchmarks/aot_tpu.py --topology=v5p:4x4x4 --hbm_gib=95
+  python benchmarks/aot_tpu.py --topology=v5p:4x4x4          # 64 chips, batch 2112 = 33 per chip
   python benchmarks/aot_tpu.py --mesh=fsdp=64,tensor=4         # any config.mesh override
   python benchmarks/aot_tpu.py --sampler                       # also the sampler's network step
   # libtpu installed elsewhere (e.g. pip install --target DIR):
@@ -28,6 +28,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; TPU devices are compile-only
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# libtpu takes a machine-wide lock file; compile-only clients touch no chip, so two may coexist.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import flax.linen as nn  # noqa: E402
@@ -38,7 +40,16 @@ from jax.experimental import topologies  # noqa: E402
 from unidiffuser_jax import encoders as encoders_lib  # noqa: E402
 from unidiffuser_jax import rng, sharding, train  # noqa: E402
 
+# HBM per chip. libtpu's compile-only v4 devices are single TensorCores (num_cores=1, two per
+# chip, 16 GiB each); v5p devices are megacore chips (num_cores=2).
 HBM_GIB = {"TPU v5 lite": 16, "TPU v4": 32, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
+
+
+def hbm_per_device(device) -> float:
+  per_chip = HBM_GIB.get(device.device_kind, 16)
+  if device.device_kind == "TPU v4" and getattr(device, "num_cores", 2) == 1:
+    return per_chip / 2
+  return per_chip
 
 
 def constrain_activations(mesh) -> None:
@@ -222,7 +233,7 @@ def main() -> None:
     node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
   devices = tpu_devices(args.topology)
   kind = devices[0].device_kind
-  hbm = args.hbm_gib or HBM_GIB.get(kind, 16)
+  hbm = args.hbm_gib or hbm_per_device(devices[0])
   mesh_cfg = dict(config.mesh)
   mesh_cfg.update(parse_mesh(args.mesh))
   mesh_cfg["num_devices"] = 0
