@@ -166,7 +166,8 @@ def test_feature_batch_loss_matches_raw_batch_loss(extracted, single, trained):
   task = train.uvit_task(model, enc, int(config.seed))
   params = jax.device_get(checkpoints.load_params(trained[0], key="params"))
   key = rng.key_for(int(config.seed), 2, "train/uvit")   # what make_train_step derives at step 2
-  both = jax.jit(lambda p, a, b: (task.loss(p, enc_params, a, key), task.loss(p, enc_params, b, key)))
+  both = jax.jit(lambda p, a, b: (task.loss(p, enc_params, a, key),
+                                  task.loss(p, enc_params, b, key)))
   (l_raw, parts_raw), (l_feat, parts_feat) = jax.device_get(both(params, raw, feature))
   assert np.isfinite(l_raw)
   assert l_feat == pytest.approx(l_raw, rel=1e-5)
