@@ -80,6 +80,10 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
   c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
                                  captioner="", resize_pos_embed=False))
+  # --mode=extract: precomputed features (VAE moments, CLIP image embedding, tokens or CLIP text
+  # hidden states) for training with --config.data.source=features. batch_size 0: train's.
+  c.extract = mc.ConfigDict(dict(text="tokens", shard_size=10000, batch_size=0))
+
   c.sample = mc.ConfigDict(dict(
       after_train=True,          # the demo ends by sampling and judging
       tasks=("t2i", "i2t"), num=16, batch_size=16,

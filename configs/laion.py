@@ -74,6 +74,10 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
   c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
                                  captioner="", resize_pos_embed=False))
+  # --mode=extract: precomputed features (VAE moments, CLIP image embedding, tokens or CLIP text
+  # hidden states) for training with --config.data.source=features. batch_size 0: train's.
+  c.extract = mc.ConfigDict(dict(text="tokens", shard_size=10000, batch_size=0))
+
   c.sample = mc.ConfigDict(dict(
       after_train=False, tasks=("t2i",), num=4, batch_size=4,
       steps=50, order=3, method="singlestep_fast", skip_type="time_uniform",

@@ -5,8 +5,11 @@ anything imports jax's backend; conftest.py is imported by pytest first.
 """
 import os
 
+# The test models are tiny, so XLA's compile time dominates the suite; its cheapest
+# backend optimisation level halves it, and the tests check numbers, not speed.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + FAST_COMPILE
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,8 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, timeout=900):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS: set by conftest.py
   return subprocess.run([sys.executable, "-m", "unidiffuser_jax.main", *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
