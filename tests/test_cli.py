@@ -46,7 +46,8 @@ def test_describe_plans_for_a_pod_without_devices():
     (["--config.mesh.data=3"], "not divisible by 3"),
     (["--config.train.batch_size=63"], "use a multiple of 8"),
     (["--config.train.stepz=5"], 'Did you mean "steps"'),
-    (["--config.model.width=100"], "config.model: width 100 is not divisible by num_heads"),
+    (["--config.model.width=130", "--config.model.num_heads=4"],
+     "config.model: width 130 is not divisible by num_heads 4"),
 ])
 def test_bad_config_stops_with_one_clear_line(args, expect):
   res = run_main("--config=configs/demo.py", "--mode=describe", *args)

@@ -33,8 +33,8 @@ def setup(tmp_path_factory):
   model = train.make_model(config.model)
   params = nn.unbox(model.init(jax.random.key(0), *train.dummy_latents(model))["params"])
   ckpt = root / "uvit"
-  ocp.StandardCheckpointer().save(ckpt, {"ema_params": jax.device_get(params)})
-  ocp.StandardCheckpointer().close()
+  with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save
+    ckptr.save(ckpt, {"ema_params": jax.device_get(params)})
   config.sample.checkpoint = str(ckpt)
   return config, model, params, root
 

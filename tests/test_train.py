@@ -170,8 +170,8 @@ def test_fine_tune_starts_from_given_weights(tmp_path):
   config = tiny_config()
   mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
   shifted = jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(state.params))
-  ocp.StandardCheckpointer().save(tmp_path / "w", shifted)
-  ocp.StandardCheckpointer().close()
+  with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save
+    ckptr.save(tmp_path / "w", shifted)
   started = train.start_from(state, state_sh, str(tmp_path / "w"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.params), shifted)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.ema_params), shifted)
