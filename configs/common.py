@@ -14,6 +14,10 @@ SHARDING_RULES = (
     ("norm", None),
     ("pos", None),
     ("layers", None),
+    # Activations (models/uvit.constrain_activation): batch over the data-parallel axes.
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
 )
 
 
