@@ -7,7 +7,7 @@
 # The checkout and its .venv must be on a filesystem every node sees. Once, on a login node:
 #   python3 -m venv .venv && . .venv/bin/activate && \
 #     pip install -r requirements.txt && pip install "jax[cuda13]==0.10.2"
-# jax.distributed.initialize() (launch/multihost_main.py) reads the coordinator (first node
+# jax.distributed.initialize() (main.py --multihost) reads the coordinator (first node
 # of the step), the process count and this process's id from SLURM_* itself.
 # Resuming: submit the same command again.
 #SBATCH --job-name=unidiffuser
@@ -31,4 +31,4 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
 echo "nodes: ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?} x ${SLURM_GPUS_PER_NODE:-?} GPUs)"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
-  python launch/multihost_main.py "$@"
+  python -m unidiffuser_jax.main --multihost "$@"

@@ -47,9 +47,9 @@ if [[ "$SETUP" == "1" ]]; then
     pip install -q -r requirements.txt -r requirements-tpu.txt"
 fi
 
-# One process per worker; launch/multihost_main.py calls jax.distributed.initialize() first.
+# One process per worker; `--multihost` makes main call jax.distributed.initialize() first.
 quoted="$(printf ' %q' "$@" --workdir="$WORKDIR" --mode="$MODE")"
-run="cd ~/$REMOTE_DIR && . .venv/bin/activate && python launch/multihost_main.py$quoted"
+run="cd ~/$REMOTE_DIR && . .venv/bin/activate && python -m unidiffuser_jax.main --multihost$quoted"
 if [[ "$DETACH" == "1" ]]; then
   tpu ssh "$TPU_NAME" --command="nohup bash -c '$run' > ~/unidiffuser.log 2>&1 < /dev/null & echo started on \$(hostname)"
 else
