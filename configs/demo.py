@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       demo=True,                 # build the demo set under <workdir>/demo_data if missing
       demo_train=2048, demo_heldout=64,
       shards="", features="", tokenizer="",   # filled in by the demo builder
-      resolution=32, clip_resolution=32, max_length=12, data_type=0,
+      resolution=16, clip_resolution=16, max_length=12, data_type=1,
       shuffle_buffer=512, interleave_cycle=4, num_workers=0, prefetch=2,
       min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0, min_aesthetic=0.0,
       min_caption_chars=1, max_caption_chars=200, max_image_pixels=4096 * 4096,
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   ))
 
   c.encoders = mc.ConfigDict(dict(
-      autoencoder=dict(kind="pixel", factor=4, scale=1.0),
+      autoencoder=dict(kind="pixel", factor=2, scale=1.0),
       clip_image=dict(image_size=c.data.get_ref("clip_resolution"), patch_size=8, width=64,
                       num_layers=2, num_heads=4, mlp_dim=128, proj_dim=32),
       clip_text=dict(vocab_size=64, width=64, num_layers=2, num_heads=4, mlp_dim=128,
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       num_data_types=2, dtype="float32", remat="none",
   ))
 
-  c.train = common.train(steps=800, batch_size=32, lr=1e-3, warmup_steps=50,
+  c.train = common.train(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50,
                          ema_decay=0.99, log_every=50, checkpoint_every=200)
 
   # Stage 1 (caption decoder), run first by the demo's train job.
@@ -71,8 +71,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       tokenizer="",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
       max_caption_tokens=12,
       train_first=True,
-      train=common.train(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0,
-                         betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=300),
+      train=common.train(steps=250, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                         betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=250),
   ))
 
   # --mode=import sources (a released file, a directory or a repo id in the local hub cache;
@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
 
   c.sample = mc.ConfigDict(dict(
       after_train=True,          # the demo ends by sampling and judging
-      tasks=("t2i", "i2t"), num=16, batch_size=16,
+      tasks=("t2i", "i2t"), num=32, batch_size=32,
       steps=20, order=3, method="singlestep_fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
