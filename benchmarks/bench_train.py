@@ -2,7 +2,7 @@
 
   python benchmarks/bench_train.py                 # 44.8M-parameter U-ViT, batch 16, float32
   python benchmarks/bench_train.py --quick         # tiny model, few steps: a sanity run only
-  python benchmarks/bench_train.py --hlo_dir=/tmp/hlo   # also write our optimised HLO + op census
+  python benchmarks/bench_train.py --hlo_dir=HLO_DIR   # also write our optimised HLO + op census
 
 Both sides do the same work per training step on the same sizes (float32, one
 process, every core):
