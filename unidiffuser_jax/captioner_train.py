@@ -75,7 +75,8 @@ def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
   encoders = encoders_lib.build(config.encoders)
   # Only the CLIP text encoder is an input here; the captioner itself is trained.
   weights = dict(config.encoders.weights, captioner="")
-  frozen, frozen_shardings = encoders.load_params(weights, mesh, int(config.seed))
+  frozen, frozen_shardings = encoders.load_params(weights, mesh, int(config.seed),
+                                                  config.sharding.rules)
   tokenizer = transforms.load_tokenizer(config.captioner.tokenizer or config.data.tokenizer)
   if data_iterator is None:
     data_cfg = config.data.copy_and_resolve_references()

@@ -59,10 +59,11 @@ class Encoders:
       return self.captioner.init(key, latent, jnp.zeros((1, 2), jnp.int32))["params"]
     raise KeyError(part)
 
-  def load_params(self, weights_cfg, mesh, seed: int):
+  def load_params(self, weights_cfg, mesh, seed: int, rules_cfg=None):
     """Returns ({part: params}, shardings): loaded where config.encoders.weights names a path,
-    otherwise initialised from (seed, 'init/<part>') -- the demo's frozen random encoders."""
-    rules = sharding.rules_from_config(_DEFAULT_RULES)
+    otherwise initialised from (seed, 'init/<part>') -- the demo's frozen random encoders.
+    Laid out by `rules_cfg` (config.sharding.rules; default: the same split as configs/common)."""
+    rules = sharding.rules_from_config(rules_cfg if rules_cfg is not None else _DEFAULT_RULES)
     params, shards = {}, {}
     for part in PARTS:
       init = lambda part=part: self._init_part(part, rng.key_for(seed, 0, f"init/{part}"))

@@ -158,7 +158,8 @@ def run(config, workdir: str) -> dict:
   encoders = encoders_lib.build(config.encoders)
   # The caption decoder is not used here (and may not be trained yet): leave it out of loading.
   weights = dict(config.encoders.weights, captioner="")
-  params, param_shardings = encoders.load_params(weights, mesh, int(config.seed))
+  params, param_shardings = encoders.load_params(weights, mesh, int(config.seed),
+                                                 config.sharding.rules)
   encode = make_encode_step(encoders, text_mode, mesh, param_shardings)
   rows = P(sharding.BATCH_AXES)
 

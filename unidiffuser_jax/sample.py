@@ -172,7 +172,8 @@ def run(config, workdir: str) -> dict:
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
   model = train.make_model(config.model)
   encoders = encoders_lib.build(config.encoders)
-  enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed))
+  enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed),
+                                       config.sharding.rules)
   params = jax.device_put(load_uvit_params(config, workdir),
                           NamedSharding(mesh, P()))  # replicated: data-parallel sampling
   tokenizer = transforms.load_tokenizer(config.data.tokenizer)

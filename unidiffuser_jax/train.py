@@ -259,7 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   model = make_model(config.model)
   encoders = encoders_lib.build(config.encoders)
   encoder_params, encoder_shardings = encoders.load_params(config.encoders.weights, mesh,
-                                                           int(config.seed))
+                                                           int(config.seed), config.sharding.rules)
   if data_iterator is None:
     data_iterator = sources.make_train_iterator(config, config.train, jax.process_index(),
                                                 jax.process_count())
