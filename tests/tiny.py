@@ -9,6 +9,7 @@ def tiny_config(**train_overrides):
   c.data.resolution = 16
   c.data.clip_resolution = 16
   c.data.max_length = 6
+  c.encoders.autoencoder.factor = 2   # 8x8x12 latent, 16 patches of 48 values
   c.encoders.clip_image.patch_size = 8
   c.encoders.clip_image.width = 32
   c.encoders.clip_image.mlp_dim = 64
