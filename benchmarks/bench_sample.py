@@ -229,16 +229,7 @@ def released_to_diffusers(tensors: dict, depth: int) -> dict:
 
 
 def make_unet(s: bench_train.Size, released: dict):
-  from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit
-
-  unet = modeling_uvit.UniDiffuserModel(
-      text_dim=s.text_dim, clip_img_dim=s.clip_img_dim, num_text_tokens=s.num_text_tokens,
-      num_attention_heads=s.num_heads, attention_head_dim=s.width // s.num_heads,
-      in_channels=s.latent_channels, out_channels=s.latent_channels, num_layers=s.depth,
-      dropout=0.0, attention_bias=False, sample_size=s.latent_size, patch_size=s.patch_size,
-      activation_fn="gelu", norm_type="layer_norm", block_type="unidiffuser", pre_layer_norm=False,
-      use_timestep_embedding=False, norm_elementwise_affine=True, use_patch_pos_embed=False,
-      ff_final_dropout=True, use_data_type_embedding=True)
+  unet = bench_train.diffusers_uvit(s)
   unet.load_state_dict(released_to_diffusers(released, s.depth), strict=True)
   return unet.eval()
 

@@ -67,6 +67,19 @@ QUICK = Size(width=64, depth=3, num_heads=2, mlp_dim=256, latent_size=8, num_tex
 
 # ---------------------------------------------------------------- analytic FLOPs
 
+
+def diffusers_uvit(s: "Size"):
+  """diffusers' UniDiffuserModel configured as the released post-LN U-ViT of size `s`."""
+  from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit
+  return modeling_uvit.UniDiffuserModel(
+      text_dim=s.text_dim, clip_img_dim=s.clip_img_dim, num_text_tokens=s.num_text_tokens,
+      num_attention_heads=s.num_heads, attention_head_dim=s.width // s.num_heads,
+      in_channels=s.latent_channels, out_channels=s.latent_channels, num_layers=s.depth,
+      dropout=0.0, attention_bias=False, sample_size=s.latent_size, patch_size=s.patch_size,
+      activation_fn="gelu", norm_type="layer_norm", block_type="unidiffuser", pre_layer_norm=False,
+      use_timestep_embedding=False, norm_elementwise_affine=True, use_patch_pos_embed=False,
+      ff_final_dropout=True, use_data_type_embedding=True)
+
 def forward_flops(s: Size) -> int:
   """Multiply-add FLOPs (2 per MAC) of one forward pass: every matmul and attention product."""
   b, t, d, m = s.batch, s.num_tokens, s.width, s.mlp_dim
@@ -193,19 +206,11 @@ def _dump_hlo(compiled, hlo_dir: str) -> None:
 
 def torch_side(s: Size, warmup: int, steps: int) -> dict:
   import torch
-  from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit
 
   from unidiffuser_jax.diffusion import schedule  # float64 numpy table only, no JAX
 
   torch.manual_seed(0)
-  model = modeling_uvit.UniDiffuserModel(
-      text_dim=s.text_dim, clip_img_dim=s.clip_img_dim, num_text_tokens=s.num_text_tokens,
-      num_attention_heads=s.num_heads, attention_head_dim=s.width // s.num_heads,
-      in_channels=s.latent_channels, out_channels=s.latent_channels, num_layers=s.depth,
-      dropout=0.0, attention_bias=False, sample_size=s.latent_size, patch_size=s.patch_size,
-      activation_fn="gelu", norm_type="layer_norm", block_type="unidiffuser", pre_layer_norm=False,
-      use_timestep_embedding=False, norm_elementwise_affine=True, use_patch_pos_embed=False,
-      ff_final_dropout=True, use_data_type_embedding=True)
+  model = diffusers_uvit(s)
   # diffusers keeps an unused copy of the patch embedding (transformer.pos_embed.proj);
   # leave it out of the optimiser and the parameter count.
   params = [p for n, p in model.named_parameters() if not n.startswith("transformer.pos_embed.")]
