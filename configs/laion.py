@@ -38,13 +38,14 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   ))
 
   c.encoders = mc.ConfigDict(dict(
-      autoencoder=dict(kind="vae", factor=8, scale=0.18215, block_out_channels=(128, 256, 512, 512),
+      autoencoder=dict(kind="vae", factor=8, scale=0.18215, shift=0.0, block_out_channels=(128, 256, 512, 512),
                        layers_per_block=2, latent_channels=4, norm_num_groups=32),
       clip_image=dict(image_size=224, patch_size=32, width=768, num_layers=12, num_heads=12, mlp_dim=3072,
                       proj_dim=512),
       clip_text=dict(vocab_size=49408, width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77),
       captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, vocab_size=50258, n_positions=1024,
                      n_embd=768, n_layer=12, n_head=12),
+      text_scale=1.0,  # the released model feeds encode_prefix's output as it is
       weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
   ))
 

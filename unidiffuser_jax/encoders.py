@@ -1,9 +1,14 @@
 """The frozen encoders and decoders around the U-ViT, as one bundle.
 
-  image    -> autoencoder moments -> posterior sample x scale   = z      [B, h, w, C]
-  image    -> CLIP image encoder (projected, unnormalised)       = clip   [B, 1, D]
-  tokens   -> CLIP text encoder -> caption decoder's encode_prefix = text [B, L, 64]
-  z / scale -> autoencoder decode -> image;  text -> caption decoder -> caption
+  image    -> autoencoder moments -> (posterior sample - shift) x scale = z [B, h, w, C]
+  image    -> CLIP image encoder (projected, unnormalised)              = clip [B, 1, D]
+  tokens   -> CLIP text encoder -> caption decoder's encode_prefix x text_scale = text [B, L, 64]
+  z / scale + shift -> autoencoder decode -> image
+  text / text_scale -> caption decoder -> caption
+
+shift and text_scale are 0 and 1 for the released model (only the SD VAE's 0.18215 scale);
+the demo sets them so that its latents have roughly unit variance, as the diffusion
+schedule assumes (see configs/demo.py).
 
 The same bundle serves the real model (SD VAE, CLIP ViT-B/32 and ViT-L/14, GPT-2)
 and the demo (pixel autoencoder and tiny CLIP/GPT-2 modules): only the config's
@@ -34,6 +39,8 @@ def _module_fields(cfg, drop=()) -> dict:
 class Encoders:
   autoencoder: object            # pixel_ae.PixelAutoencoder | vae.AutoencoderKL
   latent_scale: float
+  latent_shift: float
+  text_scale: float
   clip_image: nn.Module
   clip_text: nn.Module
   captioner: nn.Module
@@ -91,10 +98,10 @@ class Encoders:
                                   method=vae.AutoencoderKL.encode)
 
   def latent_from_moments(self, moments, key):
-    return vae.sample_latent(moments, key) * self.latent_scale
+    return (vae.sample_latent(moments, key) - self.latent_shift) * self.latent_scale
 
   def decode_latent(self, params, z_bhwc):
-    z = z_bhwc / self.latent_scale
+    z = z_bhwc / self.latent_scale + self.latent_shift
     if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
       return self.autoencoder.decode(z)
     return self.autoencoder.apply({"params": params["autoencoder"]}, z,
@@ -108,8 +115,13 @@ class Encoders:
     return self.clip_text.apply({"params": params["clip_text"]}, tokens_bl)
 
   def text_latent_from_hidden(self, params, hidden_blw):
-    return self.captioner.apply({"params": params["captioner"]}, hidden_blw,
-                                method=captioner_lib.CaptionDecoder.encode_prefix)
+    prefix = self.captioner.apply({"params": params["captioner"]}, hidden_blw,
+                                  method=captioner_lib.CaptionDecoder.encode_prefix)
+    return prefix * self.text_scale
+
+  def caption_prefix(self, text_blc):
+    """A text latent as the caption decoder expects it (undoes text_scale)."""
+    return text_blc / self.text_scale
 
   def text_latent(self, params, tokens_bl):
     return self.text_latent_from_hidden(params, self.text_hidden(params, tokens_bl))
@@ -149,6 +161,7 @@ def build(enc_cfg, model=None) -> Encoders:
   ae_cfg = dict(enc_cfg.autoencoder)
   kind = ae_cfg.pop("kind")
   scale = float(ae_cfg.pop("scale"))
+  shift = float(ae_cfg.pop("shift", 0.0))
   factor = ae_cfg.pop("factor")
   if kind == "pixel":
     autoencoder = pixel_ae.PixelAutoencoder(factor=factor)
@@ -161,6 +174,8 @@ def build(enc_cfg, model=None) -> Encoders:
   return Encoders(
       autoencoder=autoencoder,
       latent_scale=scale,
+      latent_shift=shift,
+      text_scale=float(enc_cfg.get("text_scale", 1.0)),
       clip_image=clip_lib.CLIPVisionEncoder(**_module_fields(ci)),
       clip_text=clip_lib.CLIPTextEncoder(**_module_fields(ct)),
       captioner=captioner_lib.CaptionDecoder(**_module_fields(enc_cfg.captioner)),

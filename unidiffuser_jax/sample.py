@@ -93,7 +93,8 @@ def mode_program(task: str, model, encoders, s, shapes):
       t = out["text"]
       flat = t.reshape((-1,) + t.shape[-2:])
       tokens, lengths = captioner_lib.beam_search(
-          encoders.captioner, {"params": enc_params["captioner"]}, flat, num_beams=int(s.num_beams),
+          encoders.captioner, {"params": enc_params["captioner"]}, encoders.caption_prefix(flat),
+          num_beams=int(s.num_beams),
           max_new_tokens=int(s.max_caption_tokens), eos_id=encoders.captioner.eos_id)
       out["tokens"] = tokens.reshape(t.shape[:-2] + tokens.shape[-1:])
       out["lengths"] = lengths.reshape(t.shape[:-2])

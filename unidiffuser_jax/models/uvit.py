@@ -57,11 +57,21 @@ def _part(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-def _dense(features: int, in_name, out_name, dtype, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(
+def _dense(features: int, in_name, out_name, dtype, name: str, use_bias: bool = True):
+  """A Linear layer [..., D] -> [..., F] that multiplies as one 2-D matmul [rows, D] @ [D, F].
+
+  Merging the leading axes first is free (row-major), and it matters on CPU: the weight
+  gradient of a 3-D [B, L, D] dot contracts over two axes, which XLA:CPU lowers to a copy
+  plus a slow dot (a step of the demo's U-ViT took 1.35x longer). Same parameters either way.
+  """
+  layer = nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=_part(_torch_trunc_normal(0.02), (in_name, out_name)),
       bias_init=_part(nn.initializers.zeros_init(), (out_name,)), name=name)
+
+  def apply(x):
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
+  return apply
 
 
 ACT_AXES = ('act_batch', 'act_length', 'act_embed')

@@ -1,0 +1,45 @@
+"""The encoder bundle's latent normalisation: shift/scale of the image latent, text_scale."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import demo, laion
+from data_pipelines import demo_data
+from unidiffuser_jax import encoders as encoders_lib
+
+
+def _demo_images(n=64, size=16):
+  rng = np.random.default_rng(0)
+  imgs = []
+  for _ in range(n):
+    a = demo_data.sample_attrs(rng)
+    imgs.append(demo_data.render(a["colour"], a["shape"], a["position"], size, rng))
+  return jnp.asarray(np.stack(imgs), jnp.float32) / 127.5 - 1.0
+
+
+def test_demo_image_latents_are_near_unit_scale_and_decode_back():
+  enc = encoders_lib.build(demo.get_config().encoders)
+  assert enc.latent_shift != 0.0 and enc.latent_scale != 1.0  # the demo really normalises
+  x = _demo_images()
+  z = enc.latent_from_moments(enc.image_moments({}, x), jax.random.key(0))
+  # Centred, and what varies between images (the shape) is on the noise's scale.
+  assert abs(float(z.mean())) < 0.5, float(z.mean())
+  per_dim_std = float(z.std(axis=0).mean())
+  assert 1.0 < per_dim_std < 3.0, per_dim_std
+  back = enc.decode_latent({}, z)
+  # The pixel AE's posterior std is exp(-6) ~ 2.5e-3 pixel units.
+  np.testing.assert_allclose(np.asarray(back), np.asarray(x), atol=2e-2)
+
+
+def test_text_scale_is_undone_before_the_caption_decoder():
+  cfg = demo.get_config().encoders
+  cfg.text_scale = 2.5
+  enc = encoders_lib.build(cfg)
+  t = jax.random.normal(jax.random.key(1), (2, 12, 16))
+  np.testing.assert_allclose(np.asarray(enc.caption_prefix(t * 2.5)), np.asarray(t), rtol=1e-6)
+
+
+def test_released_model_config_uses_the_plain_sd_scaling():
+  enc_cfg = laion.get_config("v1").encoders
+  assert enc_cfg.autoencoder.scale == 0.18215
+  assert enc_cfg.autoencoder.shift == 0.0 and enc_cfg.text_scale == 1.0
