@@ -62,7 +62,8 @@ def _dense(features: int, in_name, out_name, dtype, name: str, use_bias: bool = 
 
   Merging the leading axes first is free (row-major), and it matters on CPU: the weight
   gradient of a 3-D [B, L, D] dot contracts over two axes, which XLA:CPU lowers to a copy
-  plus a slow dot (a step of the demo's U-ViT took 1.35x longer). Same parameters either way.
+  plus a slower dot ([32, 32, 128] @ [128, 512]: value-and-grad 4.8 ms vs 2.7 ms 2-D; the
+  demo's whole train step 152 -> 143 ms). Same parameters either way.
   """
   layer = nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
