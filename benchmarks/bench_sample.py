@@ -297,7 +297,9 @@ def make_pipeline(s: bench_train.Size, unet, run: Run, tmp: str):
   gpt_vocab = chars + ["Ġc", "Ġca", "Ġcat", "<|endoftext|>"]
   gpt_tok = GPT2Tokenizer(*_write_bpe(os.path.join(tmp, "gpt2"), gpt_vocab,
                                       ["Ġ c", "Ġc a", "Ġca t"]))
-  hidden = 32
+  # diffusers' text2img mode only applies the text decoder's encode_prefix when the CLIP text
+  # width exceeds the prefix dim (true of the released 768 -> 64), so keep it wider.
+  hidden = max(32, 2 * s.text_dim)
   text_encoder = CLIPTextModel(CLIPTextConfig(
       vocab_size=len(clip_vocab), hidden_size=hidden, intermediate_size=2 * hidden,
       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=s.num_text_tokens,
