@@ -153,3 +153,21 @@ def test_per_device_parameter_bytes(lowered):
   assert per_device == sharding.bytes_per_device(lowered["state"].params, lowered["specs"].params,
                                                  mesh)
   assert 7.5 < total / per_device <= 8.0, total / per_device
+
+
+def test_activation_constraints_reach_the_compiler():
+  """Under the trainer's tracing context the U-ViT's residual stream is pinned to batch
+  sharding (under the legacy `with mesh:` flax silently dropped every constraint: 0 here)."""
+  config = aot_tpu.load_config("configs/laion.py")
+  config.model.update(depth=2, width=64, num_heads=2, mlp_dim=128)
+  mesh = sharding.make_mesh(MESH)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  model = train.make_model(config.model)
+  args = train.dummy_latents(model, BATCH)
+  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)["params"]))
+  fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+  with sharding.tracing_context(mesh, rules):
+    text = fn.lower(params, *args).as_text()
+  pinned = re.findall(r'sdy.sharding_constraint [^\n]*\[\{"data", "fsdp"\}, \{\}, \{\}\]', text)
+  # tokens in, norm2 and norm3 of every block, norm1 of the skip block, the final norm
+  assert len(pinned) >= 2 * 3 + 1 + 2, len(pinned)

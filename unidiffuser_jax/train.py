@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import logging
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -225,9 +224,9 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   skipped_total, last = None, {}
   config_dict = config.to_dict()
   rules = sharding.rules_from_config(config.sharding.rules)
-  # Tracing happens at the first call, inside these contexts: the models' activation
+  # Tracing happens at the first call, inside this context: the models' activation
   # constraints (logical names) resolve against this mesh and these rules.
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.tracing_context(mesh, rules):
     for step in range(start_step + 1, total + 1):
       host_batch = task.prepare_batch(dict(next(data_iterator)))
       skipped = host_batch.pop("skipped", None)
