@@ -15,7 +15,7 @@ The image "autoencoder" is a parameter-free space-to-depth map (models/pixel_ae.
 that stands where the Stable Diffusion VAE stands in configs/laion.py; the encoders
 are the real CLIP/GPT-2 modules at tiny sizes. Re-running the command resumes.
 
-What it reproduces (2-core CPU, ~9 minutes): see README's table. After 3000 steps the
+What it reproduces (2-core CPU, ~10 minutes): see README's table. After 3000 steps the
 U-ViT has learned colour both ways and shape from images to text; position, and the
 shape of generated images, need longer training (--config.train.steps=...). What we
 measured while tuning it: with the training objective's independent timesteps, the
