@@ -71,7 +71,8 @@ ACT_AXES = ('act_batch', 'act_length', 'act_embed')
 
 
 def constrain_activation(x_btd: jax.Array) -> jax.Array:
-  """Pins the residual stream's layout by logical names (a no-op without axis rules).
+  """Pins the residual stream's layout by logical names (a no-op unless traced inside
+  sharding.tracing_context, which supplies the mesh and the axis rules).
 
   Under FSDP, XLA's partitioner may otherwise all-gather activations over the
   whole global batch instead of gathering the sharded weights: for the laion
