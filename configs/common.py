@@ -31,6 +31,8 @@ def train(**overrides) -> mc.ConfigDict:
       steps=1000, batch_size=8, grad_accum=1,
       lr=2e-4, warmup_steps=5000, weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=1.0,
       ema_decay=0.9999,
+      clean_prob=0.0,  # fraction of samples with one modality clean (objective.py); paper: 0
+      min_snr_gamma=0.0,  # loss weight min(SNR, gamma) / SNR per part (objective.py); paper: 0
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
   ))

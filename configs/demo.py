@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       # latents have std ~0.26.
       autoencoder=dict(kind="pixel", factor=2, scale=6.0, shift=0.67),
       text_scale=3.5,
+      fit_latent_stats=0,
       clip_image=dict(image_size=c.data.get_ref("clip_resolution"), patch_size=8, width=64,
                       num_layers=2, num_heads=4, mlp_dim=128, proj_dim=32),
       clip_text=dict(vocab_size=64, width=64, num_layers=2, num_heads=4, mlp_dim=128,

@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, vocab_size=50258, n_positions=1024,
                      n_embd=768, n_layer=12, n_head=12),
       text_scale=1.0,  # the released model feeds encode_prefix's output as it is
+      fit_latent_stats=0,  # published constants (0.18215, text as it is), not fitted
       weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
   ))
 

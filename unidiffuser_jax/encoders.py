@@ -2,13 +2,15 @@
 
   image    -> autoencoder moments -> (posterior sample - shift) x scale = z [B, h, w, C]
   image    -> CLIP image encoder (projected, unnormalised)              = clip [B, 1, D]
-  tokens   -> CLIP text encoder -> caption decoder's encode_prefix x text_scale = text [B, L, 64]
+  tokens   -> CLIP text encoder -> caption decoder's encode_prefix
+              -> (prefix - text_shift) x text_scale                     = text [B, L, 64]
   z / scale + shift -> autoencoder decode -> image
-  text / text_scale -> caption decoder -> caption
+  text / text_scale + text_shift -> caption decoder -> caption
 
-shift and text_scale are 0 and 1 for the released model (only the SD VAE's 0.18215 scale);
-the demo sets them so that its latents have roughly unit variance, as the diffusion
-schedule assumes (see configs/demo.py).
+The shifts and text_scale are 0 and 1 for the released model (only the SD VAE's 0.18215
+scale). Runs with config.encoders.fit_latent_stats > 0 fit them to the training data
+(unidiffuser_jax/latent_stats.py: per-channel mean, 1 / overall std), so the latents have
+the unit scale the diffusion schedule assumes whatever the images are.
 
 The same bundle serves the real model (SD VAE, CLIP ViT-B/32 and ViT-L/14, GPT-2)
 and the demo (pixel autoencoder and tiny CLIP/GPT-2 modules): only the config's
@@ -39,8 +41,9 @@ def _module_fields(cfg, drop=()) -> dict:
 class Encoders:
   autoencoder: object            # pixel_ae.PixelAutoencoder | vae.AutoencoderKL
   latent_scale: float
-  latent_shift: float
+  latent_shift: float | tuple[float, ...]   # scalar or per latent channel
   text_scale: float
+  text_shift: float | tuple[float, ...]     # scalar or per text-latent feature
   clip_image: nn.Module
   clip_text: nn.Module
   captioner: nn.Module
@@ -98,10 +101,11 @@ class Encoders:
                                   method=vae.AutoencoderKL.encode)
 
   def latent_from_moments(self, moments, key):
-    return (vae.sample_latent(moments, key) - self.latent_shift) * self.latent_scale
+    shift = jnp.asarray(self.latent_shift, jnp.float32)
+    return (vae.sample_latent(moments, key) - shift) * self.latent_scale
 
   def decode_latent(self, params, z_bhwc):
-    z = z_bhwc / self.latent_scale + self.latent_shift
+    z = z_bhwc / self.latent_scale + jnp.asarray(self.latent_shift, jnp.float32)
     if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
       return self.autoencoder.decode(z)
     return self.autoencoder.apply({"params": params["autoencoder"]}, z,
@@ -117,11 +121,11 @@ class Encoders:
   def text_latent_from_hidden(self, params, hidden_blw):
     prefix = self.captioner.apply({"params": params["captioner"]}, hidden_blw,
                                   method=captioner_lib.CaptionDecoder.encode_prefix)
-    return prefix * self.text_scale
+    return (prefix - jnp.asarray(self.text_shift, jnp.float32)) * self.text_scale
 
   def caption_prefix(self, text_blc):
-    """A text latent as the caption decoder expects it (undoes text_scale)."""
-    return text_blc / self.text_scale
+    """A text latent as the caption decoder expects it (undoes text_scale and text_shift)."""
+    return text_blc / self.text_scale + jnp.asarray(self.text_shift, jnp.float32)
 
   def text_latent(self, params, tokens_bl):
     return self.text_latent_from_hidden(params, self.text_hidden(params, tokens_bl))
@@ -176,6 +180,7 @@ def build(enc_cfg, model=None) -> Encoders:
       latent_scale=scale,
       latent_shift=shift,
       text_scale=float(enc_cfg.get("text_scale", 1.0)),
+      text_shift=0.0,
       clip_image=clip_lib.CLIPVisionEncoder(**_module_fields(ci)),
       clip_text=clip_lib.CLIPTextEncoder(**_module_fields(ct)),
       captioner=captioner_lib.CaptionDecoder(**_module_fields(enc_cfg.captioner)),

@@ -22,7 +22,7 @@ import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, rng, sharding, train
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, latent_stats, rng, sharding, train
 from unidiffuser_jax.diffusion import modes
 from unidiffuser_jax.models import captioner as captioner_lib
 
@@ -173,6 +173,8 @@ def run(config, workdir: str) -> dict:
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
   model = train.make_model(config.model)
   encoders = encoders_lib.build(config.encoders)
+  if int(config.encoders.fit_latent_stats) > 0:
+    encoders = latent_stats.apply(encoders, latent_stats.load(s.get("checkpoint", "") or workdir))
   enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed),
                                        config.sharding.rules)
   params = jax.device_put(load_uvit_params(config, workdir),

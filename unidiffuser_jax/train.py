@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, rng, sharding
+from unidiffuser_jax import checkpoints, latent_stats, rng, sharding
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -68,8 +68,10 @@ def dummy_latents(model: uvit.UViT, batch: int = 1):
   return z, clip, text, t, t, jnp.ones((batch,), jnp.int32)
 
 
-def uvit_task(model: uvit.UViT, encoders, seed: int) -> Task:
-  """The UniDiffuser objective on latents from the frozen encoders."""
+def uvit_task(model: uvit.UViT, encoders, seed: int, clean_prob: float = 0.0,
+              min_snr_gamma: float = 0.0) -> Task:
+  """The UniDiffuser objective on latents from the frozen encoders (clean_prob and
+  min_snr_gamma: see diffusion/objective.py; 0 and 0 are the paper's objective)."""
   def init_params():
     return model.init(rng.key_for(seed, 0, "init"), *dummy_latents(model))["params"]
 
@@ -77,7 +79,8 @@ def uvit_task(model: uvit.UViT, encoders, seed: int) -> Task:
     k_enc, k_loss = jax.random.split(key)
     z0, clip0, text0 = encoders.batch_to_latents(encoder_params, batch, k_enc)
     nnet = functools.partial(model.apply, {"params": params})
-    total, parts = objective.loss_fn(nnet, z0, clip0, text0, batch.get("data_type"), k_loss)
+    total, parts = objective.loss_fn(nnet, z0, clip0, text0, batch.get("data_type"), k_loss,
+                                     clean_prob=clean_prob, min_snr_gamma=min_snr_gamma)
     return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
 
   return Task("uvit", init_params, loss)
@@ -259,9 +262,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   encoders = encoders_lib.build(config.encoders)
   encoder_params, encoder_shardings = encoders.load_params(config.encoders.weights, mesh,
                                                            int(config.seed), config.sharding.rules)
+  make_iterator = lambda: sources.make_train_iterator(config, config.train, jax.process_index(),
+                                                     jax.process_count())
+  encoders = latent_stats.fit_or_load(config, encoders, encoder_params, make_iterator, mesh, workdir)
   if data_iterator is None:
-    data_iterator = sources.make_train_iterator(config, config.train, jax.process_index(),
-                                                jax.process_count())
-  task = uvit_task(model, encoders, int(config.seed))
+    data_iterator = make_iterator()
+  task = uvit_task(model, encoders, int(config.seed), float(config.train.clean_prob),
+                   float(config.train.min_snr_gamma))
   return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
                   data_iterator, init_from=config.train.get("init_from", ""))

@@ -6,39 +6,74 @@ is noised with t_img, the text latent with t_text, and the network regresses
 the concatenated noise. The total loss is the mean squared error over that
 concatenation (so each part weighs by its number of elements, as in the
 reference); the per-part means are reported alongside.
+
+`clean_prob` (0 in the paper's recipe) leaves one modality clean for that
+fraction of the samples, half of them text (t_text = 0: the pair the text ->
+image sampler evaluates) and half image (t_img = 0: image -> text). With
+independent uniform timesteps a sample whose condition is nearly clean is rare
+(t <= 10 for 1% of them), so the conditionals are learned from a small part of
+each batch; a clean modality carries no noise to predict, so its part of that
+sample's loss is left out.
+
+`min_snr_gamma` (0 = off, the paper's objective) weights each part's squared
+error by min(SNR(t), gamma) / SNR(t) at its own timestep (Hang et al. 2023,
+"Efficient Diffusion Training via Min-SNR Weighting Strategy"): the low-noise
+timesteps, whose noise-prediction errors are large but carry little about the
+image's global layout, stop dominating the gradient.
 """
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unidiffuser_jax.diffusion import schedule
 
 NNet = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
+# alpha_bar_n at index n for n = 0..1000 (n = 0: clean data).
+_ALPHA_BAR = np.concatenate([[1.0], schedule.alphas_cumprod()])
 
-def sample_timesteps(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-  """Independent t_img, t_text ~ U{1..1000} per sample (int32 [B] each)."""
-  k_img, k_text = jax.random.split(key)
+
+def min_snr_weight(n_b: jax.Array, gamma: float) -> jax.Array:
+  """min(SNR_n, gamma) / SNR_n per sample (1 where gamma <= 0; 0 at n = 0)."""
+  if gamma <= 0:
+    return (n_b > 0).astype(jnp.float32)
+  ab = _ALPHA_BAR[1:]
+  table = np.concatenate([[0.0], np.minimum(ab / (1 - ab), gamma) / (ab / (1 - ab))])
+  return jnp.asarray(table, jnp.float32)[n_b]
+
+
+def sample_timesteps(key: jax.Array, batch: int, clean_prob: float = 0.0
+                     ) -> tuple[jax.Array, jax.Array]:
+  """t_img, t_text (int32 [B] each): independent U{1..1000}; with probability
+  clean_prob one of them (text or image, equally likely) is set to 0."""
+  k_img, k_text, k_clean = jax.random.split(key, 3)
   hi = schedule.NUM_TIMESTEPS + 1
-  return (jax.random.randint(k_img, (batch,), 1, hi, dtype=jnp.int32),
-          jax.random.randint(k_text, (batch,), 1, hi, dtype=jnp.int32))
+  t_img = jax.random.randint(k_img, (batch,), 1, hi, dtype=jnp.int32)
+  t_text = jax.random.randint(k_text, (batch,), 1, hi, dtype=jnp.int32)
+  if clean_prob > 0:
+    u = jax.random.uniform(k_clean, (batch,))
+    t_text = jnp.where(u < clean_prob / 2, 0, t_text)
+    t_img = jnp.where((u >= clean_prob / 2) & (u < clean_prob), 0, t_img)
+  return t_img, t_text
 
 
 def noise_to(x0: jax.Array, eps: jax.Array, n_b: jax.Array) -> jax.Array:
-  """x_n = sqrt(alpha_bar_n) x0 + sqrt(1 - alpha_bar_n) eps, n per sample in 1..1000."""
-  alpha_bar = jnp.asarray(schedule.alphas_cumprod(), jnp.float32)[n_b - 1]
+  """x_n = sqrt(alpha_bar_n) x0 + sqrt(1 - alpha_bar_n) eps, n per sample in 0..1000."""
+  alpha_bar = jnp.asarray(_ALPHA_BAR, jnp.float32)[n_b]
   shape = (-1,) + (1,) * (x0.ndim - 1)
   return (jnp.sqrt(alpha_bar).reshape(shape) * x0
           + jnp.sqrt(1.0 - alpha_bar).reshape(shape) * eps)
 
 
 def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax.Array,
-            data_type_b: jax.Array | None, key: jax.Array) -> tuple[jax.Array, dict]:
+            data_type_b: jax.Array | None, key: jax.Array, clean_prob: float = 0.0,
+            min_snr_gamma: float = 0.0) -> tuple[jax.Array, dict]:
   """Returns (total loss, {loss_img, loss_clip, loss_text, t_img, t_text})."""
   batch = z0_bhwc.shape[0]
   k_t, k_z, k_c, k_y = jax.random.split(key, 4)
-  t_img, t_text = sample_timesteps(k_t, batch)
+  t_img, t_text = sample_timesteps(k_t, batch, clean_prob)
   eps_z = jax.random.normal(k_z, z0_bhwc.shape, jnp.float32)
   eps_c = jax.random.normal(k_c, clip0_b1d.shape, jnp.float32)
   eps_y = jax.random.normal(k_y, text0_bld.shape, jnp.float32)
@@ -47,10 +82,18 @@ def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax
   text_t = noise_to(text0_bld, eps_y, t_text)
   pred_z, pred_c, pred_y = nnet(z_t, clip_t, text_t, t_img.astype(jnp.float32),
                                 t_text.astype(jnp.float32), data_type_b)
-  sq = lambda a, b: jnp.square(a.astype(jnp.float32) - b)
-  se_z, se_c, se_y = sq(pred_z, eps_z), sq(pred_c, eps_c), sq(pred_y, eps_y)
-  n_z, n_c, n_y = se_z[0].size, se_c[0].size, se_y[0].size
-  total = (se_z.sum() + se_c.sum() + se_y.sum()) / (batch * (n_z + n_c + n_y))
-  parts = dict(loss_img=se_z.mean(), loss_clip=se_c.mean(), loss_text=se_y.mean(),
+  # Per-sample sums of squared errors; a clean part (t = 0) is weighted 0.
+  sse = lambda a, b: jnp.square(a.astype(jnp.float32) - b).reshape(batch, -1).sum(-1)
+  se_z, se_c, se_y = sse(pred_z, eps_z), sse(pred_c, eps_c), sse(pred_y, eps_y)
+  n_z, n_c, n_y = eps_z[0].size, eps_c[0].size, eps_y[0].size
+  w_img = (t_img > 0).astype(jnp.float32)
+  w_text = (t_text > 0).astype(jnp.float32)
+  lw_img, lw_text = min_snr_weight(t_img, min_snr_gamma), min_snr_weight(t_text, min_snr_gamma)
+  total = ((lw_img * (se_z + se_c) + lw_text * se_y).sum()
+           / jnp.maximum((w_img * (n_z + n_c) + w_text * n_y).sum(), 1.0))
+  n_img, n_text = jnp.maximum(w_img.sum(), 1.0), jnp.maximum(w_text.sum(), 1.0)
+  parts = dict(loss_img=(w_img * se_z).sum() / (n_img * n_z),
+               loss_clip=(w_img * se_c).sum() / (n_img * n_c),
+               loss_text=(w_text * se_y).sum() / (n_text * n_y),
                t_img=t_img, t_text=t_text)
   return total, parts
