@@ -18,8 +18,14 @@ Solver on both sides: multistep DPM-Solver++ (data prediction), order --order,
 same lower-order warm-up and (under 15 steps) lower-order final steps. Ours:
 solvers.sample(method='multistep', skip_type='time_uniform', t 1 -> 1e-3);
 diffusers: DPMSolverMultistepScheduler(algorithm_type='dpmsolver++', SD's scaled
-linear betas). The time grids differ slightly (continuous vs diffusers'
-discrete linspace timesteps), which does not change the work. Guidance: ours
+linear betas, final_sigmas_type='sigma_min', i.e. also ending at t = 1e-3; its
+default 'zero' would make the last step first order at any step count). This
+is the pairing tests/test_solvers.py checks step by step. It is not the
+UniDiffuser reference sampler (our default, the singlestep 'fast'), although
+diffusers' pipeline docstring names the multistep scheduler as the paper's;
+both make one U-ViT evaluation per step, so the timed work is the same. The
+time grids differ slightly (continuous vs diffusers' discrete linspace
+timesteps), which does not change the work. Guidance: ours
 s = --guidance (cond + s (cond - uncond)) = diffusers' g = s + 1.
 
 WHAT IS TIMED (the denoising loop: U-ViT + solver, nothing else):
@@ -321,7 +327,7 @@ def make_pipeline(s: bench_train.Size, unet, run: Run, tmp: str):
   scheduler = DPMSolverMultistepScheduler(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
       solver_order=run.order, algorithm_type="dpmsolver++", prediction_type="epsilon",
-      lower_order_final=True)
+      lower_order_final=True, final_sigmas_type="sigma_min")
   pipe = UniDiffuserPipeline(vae=vae, text_encoder=text_encoder, image_encoder=image_encoder,
                              clip_image_processor=processor, clip_tokenizer=clip_tok,
                              text_decoder=decoder, text_tokenizer=gpt_tok, unet=unet,

@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.sample = mc.ConfigDict(dict(
       after_train=True,          # the demo ends by sampling and judging
       tasks=("t2i", "i2t"), num=32, batch_size=32,
-      steps=20, order=3, method="singlestep_fast", skip_type="time_uniform",
+      steps=20, order=3, method="fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
       num_beams=5, max_caption_tokens=12, gibbs_rounds=3, interp_points=5,

@@ -80,9 +80,11 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # hidden states) for training with --config.data.source=features. batch_size 0: train's.
   c.extract = mc.ConfigDict(dict(text="tokens", shard_size=10000, batch_size=0))
 
+  # Sampler: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform (methods in
+  # unidiffuser_jax/diffusion/solvers.py).
   c.sample = mc.ConfigDict(dict(
       after_train=False, tasks=("t2i",), num=4, batch_size=4,
-      steps=50, order=3, method="singlestep_fast", skip_type="time_uniform",
+      steps=50, order=3, method="fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
       num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,

@@ -20,7 +20,7 @@ from unidiffuser_jax.diffusion import solvers
 
 SHAPES = modes.LatentShapes(z=(4, 4, 2), clip=(1, 8), text=(4, 8))
 B = 2
-KW = dict(shapes=SHAPES, steps=3, order=3, method="singlestep_fast")
+KW = dict(shapes=SHAPES, steps=3, order=3, method="fast")
 
 
 class Recorder:
@@ -67,8 +67,7 @@ def _latents(seed):
 def _first_step_times(steps=3, order=3):
   """Network times the solver evaluates at, in order (from the solver's plan)."""
   sched = schedule_lib.DiscreteVPSchedule()
-  segs = solvers.singlestep_segments(sched, steps, order, "time_uniform", 1.0, 1e-3)
-  return np.concatenate([s[:-1] for s in segs]) * 1000.0
+  return solvers.eval_times(sched, steps, order, "fast", "time_uniform", 1.0, 1e-3) * 1000.0
 
 
 def _assert_fresh_noise(noises):
@@ -86,7 +85,7 @@ def test_t2i_feeds_table_and_guides():
   z, clip = eager(modes.t2i, net, text, jax.random.key(1), guidance_scale=7.0, **KW)
   calls = net.done()
   assert z.shape == (B,) + SHAPES.z and clip.shape == (B,) + SHAPES.clip
-  assert len(calls) == solvers.num_model_evals(3, 3, "singlestep_fast") == 3
+  assert len(calls) == solvers.num_model_evals(3, 3, "fast") == 3
   t_expected = _first_step_times()
   for c, t in zip(calls, t_expected):
     assert c["z"].shape[0] == 2 * B  # cond and uncond in one batched call

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, latent_stats, rng, sharding, train
-from unidiffuser_jax.diffusion import modes
+from unidiffuser_jax.diffusion import modes, solvers
 from unidiffuser_jax.models import captioner as captioner_lib
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,10 @@ def run(config, workdir: str) -> dict:
   from data_pipelines import transforms
 
   s = config.sample
+  try:  # fail on bad solver settings before loading anything
+    solvers.check_args(int(s.steps), int(s.order), s.method, s.skip_type)
+  except ValueError as e:
+    raise sharding.ConfigError(f"config.sample: {e}") from None
   for task in s.tasks:  # fail on missing prompts/images before loading anything
     if task not in TASKS:
       raise ValueError(f"config.sample.tasks: unknown task {task!r}; choose from {TASKS}")

@@ -183,7 +183,7 @@ def t2i_model_fn(nnet: Nnet, text, shapes: LatentShapes, *, guidance_scale=7.0, 
 
 
 def t2i(nnet: Nnet, text, key, *, shapes: LatentShapes, steps=50, order=3,
-        method="singlestep_fast", skip_type="time_uniform", guidance_scale=7.0, data_type=1,
+        method=solvers.DEFAULT_METHOD, skip_type="time_uniform", guidance_scale=7.0, data_type=1,
         uncond_text=None, x_T=None, t_end=1e-3, schedule=None):
   """Text latent [B, L, Dt] -> (z [B, h, w, C], clip_img [B, 1, D]).
 
@@ -203,7 +203,7 @@ def t2i(nnet: Nnet, text, key, *, shapes: LatentShapes, steps=50, order=3,
 
 
 def i2t(nnet: Nnet, z, clip_img, key, *, shapes: LatentShapes, steps=50, order=3,
-        method="singlestep_fast", skip_type="time_uniform", guidance_scale=7.0, data_type=1,
+        method=solvers.DEFAULT_METHOD, skip_type="time_uniform", guidance_scale=7.0, data_type=1,
         t_end=1e-3, schedule=None):
   """Image latents (z [B, h, w, C], clip_img [B, 1, D]) -> text latent [B, L, Dt]."""
   _check_shapes("z", z, shapes.z)
@@ -236,7 +236,7 @@ def i2t(nnet: Nnet, z, clip_img, key, *, shapes: LatentShapes, steps=50, order=3
 
 
 def joint(nnet: Nnet, key, *, batch_size: int, shapes: LatentShapes, steps=50, order=3,
-          method="singlestep_fast", skip_type="time_uniform", guidance_scale=7.0, data_type=1,
+          method=solvers.DEFAULT_METHOD, skip_type="time_uniform", guidance_scale=7.0, data_type=1,
           t_end=1e-3, schedule=None):
   """Samples image and text together -> (z, clip_img, text). 3 forwards per step."""
   b = batch_size
@@ -268,7 +268,7 @@ def joint(nnet: Nnet, key, *, batch_size: int, shapes: LatentShapes, steps=50, o
 
 
 def image_only(nnet: Nnet, key, *, batch_size: int, shapes: LatentShapes, steps=50, order=3,
-               method="singlestep_fast", skip_type="time_uniform", data_type=1, t_end=1e-3,
+               method=solvers.DEFAULT_METHOD, skip_type="time_uniform", data_type=1, t_end=1e-3,
                schedule=None):
   """Marginal image sampling ('i'): text is fresh noise at t_text = 1000."""
   b = batch_size
@@ -288,7 +288,7 @@ def image_only(nnet: Nnet, key, *, batch_size: int, shapes: LatentShapes, steps=
 
 
 def text_only(nnet: Nnet, key, *, batch_size: int, shapes: LatentShapes, steps=50, order=3,
-              method="singlestep_fast", skip_type="time_uniform", data_type=1, t_end=1e-3,
+              method=solvers.DEFAULT_METHOD, skip_type="time_uniform", data_type=1, t_end=1e-3,
               schedule=None):
   """Marginal text sampling ('t'): image and clip are fresh noise at t_img = 1000."""
   b = batch_size
@@ -364,7 +364,7 @@ def slerp(a_bn, b_bn, w):
 
 
 def invert_image(nnet: Nnet, z, clip_img, text, *, shapes: LatentShapes, steps=50, order=3,
-                 method="singlestep_fast", skip_type="time_uniform", data_type=1, t_end=1e-3,
+                 method=solvers.DEFAULT_METHOD, skip_type="time_uniform", data_type=1, t_end=1e-3,
                  schedule=None):
   """Deterministic ODE inversion of image latents to t = 1 given a text latent.
 
@@ -380,7 +380,7 @@ def invert_image(nnet: Nnet, z, clip_img, text, *, shapes: LatentShapes, steps=5
 
 
 def interpolate(nnet: Nnet, z_a, clip_a, z_b, clip_b, key, *, num: int, shapes: LatentShapes,
-                steps=50, order=3, method="singlestep_fast", skip_type="time_uniform",
+                steps=50, order=3, method=solvers.DEFAULT_METHOD, skip_type="time_uniform",
                 guidance_scale=0.0, caption_guidance_scale=7.0, data_type=1, t_end=1e-3,
                 schedule=None):
   """Interpolates between two real images (pairs a[i], b[i]) in `num` points.

@@ -9,16 +9,39 @@ The time grid and therefore every coefficient depend only on static
 arguments (steps, order, method, skip type, t range), so they are computed
 once while tracing, in float64 numpy, and the compiled loop is a `lax.scan`
 over rows of those tables: one scan for the multistep solver, one scan per run
-of equal-order segments for the singlestep solver (at most three). No Python
+of equal-order segments for the singlestep solvers (at most three). No Python
 loop runs around compiled steps, and the schedule is never evaluated on device.
 
 Model evaluation number k (0-based, in the order they happen) receives
 `jax.random.fold_in(key, k)`; the model uses it for its fresh noise.
 
-The formulas follow the DPM-Solver / DPM-Solver++ papers (Lu et al., 2022):
-singlestep "fast" order schedule, intermediate points placed by ratios of the
-lambda step (1/2 for order 2; 1/3 and 2/3 for order 3), multistep with
-lower-order warm-up and (for few steps) lower-order final steps.
+Methods (the first three are the ones of UniDiffuser's released
+`dpm_solver_pp.py`, whose update formulas are those of the DPM-Solver /
+DPM-Solver++ papers, Lu et al. 2022, in their "dpm_solver" form):
+
+  fast              the reference sampler (UniDiffuser samples with it: order
+                    3, 50 steps, time-uniform, t 1 -> 1e-3). ONE grid of
+                    steps + 1 points; singlestep segments of orders
+                    `fast_orders(steps, order)` (3, 3, ..., then 2 / 1; they
+                    sum to steps) over consecutive grid points, whose
+                    intermediate evaluations ARE the grid points inside the
+                    segment. steps evaluations, all on the grid.
+  singlestep        fixed order: steps // order segments of `order` on a grid
+                    of steps // order + 1 points, intermediate points at
+                    fractions 1/2 (order 2) or 1/3, 2/3 (order 3) of the
+                    segment's lambda step; order * (steps // order)
+                    evaluations (a remainder of steps is dropped, as in the
+                    reference).
+  multistep         DPM-Solver++ multistep on a grid of steps + 1 points, with
+                    lower-order warm-up; `lower_order_final` (default on) also
+                    lowers the last orders when steps < 15, which is diffusers'
+                    rule; the reference never lowers them (pass False).
+  singlestep_ratio  the "fast" order schedule with the intermediate points at
+                    the fixed lambda fractions of `singlestep` (the placement of
+                    the DPM-Solver paper's DPM-Solver-fast): segment ends are
+                    the steps-point grid at the cumulative orders (a
+                    len(orders)-interval logSNR grid for skip_type 'logSNR').
+                    Not the reference: it evaluates the model off the grid.
 """
 from __future__ import annotations
 
@@ -34,10 +57,14 @@ from unidiffuser_jax.diffusion import schedule as schedule_lib
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-METHODS = ("singlestep_fast", "singlestep", "multistep")
+METHODS = ("fast", "singlestep", "multistep", "singlestep_ratio")
+DEFAULT_METHOD = "fast"  # the reference sampler
+GRID_METHODS = ("singlestep", "multistep")  # what sample_on_grid runs
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 # diffusers drops to lower orders at the end only for short schedules.
 LOWER_ORDER_FINAL_MAX_STEPS = 15
+# Intermediate points of the lambda-fraction placement ("singlestep", "singlestep_ratio").
+_LAMBDA_FRACTIONS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
 
 
 def default_schedule() -> schedule_lib.DiscreteVPSchedule:
@@ -54,7 +81,11 @@ def _default_schedule():
 
 
 def time_grid(schedule, skip_type: str, t_start: float, t_end: float, n: int) -> np.ndarray:
-  """n + 1 times from t_start to t_end (either direction) spaced by skip_type."""
+  """n + 1 times from t_start to t_end (either direction) spaced by skip_type.
+
+  time_quadratic is uniform in sqrt(t); the reference snaps those points to a
+  10^7-point time grid (a difference below 1e-7 in t).
+  """
   if n < 1:
     raise ValueError(f"need at least one interval, got {n}")
   if skip_type == "time_uniform":
@@ -69,11 +100,13 @@ def time_grid(schedule, skip_type: str, t_start: float, t_end: float, n: int) ->
   raise ValueError(f"unknown skip_type {skip_type!r}; expected one of {SKIP_TYPES}")
 
 
-def singlestep_orders(steps: int, order: int) -> list[int]:
-  """Orders of the segments of the "fast" singlestep solver; they sum to steps.
+def fast_orders(steps: int, order: int) -> list[int]:
+  """Segment orders of the "fast" schedule ("fast", "singlestep_ratio"); they sum to steps.
 
   Order 3: K = steps // 3 + 1 segments, ending in [2, 1] (steps % 3 == 0), [1]
   (== 1) or [2] (== 2). E.g. 50 steps -> 16 third-order segments + 1 second.
+  Order 2: [2] * (steps // 2), plus [1] for odd steps. Order 1: [1] * steps
+  (DDIM; the reference's "fast" accepts only orders 2 and 3).
   """
   _check_order(order)
   if steps < 1:
@@ -94,8 +127,9 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
 
 
 def multistep_orders(steps: int, order: int, lower_order_final: bool = True) -> list[int]:
-  """Order used at each multistep step: warm-up min(order, i + 1); for fewer
-  than 15 steps (diffusers' rule) the last steps drop to order steps - i."""
+  """Order used at each multistep step: warm-up min(order, i + 1); with
+  lower_order_final and fewer than 15 steps (diffusers' rule) the last steps
+  drop to order steps - i."""
   _check_order(order)
   orders = [min(order, i + 1) for i in range(steps)]
   if lower_order_final and steps < LOWER_ORDER_FINAL_MAX_STEPS:
@@ -103,12 +137,25 @@ def multistep_orders(steps: int, order: int, lower_order_final: bool = True) -> 
   return orders
 
 
-def num_model_evals(steps: int, order: int, method: str) -> int:
-  """Number of model_fn calls `sample` makes (one per step for every method)."""
+def check_args(steps: int, order: int, method: str, skip_type: str = "time_uniform") -> None:
+  """Raises ValueError (one line) unless `sample` accepts these static arguments."""
   _check_method(method)
-  if method == "multistep":
-    return len(multistep_orders(steps, order))
-  return sum(singlestep_orders(steps, order))
+  _check_order(order)
+  if skip_type not in SKIP_TYPES:
+    raise ValueError(f"unknown skip_type {skip_type!r}; expected one of {SKIP_TYPES}")
+  if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+    raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+  if method == "singlestep" and steps < order:
+    raise ValueError(f"method 'singlestep' of order {order} needs steps >= {order}, got {steps}")
+
+
+def num_model_evals(steps: int, order: int, method: str) -> int:
+  """Number of model_fn calls `sample` makes: steps, except for "singlestep"
+  (order * (steps // order))."""
+  check_args(steps, order, method)
+  if method == "singlestep":
+    return order * (steps // order)
+  return steps
 
 
 def _check_order(order):
@@ -116,9 +163,9 @@ def _check_order(order):
     raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
 
 
-def _check_method(method):
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+def _check_method(method, allowed=METHODS):
+  if method not in allowed:
+    raise ValueError(f"unknown method {method!r}; expected one of {allowed}")
 
 
 # ---------------------------------------------------------------------------
@@ -217,31 +264,57 @@ def _multistep_coefficients(schedule, grid: np.ndarray, orders: Sequence[int]):
   return grid[:-1], alpha[:-1], sigma[:-1], ratio, coef
 
 
-def singlestep_segments(schedule, steps: int, order: int, skip_type: str, t_start: float,
-                        t_end: float) -> list[np.ndarray]:
-  """Times of each "fast" singlestep segment, DPM-Solver's placement.
+def segments(schedule, steps: int, order: int, method: str, skip_type: str, t_start: float,
+             t_end: float) -> list[np.ndarray]:
+  """Times of each segment of a singlestep method: start, intermediate
+  evaluation points, end (the model is evaluated at all but the end).
 
-  Segment ends: K logSNR-uniform points for skip_type 'logSNR', otherwise the
-  steps-point grid sampled at the cumulative orders. Intermediate points sit
-  at lambda_s + r h with r = 1/2 (order 2) or 1/3, 2/3 (order 3).
+  "fast": consecutive points of one steps-interval grid. "singlestep" and
+  "singlestep_ratio": intermediate points at lambda_s + r h with r = 1/2
+  (order 2) or 1/3, 2/3 (order 3); see the module docstring for their ends.
   """
-  orders = singlestep_orders(steps, order)
+  check_args(steps, order, method, skip_type)
+  if method == "multistep":
+    raise ValueError("method 'multistep' has no singlestep segments")
+  if method == "fast":
+    grid = time_grid(schedule, skip_type, t_start, t_end, steps)
+    return grid_segments(grid, fast_orders(steps, order))
+  if method == "singlestep":
+    n = steps // order
+    return _fraction_segments(schedule, time_grid(schedule, skip_type, t_start, t_end, n),
+                              [order] * n)
+  orders = fast_orders(steps, order)  # singlestep_ratio
   if skip_type == "logSNR":
     ends = time_grid(schedule, skip_type, t_start, t_end, len(orders))
   else:
     ends = time_grid(schedule, skip_type, t_start, t_end, steps)[np.cumsum([0] + orders)]
-  ratios = {1: [], 2: [0.5], 3: [1.0 / 3.0, 2.0 / 3.0]}
-  segments = []
+  return _fraction_segments(schedule, ends, orders)
+
+
+def eval_times(schedule, steps: int, order: int, method: str, skip_type: str, t_start: float,
+               t_end: float) -> np.ndarray:
+  """Continuous times of the model evaluations of `sample`, in order."""
+  if method == "multistep":
+    check_args(steps, order, method, skip_type)
+    return time_grid(schedule, skip_type, t_start, t_end, steps)[:-1]
+  return np.concatenate([seg[:-1] for seg in
+                         segments(schedule, steps, order, method, skip_type, t_start, t_end)])
+
+
+def _fraction_segments(schedule, ends: np.ndarray, orders: Sequence[int]) -> list[np.ndarray]:
+  """Segments between consecutive `ends` with inner points at fixed lambda fractions."""
+  out = []
   for k, p in enumerate(orders):
     s, t = ends[k], ends[k + 1]
     lam_s, lam_t = schedule.marginal_lambda(s), schedule.marginal_lambda(t)
-    inner = [schedule.inverse_lambda(lam_s + r * (lam_t - lam_s)) for r in ratios[p]]
-    segments.append(np.array([s, *inner, t], dtype=np.float64))
-  return segments
+    inner = [schedule.inverse_lambda(lam_s + r * (lam_t - lam_s)) for r in _LAMBDA_FRACTIONS[p]]
+    out.append(np.array([s, *inner, t], dtype=np.float64))
+  return out
 
 
 def grid_segments(grid: np.ndarray, orders: Sequence[int]) -> list[np.ndarray]:
-  """Segments whose intermediate points are grid points (diffusers' singlestep)."""
+  """Segments whose intermediate points are the grid points inside them (the
+  reference's "fast" placement; also diffusers' DPMSolverSinglestepScheduler)."""
   grid = np.asarray(grid, dtype=np.float64)
   if sum(orders) != len(grid) - 1:
     raise ValueError(f"orders {list(orders)} must sum to the {len(grid) - 1} grid intervals")
@@ -322,27 +395,28 @@ def _check_x(x_T):
 
 
 def sample(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, schedule=None, steps: int = 50,
-           order: int = 3, method: str = "singlestep_fast", skip_type: str = "time_uniform",
+           order: int = 3, method: str = DEFAULT_METHOD, skip_type: str = "time_uniform",
            t_start: float = 1.0, t_end: float = 1e-3, lower_order_final: bool = True) -> jax.Array:
   """Integrates the diffusion ODE from t_start to t_end with DPM-Solver++.
 
   model_fn(x [B, N], t_continuous [B], key) -> noise prediction [B, N].
   x_T: flat [B, N] state at t_start. The defaults are the reference sampler
-  (singlestep fast, order 3, time-uniform, 50 steps, t: 1 -> 1e-3). Running
-  with t_start < t_end integrates the same ODE forwards (ODE inversion).
-  `schedule` defaults to the SD discrete schedule; steps, order, method,
-  skip_type, t_start, t_end are static. Jittable.
+  (method "fast", order 3, time-uniform, 50 steps, t: 1 -> 1e-3, no final
+  denoising step); `method` is one of METHODS (module docstring).
+  lower_order_final applies to "multistep" only. Running with t_start < t_end
+  integrates the same ODE forwards (ODE inversion). `schedule` defaults to the
+  SD discrete schedule; steps, order, method, skip_type, t_start, t_end are
+  static. Jittable.
   """
   _check_x(x_T)
-  _check_method(method)
-  _check_order(order)
+  check_args(steps, order, method, skip_type)
   schedule = default_schedule() if schedule is None else schedule
   if method == "multistep":
     grid = time_grid(schedule, skip_type, t_start, t_end, steps)
     return _run_multistep(model_fn, x_T, key, schedule, grid,
                           multistep_orders(steps, order, lower_order_final))
-  segments = singlestep_segments(schedule, steps, order, skip_type, t_start, t_end)
-  return _run_singlestep(model_fn, x_T, key, schedule, segments)
+  return _run_singlestep(model_fn, x_T, key, schedule,
+                         segments(schedule, steps, order, method, skip_type, t_start, t_end))
 
 
 def sample_on_grid(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, grid,
@@ -351,10 +425,13 @@ def sample_on_grid(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, grid,
 
   multistep: orders[i] is step i's order (N entries). singlestep: orders are
   segment orders summing to N, and intermediate points are the grid points
-  inside each segment (diffusers' DPMSolverSinglestepScheduler placement).
+  inside each segment -- the placement of `sample`'s "fast" (which is this
+  with grid = time_grid(..., steps) and orders = fast_orders(steps, order)),
+  not the lambda fractions of its "singlestep"; diffusers'
+  DPMSolverSinglestepScheduler places them on its grid the same way.
   """
   _check_x(x_T)
-  _check_method(method)
+  _check_method(method, GRID_METHODS)
   schedule = default_schedule() if schedule is None else schedule
   grid = np.asarray(grid, dtype=np.float64)
   if method == "multistep":
