@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, rng, sharding, train
+from unidiffuser_jax import weight_jobs
 from unidiffuser_jax.diffusion import modes
 from unidiffuser_jax.models import captioner as captioner_lib
 
@@ -172,6 +173,7 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
   model = train.make_model(config.model)
+  weight_jobs.check_imported_uvit(model, s.get("checkpoint", ""), "sample.checkpoint")
   encoders = encoders_lib.build(config.encoders)
   enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed),
                                        config.sharding.rules)
