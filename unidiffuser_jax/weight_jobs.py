@@ -166,7 +166,8 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
   except WeightMismatchError as e:
     raise WeightJobError(f"{path}: {e}") from None
   resize_from = None
-  if config.weights.get("resize_pos_embed", False) and need["latent_size"] != current["latent_size"]:
+  resize = bool(config.weights.get("resize_pos_embed", False))
+  if resize and need["latent_size"] != current["latent_size"]:
     if current["latent_size"] % need["patch_size"]:
       raise WeightJobError(f"{path}: resize_pos_embed: config.model.latent_size "
                            f"{current['latent_size']} is not a multiple of the file's patch size "
@@ -195,6 +196,12 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
     notes.append(f"config.encoders.autoencoder ({ae.get('kind')}) makes {ae_channels}-channel "
                  f"latents and these weights need {need['latent_channels']}: they need an "
                  f"autoencoder with {need['latent_channels']} latent channels")
+  cap = config.get("encoders", {}).get("captioner", {})
+  positions = need["num_text_tokens"] + int(config.get("sample", {}).get("max_caption_tokens", 1))
+  if cap.get("n_positions") and cap["n_positions"] < positions:
+    notes.append(f"config.encoders.captioner.n_positions {cap['n_positions']} is too short for "
+                 f"{need['num_text_tokens']} text tokens + config.sample.max_caption_tokens: the "
+                 f"caption decoder needs at least {positions}")
   return dict(model=need, diffs=diffs, notes=notes, resize_from=resize_from, overrides=overrides)
 
 

@@ -147,13 +147,15 @@ def export_uvit(params: Mapping, model: UViT) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- what a file needs
 
 def pos_table_splits(rows: int, patch_size: int) -> list[tuple[int, int]]:
-  """Every (num_text_tokens, latent_size) whose position table has `rows` rows, fewest text first."""
+  """Every (num_text_tokens, latent_size) whose position table has `rows` rows (fewest text
+  tokens first)."""
   rest = rows - POS_EXTRA_TOKENS
   grids = range(math.isqrt(max(rest - 1, 0)), 0, -1)
   return [(rest - g * g, g * patch_size) for g in grids]
 
 
-def split_pos_table(rows: int, patch_size: int, text_tokens: int, latent_size: int) -> tuple[int, int]:
+def split_pos_table(rows: int, patch_size: int, text_tokens: int,
+                    latent_size: int) -> tuple[int, int]:
   """(num_text_tokens, latent_size) of a position table with `rows` rows; the config's
   (`text_tokens`, `latent_size`) are the hints.
 
@@ -162,8 +164,10 @@ def split_pos_table(rows: int, patch_size: int, text_tokens: int, latent_size: i
     2. else the one split whose text-token count is the config's or CLIP's 77 (the text-token
        count comes from the text encoder, so it is the config's or the released one; the latent
        size is only a consequence);
-    3. else refuse: no such split, or two of them (config 12 tokens + 18x18 latent and 77 tokens
-       + 8x8 latent both fit 96 rows at patch 2), and neither is the config's geometry.
+    3. else refuse: no such split, or two of them and neither is the config's geometry (96 rows
+       at patch 2 fit both 12 tokens with an 18x18 latent and 77 tokens with an 8x8 latent; a
+       config of 12 tokens and latent 8 matches each in one field).
+  The config's latent size alone is no evidence: some text-token count fits any latent size.
   Raises WeightMismatchError (one line) in case 3.
   """
   splits = pos_table_splits(rows, patch_size)
@@ -181,8 +185,8 @@ def split_pos_table(rows: int, patch_size: int, text_tokens: int, latent_size: i
     raise WeightMismatchError(f'{head}: it fits {options}, and neither is the config\'s '
                               f'{text_tokens} text tokens with latent_size {latent_size}; {fix}')
   same_latent = [l for l, z in splits if z == latent_size]
-  hint = (f' (with the config\'s latent_size {latent_size} it would be {same_latent[0]})'
-          if same_latent else '')
+  hint = (f' (with the config\'s latent_size {latent_size} it would be {same_latent[0]} text '
+          f'tokens)' if same_latent else '')
   raise WeightMismatchError(f'{head}: no split has the config\'s {text_tokens} or CLIP\'s '
                             f'{CLIP_TEXT_TOKENS} text tokens{hint}; {fix}')
 
@@ -208,7 +212,7 @@ def infer_uvit_config(tensors: Mapping[str, np.ndarray], model_cfg: Mapping,
   WeightMismatchError (one line) for a file this U-ViT cannot hold or cannot place.
   """
   t = _strip_module_prefix(tensors)
-  out = {k: v for k, v in dict(model_cfg).items()}
+  out = dict(model_cfg)
   notes = []
   biased = sorted(k for k in t if re.search(r'attn\.qkv\.bias$', k))
   if biased:
