@@ -25,15 +25,18 @@ CFG = dict(latent_size=8, latent_channels=4, patch_size=2, width=HEADS * HEAD_DI
            clip_img_dim=7)
 
 
-def _torch_model(version: str, seed: int = 0):
-  """diffusers' UniDiffuserModel configured as the released post-LN network, random weights."""
+def _torch_model(version: str, seed: int = 0, cfg: dict = CFG):
+  """diffusers' UniDiffuserModel configured as the released post-LN network, random weights.
+
+  `cfg`: our UViT fields (CFG's keys); its depth is diffusers' num_layers."""
   torch.manual_seed(seed)
   model = modeling_uvit.UniDiffuserModel(
-      text_dim=CFG['text_dim'], clip_img_dim=CFG['clip_img_dim'],
-      num_text_tokens=CFG['num_text_tokens'], num_attention_heads=HEADS,
-      attention_head_dim=HEAD_DIM, in_channels=CFG['latent_channels'],
-      out_channels=CFG['latent_channels'], num_layers=DEPTH, dropout=0.0, attention_bias=False,
-      sample_size=CFG['latent_size'], patch_size=CFG['patch_size'], activation_fn='gelu',
+      text_dim=cfg['text_dim'], clip_img_dim=cfg['clip_img_dim'],
+      num_text_tokens=cfg['num_text_tokens'], num_attention_heads=cfg['num_heads'],
+      attention_head_dim=cfg['width'] // cfg['num_heads'], in_channels=cfg['latent_channels'],
+      out_channels=cfg['latent_channels'], num_layers=cfg['depth'], dropout=0.0,
+      attention_bias=False, sample_size=cfg['latent_size'], patch_size=cfg['patch_size'],
+      activation_fn='gelu',
       norm_type='layer_norm', block_type='unidiffuser', pre_layer_norm=False,
       use_timestep_embedding=False, norm_elementwise_affine=True, use_patch_pos_embed=False,
       ff_final_dropout=True, use_data_type_embedding=(version == 'v1'))
@@ -67,7 +70,7 @@ def _block_renames(ours: str, theirs: str):
           (f'{ours}.norm3.bias', f'{theirs}.norm3.bias')]
 
 
-def _renames(version: str):
+def _renames(version: str, depth: int):
   """[(thu-ml name, diffusers name)] for plain one-to-one tensors; block prefixes for qkv."""
   pairs = [('patch_embed.proj.weight', 'vae_img_in.proj.weight'),
            ('patch_embed.proj.bias', 'vae_img_in.proj.bias'),
@@ -81,9 +84,9 @@ def _renames(version: str):
   if version == 'v1':
     pairs += [('token_embedding.weight', 'data_type_token_embedding.weight'),
               ('pos_embed_token', 'data_type_pos_embed_token')]
-  blocks = [(f'in_blocks.{i}', f'transformer.transformer_in_blocks.{i}') for i in range(DEPTH // 2)]
+  blocks = [(f'in_blocks.{i}', f'transformer.transformer_in_blocks.{i}') for i in range(depth // 2)]
   blocks.append(('mid_block', 'transformer.transformer_mid_block'))
-  for i in range(DEPTH // 2):
+  for i in range(depth // 2):
     ours, theirs = f'out_blocks.{i}', f'transformer.transformer_out_blocks.{i}'
     blocks.append((ours, theirs + '.block'))
     pairs += [(f'{ours}.skip_linear.weight', f'{theirs}.skip.skip_linear.weight'),
@@ -95,8 +98,8 @@ def _renames(version: str):
   return pairs, blocks
 
 
-def diffusers_to_released(state: dict, version: str) -> dict:
-  pairs, blocks = _renames(version)
+def diffusers_to_released(state: dict, version: str, depth: int = DEPTH) -> dict:
+  pairs, blocks = _renames(version, depth)
   out = {thu: state[dif].numpy() for thu, dif in pairs}
   for thu, dif in blocks:
     out[f'{thu}.attn.qkv.weight'] = torch.cat(
@@ -105,8 +108,8 @@ def diffusers_to_released(state: dict, version: str) -> dict:
   return out
 
 
-def released_to_diffusers(tensors: dict, version: str) -> dict:
-  pairs, blocks = _renames(version)
+def released_to_diffusers(tensors: dict, version: str, depth: int = DEPTH) -> dict:
+  pairs, blocks = _renames(version, depth)
   out = {dif: torch.from_numpy(np.array(tensors[thu])) for thu, dif in pairs}
   for thu, dif in blocks:
     q, k, v = np.split(np.array(tensors[f'{thu}.attn.qkv.weight']), 3, axis=0)

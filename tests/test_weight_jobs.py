@@ -31,6 +31,7 @@ from unidiffuser_jax.models.captioner import CaptionDecoder
 from unidiffuser_jax.models.uvit import UViT
 from unidiffuser_jax.weights import captioner as wcap
 from unidiffuser_jax.weights import clip as wclip
+from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights import vae as wvae
 from unidiffuser_jax.weights.convert import flatten
 from unidiffuser_jax.weights.tensors import load_tensors
@@ -122,18 +123,24 @@ def _same_tensors(got: dict, want: dict):
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
 
 
-def test_import_writes_every_part_and_prints_overrides(imported, sources, capsys):
+def test_import_writes_every_part_and_prints_overrides(imported, sources):
   config, workdir, done = imported
   assert set(done) == set(weight_jobs.PARTS)
   for part, d in done.items():
     assert d["path"] == os.path.join(os.path.abspath(workdir), "weights", part)
-  assert done["uvit"]["overrides"] == [f"--config.sample.checkpoint={done['uvit']['path']}"]
+  assert done["uvit"]["overrides"] == [
+      *(f"--config.model.{k}={uvp.CFG[k] if k in uvp.CFG else config.model[k]}"
+        for k in wuvit.GEOMETRY),
+      f"--config.sample.checkpoint={done['uvit']['path']}"]
+  assert done["uvit"]["diffs"] == []
   assert done["clip_text"]["overrides"] == [
       f"--config.encoders.weights.clip_text={done['clip_text']['path']}"]
   assert done["uvit"]["params"] == sum(v.size for v in sources["uvit"].values())
   assert done["captioner"]["kind"] == "decoder"
   with open(os.path.join(workdir, "weights", "import.json")) as f:
-    assert json.load(f)["autoencoder"]["source"] == sources["paths"]["autoencoder"]
+    record = json.load(f)
+  assert record["autoencoder"]["source"] == sources["paths"]["autoencoder"]
+  assert record["uvit"]["model"] == dict(version="v1", num_data_types=2, **uvp.CFG)
 
 
 def test_written_dirs_load_through_project_loaders(imported, sources):
@@ -270,29 +277,29 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
     weight_jobs.run_import(big, str(tmp_path / "w2"))
 
 
-def test_uvit_config_mismatch_says_which_config(sources, tmp_path):
-  tensors = sources["uvit"]
-  v0 = _config(uvit=sources["paths"]["uvit"])
-  v0.model.version = "v0"
-  with pytest.raises(weight_jobs.WeightJobError) as e:
-    weight_jobs.run_import(v0, str(tmp_path))
-  msg = str(e.value)
-  assert "version: file 'v1', config 'v0'" in msg and "--config.model.version=v1" in msg
-  assert "configs/laion.py:v1" in msg
-  assert not os.path.exists(tmp_path / "weights" / "uvit")
-  wide = UViT(version="v1", **{**uvp.CFG, "width": 64, "num_heads": 8, "mlp_dim": 256,
-                                "latent_size": 16})
-  with pytest.raises(weight_jobs.WeightJobError) as e:
-    weight_jobs.check_uvit_config(weight_jobs.uvit_config_from_tensors(tensors), wide, v0, "f")
-  msg = str(e.value)
-  assert "--config.model.width=32" in msg and "--config.model.mlp_dim=128" in msg
-  assert "--config.model.latent_size=8" in msg and "--config.data.resolution=32" in msg
+def test_uvit_config_mismatch_is_named_and_the_file_decides(sources, tmp_path, capsys):
+  """A v1 file imported with a v0 config of another width and latent size: the weights are
+  written for the file's model; the summary names each difference and prints its flags."""
+  cfg = _config(uvit=sources["paths"]["uvit"])
+  cfg.model.update(version="v0", width=64, num_heads=8, mlp_dim=256, latent_size=16)
+  done = weight_jobs.run_import(cfg, str(tmp_path))
+  out = capsys.readouterr().out
+  assert [k for k, _, _ in done["uvit"]["diffs"]] == ["version", "latent_size", "width", "mlp_dim"]
+  assert "version (weights 'v1', config 'v0')" in out and "configs/laion.py:v1" in out
+  assert "latent_size (weights 8, config 16)" in out and "resize_pos_embed=True" in out
+  for flag in ("version=v1", "latent_size=8", "width=32", "mlp_dim=128"):
+    assert f"--config.model.{flag}" in out
+  assert "--config.data.resolution" not in out  # this config does not derive latent_size
+  # num_heads 8 divides width 32 and is kept (not in the file): said so.
+  assert done["uvit"]["model"]["num_heads"] == 8 and "num_heads 8 is not stored" in out
+  params = checkpoints.load_params(done["uvit"]["path"])
+  assert params["pos_embed"].shape == sources["uvit"]["pos_embed"].shape
 
 
 def test_full_size_released_layout_fits_configs_laion():
   """The released uvit_v1.pth shapes (REFERENCE.md facts: width 1536, depth 30, MLP 6144, pos_embed
-  1104 tokens, 952,509,520 parameters) pass configs/laion.py's check; its v0 variant is told to
-  use configs/laion.py:v1. Shapes only: nothing of full size is allocated."""
+  1104 tokens, 952,509,520 parameters) fit configs/laion.py; its v0 variant differs only in the
+  version (pointed to configs/laion.py:v1). Shapes only: nothing of full size is allocated."""
   import flax.linen as nn
   from configs import laion
   from unidiffuser_jax import train
@@ -310,23 +317,26 @@ def test_full_size_released_layout_fits_configs_laion():
     shapes[e.name] = jax.ShapeDtypeStruct(s, jnp.float32)
   assert shapes["pos_embed"].shape == (1, 1104, 1536)
   assert sum(int(np.prod(x.shape)) for x in shapes.values()) == 952_509_520
-  file_cfg = weight_jobs.uvit_config_from_tensors(shapes)
-  assert file_cfg == dict(version="v1", num_data_types=2, width=1536, latent_channels=4,
-                          patch_size=2, depth=30, mlp_dim=6144, text_dim=64, clip_img_dim=512,
-                          pos_tokens=1104)
-  weight_jobs.check_uvit_config(file_cfg, model, config, "uvit_v1.pth")
+  plan = weight_jobs.plan_uvit_import(config, shapes, "uvit_v1.pth")
+  assert plan["model"] == dict(version="v1", num_data_types=2, width=1536, latent_channels=4,
+                               patch_size=2, depth=30, num_heads=24, mlp_dim=6144, text_dim=64,
+                               clip_img_dim=512, num_text_tokens=77, latent_size=64)
+  assert plan["diffs"] == [] and len(plan["notes"]) == 1 and "num_heads 24" in plan["notes"][0]
   v0 = laion.get_config("v0")
-  with pytest.raises(weight_jobs.WeightJobError, match=r"configs/laion\.py:v1"):
-    weight_jobs.check_uvit_config(file_cfg, train.make_model(v0.model), v0, "uvit_v1.pth")
+  plan = weight_jobs.plan_uvit_import(v0, shapes, "uvit_v1.pth")
+  assert plan["diffs"] == [("version", "v1", "v0")]
+  assert any("configs/laion.py:v1" in n for n in plan["notes"])
 
 
 def test_uvit_for_another_latent_size_is_interpolated_on_request(sources, tmp_path):
   cfg = _config(uvit=sources["paths"]["uvit"])
   cfg.model.latent_size = 12  # the file's is 8: a 4x4 patch grid becomes 6x6
-  with pytest.raises(weight_jobs.WeightJobError, match=r"(?s)latent_size=8.*resize_pos_embed=True"):
-    weight_jobs.run_import(cfg, str(tmp_path))
+  plain = weight_jobs.run_import(cfg, str(tmp_path / "plain"))
+  assert plain["uvit"]["diffs"] == [("latent_size", 8, 12)]
+  assert "--config.weights.resize_pos_embed=True" in " ".join(plain["uvit"]["notes"])
   cfg.weights.resize_pos_embed = True
   done = weight_jobs.run_import(cfg, str(tmp_path))
+  assert done["uvit"]["diffs"] == [] and done["uvit"]["model"]["latent_size"] == 12
   got = checkpoints.load_params(done["uvit"]["path"])
   src, w = sources["uvit"]["pos_embed"], uvp.CFG["width"]
   n_prefix = 3 + uvp.CFG["num_text_tokens"]  # times, text, clip_img

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, latent_stats, rng, sharding, train
+from unidiffuser_jax import weight_jobs
 from unidiffuser_jax.diffusion import modes, solvers
 from unidiffuser_jax.models import captioner as captioner_lib
 
@@ -176,6 +177,7 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
   model = train.make_model(config.model)
+  weight_jobs.check_imported_uvit(model, s.get("checkpoint", ""), "sample.checkpoint")
   encoders = encoders_lib.build(config.encoders)
   if int(config.encoders.fit_latent_stats) > 0:
     encoders = latent_stats.apply(encoders, latent_stats.load(s.get("checkpoint", "") or workdir))

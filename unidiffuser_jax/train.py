@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, latent_stats, rng, sharding
+from unidiffuser_jax import checkpoints, latent_stats, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -259,6 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, config.train, mesh)
   model = make_model(config.model)
+  weight_jobs.check_imported_uvit(model, config.train.get("init_from", ""), "train.init_from")
   encoders = encoders_lib.build(config.encoders)
   encoder_params, encoder_shardings = encoders.load_params(config.encoders.weights, mesh,
                                                            int(config.seed), config.sharding.rules)

@@ -5,9 +5,16 @@ torch.save'd plain state dict through weights/tensors.py, never by unpickling
 code), checked tensor by tensor against the model the config describes, and
 written as a plain params tree (orbax StandardCheckpointer) to
 DIR/weights/<part>. The job ends with the command-line overrides that use them.
+The U-ViT is the exception to "the model the config describes": its file decides
+every size it can (plan_uvit_import), the config only num_heads (not stored in
+released files) and the hint that splits the position table; the model config the
+weights need goes into DIR/weights/import.json and DIR/weights/uvit.flags, and
+sample, export and fine-tuning refuse a config.model that differs
+(check_imported_uvit).
 
   config.weights.uvit         uvit_v0.pth / uvit_v1.pth, or our safetensors export
-                              (resize_pos_embed=True: for another latent size, bilinearly)
+                              (resize_pos_embed=True: keep the config's latent size and
+                              resize the file's patch positions bilinearly)
   config.weights.autoencoder  autoencoder_kl.pth (LDM layout), or a diffusers VAE file/dir/repo id
   config.weights.clip_text    a CLIPTextModel / CLIPModel dir or repo id in the local hub cache
   config.weights.clip_image   a CLIPVisionModelWithProjection / CLIPModel dir or repo id
@@ -24,7 +31,6 @@ downloaded); DIR may be local or remote (gs://...). Both jobs run on one host.
 """
 import json
 import os
-import re
 
 import flax.linen as nn
 import jax
@@ -35,6 +41,8 @@ from etils import epath
 
 from unidiffuser_jax import rng
 from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.weights import uvit as wuvit
+from unidiffuser_jax.weights.convert import WeightMismatchError
 
 
 PARTS = ("uvit", "autoencoder", "clip_image", "clip_text", "captioner")
@@ -121,101 +129,126 @@ def _flag_value(v) -> str:
 
 # ============================================================== U-ViT
 
-def uvit_config_from_tensors(tensors) -> dict:
-  """The model sizes a released-layout U-ViT file implies (those it can tell; not num_heads)."""
-  t = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
-  out = {}
-  if "token_embedding.weight" in t or "pos_embed_token" in t:
-    out["version"] = "v1"
-    if "token_embedding.weight" in t:
-      out["num_data_types"] = int(t["token_embedding.weight"].shape[0])
-  elif "pos_embed" in t:
-    out["version"] = "v0"
-  pe = t.get("patch_embed.proj.weight")
-  if pe is not None and pe.ndim == 4:
-    out.update(width=int(pe.shape[0]), latent_channels=int(pe.shape[1]),
-               patch_size=int(pe.shape[2]))
-  n_in = {int(m.group(1)) for k in t for m in [re.match(r"in_blocks\.(\d+)\.", k)] if m}
-  n_out = {int(m.group(1)) for k in t for m in [re.match(r"out_blocks\.(\d+)\.", k)] if m}
-  if n_in or n_out:
-    out["depth"] = 2 * max(len(n_in), len(n_out))
-  if "mid_block.mlp.fc1.weight" in t:
-    out["mlp_dim"] = int(t["mid_block.mlp.fc1.weight"].shape[0])
-  if "text_embed.weight" in t:
-    out["text_dim"] = int(t["text_embed.weight"].shape[1])
-  if "clip_img_embed.weight" in t:
-    out["clip_img_dim"] = int(t["clip_img_embed.weight"].shape[1])
-  if "pos_embed" in t and t["pos_embed"].ndim == 3:
-    out["pos_tokens"] = int(t["pos_embed"].shape[1])  # 2 times + L text + 1 clip + patches
-  return out
+UVIT_FLAGS = "uvit.flags"  # next to the imported params: the flags that use them (absl flagfile)
 
 
-def check_uvit_config(file_cfg: dict, model, config, path: str,
-                      allow_resize: bool = False) -> int | None:
-  """Raises WeightJobError naming each disagreement and the overrides that fix it.
+def _geometry(model) -> dict:
+  """The GEOMETRY fields of a UViT (defaults included), as plain Python values."""
+  return {k: getattr(model, k) for k in wuvit.GEOMETRY}
 
-  With `allow_resize`, a file whose only difference is the latent size is accepted:
-  returns that size (the caller interpolates the patch position table); else None.
+
+def _model_flags(need: dict, keys=wuvit.GEOMETRY) -> list[str]:
+  return [f"--config.model.{k}={_flag_value(need[k])}" for k in keys]
+
+
+def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -> dict:
+  """What importing a released-layout U-ViT file with `config` gives, before anything is written.
+
+  Returns dict(
+    model:       the config.model values (GEOMETRY fields) the written weights need,
+    diffs:       [(field, the weights' value, config.model's)] for each field in which
+                 config.model builds another network,
+    notes:       what the shapes could not tell, and other advice, one sentence each,
+    resize_from: the file's latent_size when config.weights.resize_pos_embed resizes its patch
+                 positions to the config's latent_size, else None,
+    overrides:   the command-line flags that make this config use the weights).
+  The file decides every size it can (weights/uvit.py: infer_uvit_config); the config supplies
+  num_heads and the hint for the position-table split. Raises WeightJobError (one line) for a
+  file that cannot be placed (qkv biases, an ambiguous position table, ...).
   """
-  diffs = []
-  for k in ("version", "width", "depth", "mlp_dim", "latent_channels", "patch_size", "text_dim",
-            "clip_img_dim", "num_data_types"):
-    if k not in file_cfg or (k == "num_data_types" and model.version != "v1"):
-      continue
-    if file_cfg[k] != getattr(model, k):
-      diffs.append((k, file_cfg[k], getattr(model, k)))
-  notes = []
-  n = file_cfg.get("pos_tokens")
-  want = 3 + model.num_text_tokens + model.num_patches
-  if n is not None and n != want and not any(k == "patch_size" for k, _, _ in diffs):
-    patches = n - 3 - model.num_text_tokens
-    grid = int(round(max(patches, 0) ** 0.5))
-    if patches > 0 and grid * grid == patches:
-      latent = grid * model.patch_size
-      factor = config.get("encoders", {}).get("autoencoder", {}).get("factor")
-      res = (f" (--config.data.resolution={latent * factor} where the config derives it)"
-             if factor else "")
-      diffs.append(("latent_size", latent, model.latent_size))
-      notes.append(f"the file's position table is for a {latent}x{latent} latent{res}; or "
-                   f"keep the config's size and interpolate the patch positions bilinearly: "
-                   f"--config.weights.resize_pos_embed=True")
-    else:
-      notes.append(f"pos_embed has {n} tokens, config.model implies {want} "
-                   f"(3 + num_text_tokens {model.num_text_tokens} + {model.num_patches} patches)")
-  if allow_resize and [k for k, _, _ in diffs] == ["latent_size"] and len(notes) == 1:
-    return diffs[0][1]
-  if diffs or notes:
-    msg = _mismatch_message(f"U-ViT file {path} ({_describe_uvit(file_cfg)})", diffs, "model")
-    if file_cfg.get("version") and file_cfg.get("version") != model.version:
-      msg += (f"\n  for the released model: --config=configs/laion.py:{file_cfg['version']}")
-    if any(k == "width" for k, _, _ in diffs):
-      notes.append(f"num_heads is not stored in the file: set --config.model.num_heads too "
-                   f"(the released models use 64-wide heads: {file_cfg['width'] // 64} heads "
-                   f"for width {file_cfg['width']})")
-    if notes:
-      msg += "\n  " + "\n  ".join(notes)
-    raise WeightJobError(msg)
-  return None
-
-
-def _describe_uvit(c: dict) -> str:
-  keys = ("version", "width", "depth", "mlp_dim", "patch_size", "latent_channels")
-  return ", ".join(f"{k} {c[k]}" for k in keys if k in c)
-
-
-def import_uvit_file(config, path: str) -> dict:
   from unidiffuser_jax import train
-  from unidiffuser_jax.weights.tensors import load_tensors
+  current = _geometry(train.make_model(config.model))
+  meta = metadata or {}
+  recorded = json.loads(meta["config"]) if meta.get("model") == "unidiffuser-uvit" and \
+      "config" in meta else None  # our own exports record their model config
+  try:
+    need, notes = wuvit.infer_uvit_config(tensors, current, recorded)
+  except WeightMismatchError as e:
+    raise WeightJobError(f"{path}: {e}") from None
+  resize_from = None
+  resize = bool(config.weights.get("resize_pos_embed", False))
+  if resize and need["latent_size"] != current["latent_size"]:
+    if current["latent_size"] % need["patch_size"]:
+      raise WeightJobError(f"{path}: resize_pos_embed: config.model.latent_size "
+                           f"{current['latent_size']} is not a multiple of the file's patch size "
+                           f"{need['patch_size']}")
+    resize_from, need["latent_size"] = need["latent_size"], current["latent_size"]
+    notes.append(f"patch positions resized bilinearly from a {resize_from}x{resize_from} latent "
+                 f"to {need['latent_size']}x{need['latent_size']} (resize_pos_embed)")
+  diffs = [(k, need[k], current[k]) for k in wuvit.geometry_diffs(need, current)]
+  overrides = _model_flags(need)
+  names = [k for k, _, _ in diffs]
+  if "version" in names:
+    notes.append(f"the released {need['version']} model's config is "
+                 f"configs/laion.py:{need['version']}")
+  if "latent_size" in names:
+    data, ae = config.get("data", {}), config.get("encoders", {}).get("autoencoder", {})
+    factor, res = ae.get("factor"), data.get("resolution")
+    if factor and res and res // factor == current["latent_size"]:  # resolution decides it
+      overrides.append(f"--config.data.resolution={need['latent_size'] * factor}")
+    if "num_text_tokens" not in names and current["latent_size"] % need["patch_size"] == 0:
+      notes.append(f"to keep the config's latent_size {current['latent_size']} instead, resize "
+                   f"the patch positions bilinearly: --config.weights.resize_pos_embed=True")
+  ae = config.get("encoders", {}).get("autoencoder", {})
+  ae_channels = (3 * ae["factor"] ** 2 if ae.get("kind") == "pixel" and ae.get("factor")
+                 else ae.get("latent_channels"))
+  if ae_channels is not None and ae_channels != need["latent_channels"]:
+    notes.append(f"config.encoders.autoencoder ({ae.get('kind')}) makes {ae_channels}-channel "
+                 f"latents and these weights need {need['latent_channels']}: they need an "
+                 f"autoencoder with {need['latent_channels']} latent channels")
+  cap = config.get("encoders", {}).get("captioner", {})
+  positions = need["num_text_tokens"] + int(config.get("sample", {}).get("max_caption_tokens", 1))
+  if cap.get("n_positions") and cap["n_positions"] < positions:
+    notes.append(f"config.encoders.captioner.n_positions {cap['n_positions']} is too short for "
+                 f"{need['num_text_tokens']} text tokens + config.sample.max_caption_tokens: the "
+                 f"caption decoder needs at least {positions}")
+  return dict(model=need, diffs=diffs, notes=notes, resize_from=resize_from, overrides=overrides)
+
+
+def import_uvit_file(config, path: str) -> tuple[dict, dict]:
+  """-> (params, plan_uvit_import's plan) for the released-layout U-ViT file at `path`."""
+  from unidiffuser_jax import train
   from unidiffuser_jax.models.uvit import resize_pos_embed
-  from unidiffuser_jax.weights.uvit import import_uvit
+  from unidiffuser_jax.weights.tensors import load_metadata, load_tensors
   tensors = load_tensors(path)
-  model = train.make_model(config.model)
-  file_latent = check_uvit_config(uvit_config_from_tensors(tensors), model, config, path,
-                                  bool(config.weights.get("resize_pos_embed", False)))
-  if file_latent is None:
-    return import_uvit(tensors, model)
-  params = import_uvit(tensors, model.clone(latent_size=file_latent))
-  return resize_pos_embed(params, file_latent, model.latent_size, model.patch_size)
+  plan = plan_uvit_import(config, tensors, path, load_metadata(path))
+  model = train.make_model(config.model).clone(**plan["model"])
+  if plan["resize_from"] is None:
+    return wuvit.import_uvit(tensors, model), plan
+  params = wuvit.import_uvit(tensors, model.clone(latent_size=plan["resize_from"]))
+  return resize_pos_embed(params, plan["resize_from"], model.latent_size, model.patch_size), plan
+
+
+def imported_uvit_model(path: str) -> dict | None:
+  """The model config recorded by --mode=import for the U-ViT params dir `path` (import.json in
+  its parent), or None where `path` was not written by the import (a workdir, a checkpoint)."""
+  if not path:
+    return None
+  p = epath.Path(_abs(path).rstrip("/"))
+  record = p.parent / "import.json"
+  if not record.exists():
+    return None
+  entry = json.loads(record.read_text()).get("uvit") or {}
+  if "model" not in entry or os.path.basename(entry.get("path", "").rstrip("/")) != p.name:
+    return None
+  return entry["model"]
+
+
+def check_imported_uvit(model, path: str, flag: str) -> None:
+  """Raises WeightJobError (one line) if `model` (a UViT) cannot use the U-ViT weights imported
+  at `path` (named by config.`flag`): each mismatching field and the flags that fix it. Sample,
+  export and fine-tuning call it before building anything; other paths are not checked here."""
+  need = imported_uvit_model(path)
+  if need is None:
+    return
+  current = _geometry(model)
+  diffs = wuvit.geometry_diffs(need, current)
+  if diffs:
+    what = ", ".join(f"{k} {current[k]} (the weights need {need[k]})" for k in diffs)
+    raise WeightJobError(
+        f"config.model does not fit the U-ViT weights imported at {path} (config.{flag}; their "
+        f"model is recorded in {os.path.dirname(path.rstrip('/'))}/import.json): {what}; use "
+        f"{' '.join(_model_flags(need, diffs))}")
 
 
 # ============================================================== encoders
@@ -339,14 +372,19 @@ def _prefix_layers(module, hidden_bld, latent_blc):
 
 def _overrides(part: str, dest: str, kind: str) -> list[str]:
   if part == "uvit":
-    return [f"--config.sample.checkpoint={dest}"]
+    return [f"--config.sample.checkpoint={dest}"]  # after the model flags (plan_uvit_import)
   if part == "captioner" and kind == "gpt2":
     return [f"--config.captioner.train.init_from={dest}"]  # fine-tune it first (train_captioner)
   return [f"--config.encoders.weights.{part}={dest}"]
 
 
 def run_import(config, workdir: str) -> dict:
-  """Imports every part named in config.weights; returns {part: {path, params, overrides}}."""
+  """Imports every part named in config.weights; returns {part: {path, params, overrides}}
+  (the U-ViT's also `model`, `diffs`, `notes`, `flagfile`).
+
+  DIR/weights/import.json keeps one such entry per part imported into DIR (U-ViT: `model`, the
+  config.model values its weights need; sample, export and fine-tuning check them), and
+  DIR/weights/uvit.flags the U-ViT's flags as an absl flagfile."""
   wcfg = config.get("weights")
   if wcfg is None:
     raise WeightJobError("this config has no `weights` block; use configs/laion.py or "
@@ -360,14 +398,15 @@ def run_import(config, workdir: str) -> dict:
         "--config.weights.clip_image=openai/clip-vit-base-patch32 "
         "--config.weights.captioner=caption_decoder.pth")
   root = os.path.join(workdir, "weights")
+  record = epath.Path(root) / "import.json"
   done = {}
   bar = tqdm.tqdm(todo, desc="import", unit="part")
   for part, src in bar:
     bar.set_postfix_str(part)
-    kind = part
+    kind, extra = part, {}
     try:
       if part == "uvit":
-        params = import_uvit_file(config, src)
+        params, plan = import_uvit_file(config, src)
       elif part == "autoencoder":
         params = import_autoencoder(config, src)
       elif part == "clip_text":
@@ -381,11 +420,22 @@ def run_import(config, workdir: str) -> dict:
     except (ValueError, FileNotFoundError, KeyError) as e:  # unsafe / mismatched / missing files
       raise WeightJobError(f"import {part} from {src}: {e}") from None
     dest = _abs(os.path.join(root, part))
+    overrides = _overrides(part, dest, kind)
+    if part == "uvit":
+      overrides = plan["overrides"] + overrides
+      flagfile = _abs(os.path.join(root, UVIT_FLAGS))
+      extra = dict(model=plan["model"], diffs=plan["diffs"], notes=plan["notes"],
+                   flagfile=flagfile)
     save_params(dest, params)
     done[part] = dict(source=src, path=dest, params=_count(params), kind=kind,
-                      overrides=_overrides(part, dest, kind))
+                      overrides=overrides, **extra)
+    # Written part by part, merged with earlier imports into DIR: no params dir is ever
+    # described by another import's record.
+    entries = json.loads(record.read_text()) if record.exists() else {}
+    record.write_text(json.dumps({**entries, part: done[part]}, indent=1))
+    if part == "uvit":
+      epath.Path(flagfile).write_text("\n".join(overrides) + "\n")
   bar.close()
-  (epath.Path(root) / "import.json").write_text(json.dumps(done, indent=1))
   print(_import_summary(done, config), flush=True)
   return done
 
@@ -397,8 +447,21 @@ def _import_summary(done: dict, config) -> str:
         if d["kind"] == "gpt2" else ""
     lines.append(f"  {part:<12} {d['params']:>13,}  {d['path']}{note}")
   lines.append(f"  {'total':<12} {sum(d['params'] for d in done.values()):>13,}")
-  flags = [o for d in done.values() for o in d["overrides"]]
-  lines.append("use them with:\n  " + " \\\n  ".join(flags))
+  uvit = done.get("uvit")
+  if uvit:
+    lines.append("the U-ViT weights need config.model: "
+                 + ", ".join(f"{k}={v}" for k, v in uvit["model"].items()))
+    if uvit["diffs"]:
+      lines.append("  which differs from this config in: " + "; ".join(
+          f"{k} (weights {f!r}, config {c!r})" for k, f, c in uvit["diffs"]))
+    lines += [f"  note: {n}" for n in uvit["notes"]]
+  # One line per part; the U-ViT's line holds every flag it needs (model first).
+  lines.append("use them with (sample, export; after --config=...):\n  " + " \\\n  ".join(
+      " ".join(d["overrides"]) for d in done.values()))
+  if uvit:
+    lines.append(f"the U-ViT's flags are also in {uvit['flagfile']} (--flagfile=... after "
+                 f"--config=...); fine-tune it with its model flags and "
+                 f"--config.train.init_from={uvit['path']}")
   return "\n".join(lines)
 
 
@@ -437,6 +500,7 @@ def export_uvit_to(config, src: str, path: str) -> int:
   from unidiffuser_jax.models.uvit import abstract_variables
   from unidiffuser_jax.weights.uvit import export_uvit
   model = train.make_model(config.model)
+  check_imported_uvit(model, src, "sample.checkpoint")
   params = checkpoints.load_params(src)
   _check_tree(params, nn.meta.unbox(abstract_variables(model))["params"], "U-ViT params", src,
               "model")

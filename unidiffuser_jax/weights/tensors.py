@@ -292,6 +292,16 @@ def load_tensors(path: str) -> dict[str, np.ndarray]:
   return _select_state_dict(_load_torch_zip(path), path)
 
 
+def load_metadata(path: str) -> dict[str, str]:
+  """The string metadata of a .safetensors file's header ({} for other formats)."""
+  path = os.fspath(path)
+  if not path.endswith(".safetensors"):
+    return {}
+  from safetensors import safe_open  # as load_tensors: only safetensors files need it
+  with safe_open(path, framework="np") as f:
+    return dict(f.metadata() or {})
+
+
 def save_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
   """Writes {name: array} to a .safetensors file (arrays made contiguous)."""
   from safetensors.numpy import save_file
