@@ -53,6 +53,42 @@ def _torch_conv_default(fan_in: int):
   return init
 
 
+def _sincos_1d(pos_n: np.ndarray, dim: int) -> np.ndarray:
+  """[N] positions -> [N, dim]: sin of dim/2 frequencies, then cos (MAE/DiT layout)."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+  angles = pos_n.astype(np.float64)[:, None] * omega[None]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def _pos_table_init(kind: str, num_text: int, grid: int):
+  """Initialiser of pos_embed [1, 2 + num_text + 1 + grid^2, D].
+
+  'normal': torch's trunc_normal_(std=0.02) everywhere, as the reference U-ViT.
+  'sincos': the text rows get 1-D and the patch rows 2-D sine-cosine positions
+  (half the features per image axis; values in [-1, 1]), the time and CLIP rows
+  stay 'normal'. Still trained. With std 0.02 the positions are ~3% of a token's
+  content at the start, and a short run learns what is where only slowly.
+  """
+  normal = _torch_trunc_normal(0.02)
+  if kind == 'normal':
+    return normal
+  if kind != 'sincos':
+    raise ValueError(f"pos_init must be 'normal' or 'sincos', got {kind!r}")
+
+  def init(key, shape, dtype=jnp.float32):
+    d = shape[-1]
+    if d % 4:
+      raise ValueError(f"pos_init='sincos' needs a width divisible by 4, got {d}")
+    gy, gx = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
+    patches = np.concatenate(
+        [_sincos_1d(gy.reshape(-1), d // 2), _sincos_1d(gx.reshape(-1), d // 2)], axis=1)
+    table = normal(key, shape, jnp.float32)
+    table = table.at[0, 2:2 + num_text].set(jnp.asarray(_sincos_1d(np.arange(num_text), d), jnp.float32))
+    table = table.at[0, 3 + num_text:].set(jnp.asarray(patches, jnp.float32))
+    return table.astype(dtype)
+  return init
+
+
 def _part(init, names):
   return nn.with_logical_partitioning(init, names)
 
@@ -229,6 +265,7 @@ class UViT(nn.Module):
   dtype: Any = jnp.float32
   remat: str = 'none'
   attention: str = 'einsum'  # see ATTENTION_IMPLS
+  pos_init: str = 'normal'   # see _pos_table_init; only affects a fresh initialisation
 
   @property
   def grid_size(self) -> int:
@@ -287,7 +324,8 @@ class UViT(nn.Module):
 
     prefix = [t_img_b1d, t_text_b1d]
     pos_table = self.param(
-        'pos_embed', _part(_torch_trunc_normal(0.02), (None, 'pos', 'embed')),
+        'pos_embed', _part(_pos_table_init(self.pos_init, self.num_text_tokens, self.grid_size),
+                           (None, 'pos', 'embed')),
         (1, 2 + self.num_text_tokens + 1 + self.num_patches, w_), jnp.float32)
     pos_parts = [pos_table[:, :2]]
     if self.version == 'v1':
