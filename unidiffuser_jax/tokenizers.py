@@ -101,7 +101,7 @@ def read_clip_merges(path: str) -> list[tuple[str, str]]:
     text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
   except (OSError, EOFError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not a readable BPE merges file ({e})") from None
-  lines = text.split("\n")
+  lines = text.rstrip().split("\n")
   if "#version" not in lines[0]:
     raise ValueError(f"{path} is not a BPE merges file: its first line is {lines[0][:60]!r}, not a "
                      f"'#version' header (CLIP's is bpe_simple_vocab_16e6.txt.gz)")
@@ -109,7 +109,7 @@ def read_clip_merges(path: str) -> list[tuple[str, str]]:
   merges = [tuple(line.split()) for line in body]
   bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
   if len(merges) < CLIP_NUM_MERGES or bad is not None:
-    where = f"line {bad + 2} is {body[bad]!r}" if bad is not None else f"it has {len(merges)}"
+    where = f"it has {len(merges)}" if bad is None else f"line {bad + 2} is {body[bad]!r}"
     raise ValueError(f"{path}: CLIP needs {CLIP_NUM_MERGES} merges of two symbols after the "
                      f"header; {where}")
   return merges
