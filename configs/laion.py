@@ -14,6 +14,20 @@ betas (0.9, 0.9), 5K warm-up then constant, EMA 0.9999, bfloat16 compute with fl
 weights and float32 softmax, remat per block. Frozen encoders: SD KL-f8 VAE (scale 0.18215),
 CLIP ViT-B/32 image, CLIP ViT-L/14 text, GPT-2 caption decoder; their weights come from
 `--mode=import` (config.encoders.weights). `arg` picks the U-ViT layout: "v1" (default) or "v0".
+
+Text tokenizer (config.data.tokenizer): CLIP's BPE (49408 tokens, 77 per caption, padded with
+<|endoftext|>), a tokenizer directory or a hub id in the local cache (default
+openai/clip-vit-large-patch14). Without a hub, make the directory from the merges file CLIP
+ships, bpe_simple_vocab_16e6.txt.gz (e.g. inside the open-clip-torch wheel:
+`pip download --no-deps open-clip-torch==3.3.0 && unzip -j open_clip_torch-*.whl
+open_clip/bpe_simple_vocab_16e6.txt.gz`):
+
+  python -m unidiffuser_jax.main --config=configs/laion.py --mode=import --workdir=DIR \
+      --config.weights.clip_tokenizer=bpe_simple_vocab_16e6.txt.gz
+  # then every job: --config.data.tokenizer=DIR/weights/clip_tokenizer
+
+Its ids equal open_clip.tokenize's (captions cleaned as CLIP does: ftfy, HTML entities,
+whitespace, lower case; data_pipelines/transforms.tokenize), except for the padding id.
 """
 import ml_collections as mc
 
@@ -29,6 +43,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
 
   c.data = mc.ConfigDict(dict(
       source="shards", demo=False, demo_train=0, demo_heldout=0,
+      # tokenizer: a CLIP tokenizer dir (e.g. DIR/weights/clip_tokenizer from --mode=import) or
+      # a hub id in the local cache; see the docstring.
       shards="", features="", tokenizer="openai/clip-vit-large-patch14",
       resolution=512, clip_resolution=224, max_length=77, data_type=0,
       shuffle_buffer=10000, interleave_cycle=16, num_workers=8, prefetch=4,
@@ -74,8 +90,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # --mode=import sources (a released file, a directory or a repo id in the local hub cache;
   # "" = skip that part): written to <workdir>/weights/<part>. See unidiffuser_jax/weight_jobs.py.
   # resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
+  # clip_tokenizer: CLIP's BPE merges file -> the tokenizer directory <workdir>/weights/clip_tokenizer.
   c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
-                                 captioner="", resize_pos_embed=False))
+                                 captioner="", clip_tokenizer="", resize_pos_embed=False))
   # --mode=extract: precomputed features (VAE moments, CLIP image embedding, tokens or CLIP text
   # hidden states) for training with --config.data.source=features. batch_size 0: train's.
   c.extract = mc.ConfigDict(dict(text="tokens", shard_size=10000, batch_size=0))

@@ -7,7 +7,8 @@
 The same network as configs/laion.py (v1 by default; `arg` = "v0" for the v0 layout) at a
 32x32 latent: 1024/4 = 256 patch tokens, and the position table sized for 256 px. Stage 2
 starts from this checkpoint after interpolating the patch positions to 64x64
-(models/uvit.resize_pos_embed).
+(models/uvit.resize_pos_embed). The text tokenizer is configs/laion.py's (its docstring: how to
+make it from CLIP's BPE file without a hub).
 """
 from configs import laion
 

@@ -10,6 +10,7 @@ import os
 import re
 import warnings
 
+import ftfy
 import numpy as np
 from PIL import Image
 
@@ -211,15 +212,44 @@ def load_tokenizer(spec: str):
   try:
     return AutoTokenizer.from_pretrained(spec, local_files_only=True)
   except Exception as e:  # pylint: disable=broad-except
+    hint = (' For CLIP\'s tokenizer without a hub, --mode=import --config.weights.'
+            'clip_tokenizer=bpe_simple_vocab_16e6.txt.gz writes a directory.'
+            if 'clip' in spec.lower() else '')
     raise ValueError(
         f'tokenizer {spec!r} is neither a local directory nor in the local '
-        f'hub cache ({e})') from None
+        f'hub cache ({e}).{hint}') from None
+
+
+def clip_text_clean(text: str) -> str:
+  """What CLIP's tokenizer does to a text before BPE (OpenAI CLIP, open_clip's default
+  `clean='lower'`): ftfy.fix_text, HTML entities unescaped twice, whitespace runs made one
+  space, trimmed, lower-cased."""
+  text = html.unescape(html.unescape(ftfy.fix_text(text)))
+  return ' '.join(text.split()).lower()
+
+
+def _is_clip(tokenizer) -> bool:
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top  # heavy; loaded with the tokenizer
+  return isinstance(tokenizer, CLIPTokenizer)
 
 
 def tokenize(tokenizer, texts, max_length: int) -> np.ndarray:
-  """Token ids int32 [n, max_length], padded/truncated to max_length."""
+  """Token ids int32 [n, max_length], padded/truncated to max_length.
+
+  A CLIP tokenizer (transformers' CLIPTokenizer: the hub's or the directory that
+  `--mode=import --config.weights.clip_tokenizer=...` writes) gets the texts after
+  clip_text_clean. The ids are then open_clip.tokenize's (<|startoftext|> ... <|endoftext|>;
+  a long text keeps its first max_length - 2 tokens and still ends with <|endoftext|>), except
+  that the padding is <|endoftext|> (49407), as in the Hugging Face tokenizer the released
+  UniDiffuser was trained with, where open_clip pads with 0; and text spelling a special token
+  ('<|endoftext|>') is that token, as in OpenAI CLIP and transformers (open_clip renamed its
+  specials, so there it is plain text).
+  """
   if isinstance(texts, str):
     texts = [texts]
-  ids = tokenizer(list(texts), padding='max_length', truncation=True,
+  texts = list(texts)
+  if _is_clip(tokenizer):
+    texts = [clip_text_clean(t) for t in texts]
+  ids = tokenizer(texts, padding='max_length', truncation=True,
                   max_length=max_length)['input_ids']
   return np.asarray(ids, np.int32).reshape(len(texts), max_length)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from data_pipelines import transforms
 from unidiffuser_jax import tokenizers
 
 
@@ -53,7 +54,7 @@ def _gpt2_files(directory):
 def test_clip_tokenizer_ids_and_padding(tmp_path):
   path, vocab = _clip_files(tmp_path / "clip")
   tok = tokenizers.clip_tokenizer(path)
-  ids = tokenizers.clip_token_ids(tok, ["A cat", "dog  CAT dog"])
+  ids = transforms.tokenize(tok, ["A cat", "dog  CAT dog"], 77)
   assert ids.shape == (2, 77) and ids.dtype == np.int32
   sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
   want0 = [sot, vocab["a</w>"], vocab["cat</w>"], eot]
@@ -62,10 +63,10 @@ def test_clip_tokenizer_ids_and_padding(tmp_path):
   np.testing.assert_array_equal(ids[1, :5], want1)
   assert (ids[0, 4:] == eot).all() and (ids[1, 5:] == eot).all()  # padded with <|endoftext|>
   # Truncation keeps 77 tokens and still ends with <|endoftext|>.
-  long = tokenizers.clip_token_ids(tok, "cat " * 200)
+  long = transforms.tokenize(tok, "cat " * 200, 77)
   assert long.shape == (1, 77) and long[0, -1] == eot and long[0, 1] == vocab["cat</w>"]
   # An unmerged word falls back to its characters ('x' then 'y</w>').
-  xy = tokenizers.clip_token_ids(tok, "xy")[0, :4]
+  xy = transforms.tokenize(tok, "xy", 77)[0, :4]
   np.testing.assert_array_equal(xy, [sot, vocab["x"], vocab["y</w>"], eot])
 
 
@@ -94,7 +95,7 @@ def test_hub_cache_lookup_is_local(tmp_path, monkeypatch):
   (cache / "models--openai--clip-vit-large-patch14" / "refs" / "main").write_text("abc123")
   monkeypatch.setenv("HF_HUB_CACHE", str(cache))
   tok = tokenizers.clip_tokenizer()  # the default repo id, found in the cache
-  assert tokenizers.clip_token_ids(tok, "cat")[0, 1] == vocab["cat</w>"]
+  assert transforms.tokenize(tok, "cat", 77)[0, 1] == vocab["cat</w>"]
 
 
 def test_gpt2_found_under_its_new_hub_name(tmp_path, monkeypatch):

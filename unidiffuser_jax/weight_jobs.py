@@ -20,6 +20,9 @@ sample, export and fine-tuning refuse a config.model that differs
   config.weights.clip_image   a CLIPVisionModelWithProjection / CLIPModel dir or repo id
   config.weights.captioner    caption_decoder.pth (released / diffusers layout), or a hub GPT-2
                               (file, dir or "gpt2") to start a fresh caption decoder
+  config.weights.clip_tokenizer  CLIP's BPE merges file (bpe_simple_vocab_16e6.txt.gz) -> a
+                              CLIPTokenizer directory DIR/weights/clip_tokenizer for
+                              config.data.tokenizer (tokenizers.write_clip_tokenizer; no hub)
 
 Export: the U-ViT's EMA params (config.sample.checkpoint, else the workdir's
 newest checkpoint) and the caption decoder (config.encoders.weights.captioner,
@@ -41,11 +44,13 @@ from etils import epath
 
 from unidiffuser_jax import rng
 from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.tokenizers import write_clip_tokenizer
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.convert import WeightMismatchError
 
 
 PARTS = ("uvit", "autoencoder", "clip_image", "clip_text", "captioner")
+TOKENIZER_PARTS = ("clip_tokenizer",)  # written as tokenizer directories, not parameters
 _VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -371,6 +376,8 @@ def _prefix_layers(module, hidden_bld, latent_blc):
 # ============================================================== the import job
 
 def _overrides(part: str, dest: str, kind: str) -> list[str]:
+  if part == "clip_tokenizer":
+    return [f"--config.data.tokenizer={dest}"]
   if part == "uvit":
     return [f"--config.sample.checkpoint={dest}"]  # after the model flags (plan_uvit_import)
   if part == "captioner" and kind == "gpt2":
@@ -389,14 +396,15 @@ def run_import(config, workdir: str) -> dict:
   if wcfg is None:
     raise WeightJobError("this config has no `weights` block; use configs/laion.py or "
                          "configs/demo.py, which have config.weights.<part>")
-  todo = [(p, str(wcfg.get(p, ""))) for p in PARTS if wcfg.get(p, "")]
+  todo = [(p, str(wcfg.get(p, ""))) for p in PARTS + TOKENIZER_PARTS if wcfg.get(p, "")]
   if not todo:
     raise WeightJobError(
         "nothing to import: name at least one file, e.g. --config.weights.uvit=uvit_v1.pth "
         "--config.weights.autoencoder=autoencoder_kl.pth "
         "--config.weights.clip_text=openai/clip-vit-large-patch14 "
         "--config.weights.clip_image=openai/clip-vit-base-patch32 "
-        "--config.weights.captioner=caption_decoder.pth")
+        "--config.weights.captioner=caption_decoder.pth "
+        "--config.weights.clip_tokenizer=bpe_simple_vocab_16e6.txt.gz")
   root = os.path.join(workdir, "weights")
   record = epath.Path(root) / "import.json"
   done = {}
@@ -404,8 +412,12 @@ def run_import(config, workdir: str) -> dict:
   for part, src in bar:
     bar.set_postfix_str(part)
     kind, extra = part, {}
+    dest = _abs(os.path.join(root, part))
     try:
-      if part == "uvit":
+      if part == "clip_tokenizer":
+        params, kind = None, "tokenizer"
+        write_clip_tokenizer(src, dest)
+      elif part == "uvit":
         params, plan = import_uvit_file(config, src)
       elif part == "autoencoder":
         params = import_autoencoder(config, src)
@@ -419,14 +431,14 @@ def run_import(config, workdir: str) -> dict:
       raise WeightJobError(f"import {part}: {e}") from None
     except (ValueError, FileNotFoundError, KeyError) as e:  # unsafe / mismatched / missing files
       raise WeightJobError(f"import {part} from {src}: {e}") from None
-    dest = _abs(os.path.join(root, part))
     overrides = _overrides(part, dest, kind)
     if part == "uvit":
       overrides = plan["overrides"] + overrides
       flagfile = _abs(os.path.join(root, UVIT_FLAGS))
       extra = dict(model=plan["model"], diffs=plan["diffs"], notes=plan["notes"],
                    flagfile=flagfile)
-    save_params(dest, params)
+    if params is not None:
+      save_params(dest, params)
     done[part] = dict(source=src, path=dest, params=_count(params), kind=kind,
                       overrides=overrides, **extra)
     # Written part by part, merged with earlier imports into DIR: no params dir is ever
@@ -445,7 +457,8 @@ def _import_summary(done: dict, config) -> str:
   for part, d in done.items():
     note = " (GPT-2 + fresh prefix layers: fine-tune with --mode=train_captioner)" \
         if d["kind"] == "gpt2" else ""
-    lines.append(f"  {part:<12} {d['params']:>13,}  {d['path']}{note}")
+    count = "tokenizer" if d["kind"] == "tokenizer" else f"{d['params']:,}"
+    lines.append(f"  {part:<12} {count:>13}  {d['path']}{note}")
   lines.append(f"  {'total':<12} {sum(d['params'] for d in done.values()):>13,}")
   uvit = done.get("uvit")
   if uvit:
