@@ -32,8 +32,10 @@ def train(**overrides) -> mc.ConfigDict:
       lr=2e-4, warmup_steps=5000, weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=1.0,
       ema_decay=0.9999,
       clean_prob=0.0,  # fraction of samples with one modality clean (objective.py); paper: 0
+      loss_weight="eps",  # "eps" (paper) or "v": per-timestep loss weight (objective.py)
       min_snr_gamma=0.0,  # loss weight min(SNR, gamma) / SNR per part (objective.py); paper: 0
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
+      eval_every=0,  # steps between periodic evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
   ))
   cfg.update(overrides)

@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
 
   c.sample = mc.ConfigDict(dict(
       after_train=True,          # the demo ends by sampling and judging
-      tasks=("t2i", "i2t"), num=32, batch_size=32,
+      tasks=("t2i", "i2t"), num=32, batch_size=32, eval_num=32,
       steps=20, order=3, method="fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",

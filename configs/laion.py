@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # Sampler: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform (methods in
   # unidiffuser_jax/diffusion/solvers.py).
   c.sample = mc.ConfigDict(dict(
-      after_train=False, tasks=("t2i",), num=4, batch_size=4,
+      after_train=False, tasks=("t2i",), num=4, batch_size=4, eval_num=4,
       steps=50, order=3, method="fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",

@@ -40,7 +40,11 @@ def train_job(config, workdir: str) -> None:
   if config.captioner.train_first:
     from unidiffuser_jax import captioner_train
     captioner_train.train_captioner(config, _captioner_dir(workdir))
-  train.train(config, workdir)
+  evaluate = None
+  if config.data.demo and int(config.train.eval_every) > 0:
+    from unidiffuser_jax import sample
+    evaluate = sample.Evaluator(config, workdir)
+  train.train(config, workdir, evaluate=evaluate)
   if config.sample.after_train:
     from unidiffuser_jax import sample
     sample.run(config, workdir)

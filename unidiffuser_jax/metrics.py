@@ -56,6 +56,11 @@ class MetricLogger:
     self._bar.write(console_line(step, scalars))
     return scalars
 
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    """Scalars outside the per-step average (e.g. a periodic evaluation), with a console line."""
+    self._writer.write_scalars(step, scalars)
+    self._bar.write(console_line(step, scalars))
+
   def write_text(self, step: int, texts: dict[str, str]) -> None:
     self._writer.write_texts(step, texts)
 

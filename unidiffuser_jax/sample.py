@@ -17,10 +17,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, latent_stats, rng, sharding, train
 from unidiffuser_jax import weight_jobs
@@ -163,8 +167,6 @@ def load_uvit_params(config, workdir: str):
 
 def run(config, workdir: str) -> dict:
   """Runs every task in config.sample.tasks; returns {task: scores or output dir}."""
-  from data_pipelines import transforms
-
   s = config.sample
   try:  # fail on bad solver settings before loading anything
     solvers.check_args(int(s.steps), int(s.order), s.method, s.skip_type)
@@ -174,6 +176,18 @@ def run(config, workdir: str) -> dict:
     if task not in TASKS:
       raise ValueError(f"config.sample.tasks: unknown task {task!r}; choose from {TASKS}")
     gather_inputs(task, config)
+  ctx = _setup(config, workdir)
+  params = jax.device_put(load_uvit_params(config, workdir), ctx["replicated"])
+  results = {}
+  for task in s.tasks:
+    results[task] = _run_task(task, config, workdir, params=params, **_ctx_args(ctx))
+  return results
+
+
+def _setup(config, workdir: str) -> dict:
+  """Mesh, model, normalised encoders and their params, tokenizers, latent shapes."""
+  from data_pipelines import transforms
+  s = config.sample
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
   model = train.make_model(config.model)
@@ -183,48 +197,113 @@ def run(config, workdir: str) -> dict:
     encoders = latent_stats.apply(encoders, latent_stats.load(s.get("checkpoint", "") or workdir))
   enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed),
                                        config.sharding.rules)
-  params = jax.device_put(load_uvit_params(config, workdir),
-                          NamedSharding(mesh, P()))  # replicated: data-parallel sampling
-  tokenizer = transforms.load_tokenizer(config.data.tokenizer)
-  cap_tokenizer = transforms.load_tokenizer(config.captioner.tokenizer or config.data.tokenizer)
-  shapes = modes.LatentShapes(
-      z=(model.latent_size, model.latent_size, model.latent_channels),
-      clip=(1, model.clip_img_dim), text=(model.num_text_tokens, model.text_dim))
-  results = {}
-  for task in s.tasks:
-    results[task] = _run_task(task, config, workdir, mesh, model, encoders, params, enc_params,
-                              tokenizer, cap_tokenizer, shapes)
-  return results
+  return dict(
+      mesh=mesh, model=model, encoders=encoders, enc_params=enc_params,
+      replicated=NamedSharding(mesh, P()),  # sampling is data-parallel: weights replicated
+      tokenizer=transforms.load_tokenizer(config.data.tokenizer),
+      cap_tokenizer=transforms.load_tokenizer(config.captioner.tokenizer or config.data.tokenizer),
+      shapes=modes.LatentShapes(
+          z=(model.latent_size, model.latent_size, model.latent_channels),
+          clip=(1, model.clip_img_dim), text=(model.num_text_tokens, model.text_dim)))
 
 
-def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, tokenizer,
-              cap_tokenizer, shapes):
+def _ctx_args(ctx: dict) -> dict:
+  return {k: ctx[k] for k in ("mesh", "model", "encoders", "enc_params", "tokenizer",
+                              "cap_tokenizer", "shapes")}
+
+
+class Evaluator:
+  """Judges a training run every config.train.eval_every steps (the learning curve).
+
+  Samples each task of config.sample.tasks that has a judge (t2i, i2t) on the first
+  config.sample.eval_num held-out inputs with the current EMA weights, through the
+  same compiled programs as the final sampling; returns {'judge/<task>_<attr>': acc}
+  for TensorBoard and keeps <workdir>/samples/curve.json and curve.png up to date.
+  """
+
+  def __init__(self, config, workdir: str):
+    self._config, self._workdir, self._ctx = config, workdir, None
+    self._curve_path = os.path.join(workdir, "samples", "curve.json")
+    self._curve = []
+    if os.path.exists(self._curve_path):   # a resumed run continues its curve
+      with open(self._curve_path) as f:
+        self._curve = json.load(f)
+
+  def __call__(self, step: int, state) -> dict:
+    if self._ctx is None:
+      self._ctx = _setup(self._config, self._workdir)
+    params = jax.device_put(state.ema_params, self._ctx["replicated"])
+    num = int(self._config.sample.eval_num)
+    scalars = {}
+    for task in self._config.sample.tasks:
+      if task not in ("t2i", "i2t"):
+        continue
+      host, n = _task_inputs(task, self._config)
+      n = min(n, num)
+      recs = generate(task, host, n, self._config, params=params, progress=False,
+                      **_ctx_args(self._ctx))
+      scores = _judge(task, host, [r["pixels"] for r in recs if "pixels" in r],
+                      [r for r in recs if "caption" in r], n)
+      scalars.update({f"judge/{task}_{a}": float(v) for a, v in scores.items()
+                      if isinstance(v, (int, float)) and a != "n"})
+    self._curve = [c for c in self._curve if c["step"] < step] + [dict(step=step, **scalars)]
+    os.makedirs(os.path.dirname(self._curve_path), exist_ok=True)
+    with open(self._curve_path, "w") as f:
+      json.dump(self._curve, f, indent=1)
+    plot_curve(self._curve, os.path.join(os.path.dirname(self._curve_path), "curve.png"))
+    return scalars
+
+
+def plot_curve(curve: list[dict], path: str) -> None:
+  """Judge accuracy vs training step, one panel per task (PNG)."""
+  tasks = sorted({k.split("/")[1].split("_")[0] for c in curve for k in c if k.startswith("judge/")})
+  if not tasks:
+    return
+  fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.2), squeeze=False)
+  steps = [c["step"] for c in curve]
+  for ax, task in zip(axes[0], tasks):
+    attrs = sorted({k.split("_", 1)[1] for c in curve for k in c if k.startswith(f"judge/{task}_")})
+    for a in attrs:
+      ax.plot(steps, [c.get(f"judge/{task}_{a}", np.nan) for c in curve], marker="o", ms=3, label=a)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step")
+    ax.set_title(f"{task}: judge accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(task, config, model, encoders, shapes):
+  """The task's jitted programs, built once per (task, model, encoders, sampler settings):
+  the training-time evaluator and the final sampling of the same process share them."""
+  key = (task, model, encoders, shapes, repr(sorted(config.sample.items())))
+  if key not in _COMPILED:
+    def encode_images(p, img, clip_img, keys):
+      # The posterior sample of image i uses its own key, so it is the same in any batch.
+      moments = encoders.image_moments(p, img)
+      z = jax.vmap(lambda m, k: encoders.latent_from_moments(m[None], k)[0])(moments, keys)
+      return z, encoders.clip_embedding(p, clip_img)
+    _COMPILED[key] = dict(text=jax.jit(encoders.text_latent), image=jax.jit(encode_images),
+                          program=jax.jit(mode_program(task, model, encoders, config.sample, shapes)))
+  return _COMPILED[key]
+
+
+def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params, tokenizer,
+             cap_tokenizer, shapes, progress: bool = True):
+  """Samples n outputs of `task` for the host inputs -> [{index, pixels?, caption?, prompt?}]."""
   from data_pipelines import transforms
   s = config.sample
-  host = gather_inputs(task, config)
-  if task == "interpolate":
-    host["images2"] = host["images"][1::2]
-    host["images"] = host["images"][0::2][:len(host["images2"])]
-  n = len(host.get("prompts", host.get("images", []))) or int(s.num)
-  n = min(n, int(s.num)) if task not in _NEEDS_PROMPTS else n
   bsz = int(s.batch_size)
-  out_dir = os.path.join(workdir, "samples", task)
-  os.makedirs(out_dir, exist_ok=True)
-
-  enc_text = jax.jit(encoders.text_latent)
-  def encode_images(p, img, clip_img, keys):
-    # The posterior sample of image i uses its own key, so it is the same in any batch.
-    moments = encoders.image_moments(p, img)
-    z = jax.vmap(lambda m, k: encoders.latent_from_moments(m[None], k)[0])(moments, keys)
-    return z, encoders.clip_embedding(p, clip_img)
-
-  enc_image = jax.jit(encode_images)
+  fns = _compiled(task, config, model, encoders, shapes)
   batch_sh = lambda x: NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (x.ndim - 1))))
-  program = jax.jit(mode_program(task, model, encoders, s, shapes))
-
-  captions, pixels_all = [], []
+  results = []
   with mesh:
-    for start in tqdm.trange(0, n, bsz, desc=f"sample {task}", unit="batch"):
+    for start in tqdm.trange(0, n, bsz, desc=f"sample {task}", unit="batch", disable=not progress):
       idx = np.arange(start, start + bsz)
       real = idx < n
       idx = np.where(real, idx, n - 1)   # pad the last batch by repeating the last sample
@@ -232,7 +311,7 @@ def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, 
       if "prompts" in host:
         toks = transforms.tokenize(tokenizer, [host["prompts"][i] for i in idx],
                                    config.data.max_length)
-        inputs["text"] = enc_text(enc_params, jnp.asarray(toks))
+        inputs["text"] = fns["text"](enc_params, jnp.asarray(toks))
       for name, suffix in (("images", ""), ("images2", "2")):
         if name not in host:
           continue
@@ -242,26 +321,55 @@ def _run_task(task, config, workdir, mesh, model, encoders, params, enc_params, 
         cimg = np.stack([c for _, c in arrs])
         enc_keys = jax.vmap(lambda i, sfx=suffix: rng.key_for(int(s.seed), i, f"encode/{task}{sfx}"))(
             jnp.asarray(idx))
-        inputs["z" + suffix], inputs["clip" + suffix] = enc_image(enc_params, img, cimg, enc_keys)
+        inputs["z" + suffix], inputs["clip" + suffix] = fns["image"](enc_params, img, cimg, enc_keys)
       keys = jax.vmap(lambda i: rng.key_for(int(s.seed), i, f"sample/{task}"))(jnp.asarray(idx))
       inputs = {k: jax.device_put(v, batch_sh(v)) for k, v in inputs.items()}
-      out = jax.device_get(program(params, enc_params, inputs, keys))
+      out = jax.device_get(fns["program"](params, enc_params, inputs, keys))
       for j in np.flatnonzero(real):
         i = int(idx[j])
+        rec = {"index": i}
+        if "prompts" in host:
+          rec["prompt"] = host["prompts"][i]
         if "pixels" in out:
-          pix = _to_uint8(out["pixels"][j])
-          pixels_all.append(pix)
-          for r, im in enumerate(pix if pix.ndim == 4 else [pix]):
-            suffix = f"_{r}" if pix.ndim == 4 else ""   # gibbs rounds, interpolation points
-            Image.fromarray(im).save(os.path.join(out_dir, f"{i:05d}{suffix}.png"))
+          rec["pixels"] = _to_uint8(out["pixels"][j])
         if "tokens" in out:
           toks, lens = out["tokens"][j], out["lengths"][j]
           texts = captioner_lib.decode_text(cap_tokenizer, np.atleast_2d(toks),
                                             np.atleast_1d(lens), encoders.captioner.eos_id)
-          rec = {"index": i, "caption": texts[0] if len(texts) == 1 else texts}
-          if "prompts" in host:
-            rec["prompt"] = host["prompts"][i]
-          captions.append(rec)
+          rec["caption"] = texts[0] if len(texts) == 1 else texts
+        results.append(rec)
+  return results
+
+
+def _task_inputs(task, config):
+  host = gather_inputs(task, config)
+  if task == "interpolate":
+    host["images2"] = host["images"][1::2]
+    host["images"] = host["images"][0::2][:len(host["images2"])]
+  n = len(host.get("prompts", host.get("images", []))) or int(config.sample.num)
+  n = min(n, int(config.sample.num)) if task not in _NEEDS_PROMPTS else n
+  return host, n
+
+
+def _run_task(task, config, workdir, *, mesh, model, encoders, params, enc_params, tokenizer,
+              cap_tokenizer, shapes):
+  host, n = _task_inputs(task, config)
+  out_dir = os.path.join(workdir, "samples", task)
+  os.makedirs(out_dir, exist_ok=True)
+  recs = generate(task, host, n, config, mesh=mesh, model=model, encoders=encoders, params=params,
+                  enc_params=enc_params, tokenizer=tokenizer, cap_tokenizer=cap_tokenizer,
+                  shapes=shapes)
+  pixels_all, captions = [], []
+  for rec in recs:
+    i = rec["index"]
+    if "pixels" in rec:
+      pix = rec["pixels"]
+      pixels_all.append(pix)
+      for r, im in enumerate(pix if pix.ndim == 4 else [pix]):
+        suffix = f"_{r}" if pix.ndim == 4 else ""   # gibbs rounds, interpolation points
+        Image.fromarray(im).save(os.path.join(out_dir, f"{i:05d}{suffix}.png"))
+    if "caption" in rec:
+      captions.append({k: rec[k] for k in ("index", "caption", "prompt") if k in rec})
   if captions:
     with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
       for rec in captions:

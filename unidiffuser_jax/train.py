@@ -10,6 +10,7 @@ from collections.abc import Callable
 import dataclasses
 import functools
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -68,10 +69,10 @@ def dummy_latents(model: uvit.UViT, batch: int = 1):
   return z, clip, text, t, t, jnp.ones((batch,), jnp.int32)
 
 
-def uvit_task(model: uvit.UViT, encoders, seed: int, clean_prob: float = 0.0,
-              min_snr_gamma: float = 0.0) -> Task:
-  """The UniDiffuser objective on latents from the frozen encoders (clean_prob and
-  min_snr_gamma: see diffusion/objective.py; 0 and 0 are the paper's objective)."""
+def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None = None) -> Task:
+  """The UniDiffuser objective on latents from the frozen encoders; objective_kw:
+  clean_prob, loss_weight, min_snr_gamma (diffusion/objective.py; empty = the paper's)."""
+  objective_kw = dict(objective_kw or {})
   def init_params():
     return model.init(rng.key_for(seed, 0, "init"), *dummy_latents(model))["params"]
 
@@ -80,10 +81,16 @@ def uvit_task(model: uvit.UViT, encoders, seed: int, clean_prob: float = 0.0,
     z0, clip0, text0 = encoders.batch_to_latents(encoder_params, batch, k_enc)
     nnet = functools.partial(model.apply, {"params": params})
     total, parts = objective.loss_fn(nnet, z0, clip0, text0, batch.get("data_type"), k_loss,
-                                     clean_prob=clean_prob, min_snr_gamma=min_snr_gamma)
+                                     **objective_kw)
     return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
 
   return Task("uvit", init_params, loss)
+
+
+def objective_kwargs(train_cfg) -> dict:
+  """The objective options of config.train (common.train declares them)."""
+  return dict(clean_prob=float(train_cfg.clean_prob), loss_weight=str(train_cfg.loss_weight),
+              min_snr_gamma=float(train_cfg.min_snr_gamma))
 
 
 # ---------------------------------------------------------------- optimiser and state
@@ -200,8 +207,12 @@ def start_from(state: TrainState, state_shardings, path: str) -> TrainState:
 
 
 def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_shardings,
-             data_iterator, init_from: str = "") -> dict:
-  """The loop every trainer shares: restore, step, log, checkpoint; returns last scalars."""
+             data_iterator, init_from: str = "", evaluate: Callable | None = None) -> dict:
+  """The loop every trainer shares: restore, step, log, checkpoint; returns last scalars.
+
+  evaluate(step, state) -> {name: scalar}, if given, runs every train_cfg.eval_every
+  steps (and at the last step); its scalars and the seconds it took go to TensorBoard.
+  """
   from data_pipelines import sources
   from unidiffuser_jax import metrics  # TensorBoard (TensorFlow) only when training
 
@@ -240,6 +251,11 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
       last = logger.step(step, step_metrics, sources.skip_metrics(skipped_total) if due else None) or last
       if step % train_cfg.checkpoint_every == 0 or step == total:
         checkpoints.save(mngr, step, state, data_iterator, config_dict)
+      every = int(train_cfg.eval_every)
+      if evaluate is not None and every > 0 and (step % every == 0 or step == total):
+        t0 = time.perf_counter()
+        scalars = evaluate(step, state)
+        logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
   last = logger.flush(total, sources.skip_metrics(skipped_total)) or last
   logger.close()
   mngr.wait_until_finished()
@@ -247,7 +263,8 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   return last
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None,
+          evaluate: Callable | None = None) -> dict:
   """Trains the U-ViT until config.train.steps, resuming from the newest checkpoint in `workdir`.
 
   Returns the last logged scalars. `data_iterator` overrides the configured
@@ -268,7 +285,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   encoders = latent_stats.fit_or_load(config, encoders, encoder_params, make_iterator, mesh, workdir)
   if data_iterator is None:
     data_iterator = make_iterator()
-  task = uvit_task(model, encoders, int(config.seed), float(config.train.clean_prob),
-                   float(config.train.min_snr_gamma))
+  task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
   return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
-                  data_iterator, init_from=config.train.get("init_from", ""))
+                  data_iterator, init_from=config.train.get("init_from", ""), evaluate=evaluate)

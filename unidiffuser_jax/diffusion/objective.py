@@ -15,11 +15,18 @@ independent uniform timesteps a sample whose condition is nearly clean is rare
 each batch; a clean modality carries no noise to predict, so its part of that
 sample's loss is left out.
 
-`min_snr_gamma` (0 = off, the paper's objective) weights each part's squared
-error by min(SNR(t), gamma) / SNR(t) at its own timestep (Hang et al. 2023,
-"Efficient Diffusion Training via Min-SNR Weighting Strategy"): the low-noise
-timesteps, whose noise-prediction errors are large but carry little about the
-image's global layout, stop dominating the gradient.
+`loss_weight` and `min_snr_gamma` weight each part's squared error by a
+function of its own timestep (the network still predicts the noise):
+  "eps" (the paper's): 1.
+  "v": 1 / alpha_bar_t, i.e. the error of the velocity v = sqrt(ab) eps -
+      sqrt(1 - ab) x0 implied by the noise prediction (Salimans & Ho 2022; EDM's
+      weighting at unit data variance). The plain noise error is tiny at high noise
+      although the data prediction x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) that the
+      sampler starts from amplifies it up to 15x there: this weighting lets those
+      timesteps, where the image's layout is decided, carry their share of the
+      gradient. Normalised to mean 1 over t = 1..1000.
+  min_snr_gamma > 0 multiplies by min(SNR_t, gamma) / SNR_t (Hang et al. 2023):
+      down-weights the low-noise timesteps.
 """
 from collections.abc import Callable
 
@@ -35,13 +42,23 @@ NNet = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 _ALPHA_BAR = np.concatenate([[1.0], schedule.alphas_cumprod()])
 
 
-def min_snr_weight(n_b: jax.Array, gamma: float) -> jax.Array:
-  """min(SNR_n, gamma) / SNR_n per sample (1 where gamma <= 0; 0 at n = 0)."""
-  if gamma <= 0:
-    return (n_b > 0).astype(jnp.float32)
+LOSS_WEIGHTS = ("eps", "v")
+
+
+def loss_weight_table(kind: str, min_snr_gamma: float) -> np.ndarray:
+  """Weight of timestep n = 0..1000 (n = 0, a clean part, weighs 0); see the module doc."""
   ab = _ALPHA_BAR[1:]
-  table = np.concatenate([[0.0], np.minimum(ab / (1 - ab), gamma) / (ab / (1 - ab))])
-  return jnp.asarray(table, jnp.float32)[n_b]
+  if kind == "eps":
+    w = np.ones_like(ab)
+  elif kind == "v":
+    w = 1.0 / ab
+    w = w / w.mean()
+  else:
+    raise ValueError(f"loss_weight={kind!r}; use one of {LOSS_WEIGHTS}")
+  if min_snr_gamma > 0:
+    snr = ab / (1.0 - ab)
+    w = w * np.minimum(snr, min_snr_gamma) / snr
+  return np.concatenate([[0.0], w])
 
 
 def sample_timesteps(key: jax.Array, batch: int, clean_prob: float = 0.0
@@ -69,7 +86,7 @@ def noise_to(x0: jax.Array, eps: jax.Array, n_b: jax.Array) -> jax.Array:
 
 def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax.Array,
             data_type_b: jax.Array | None, key: jax.Array, clean_prob: float = 0.0,
-            min_snr_gamma: float = 0.0) -> tuple[jax.Array, dict]:
+            loss_weight: str = "eps", min_snr_gamma: float = 0.0) -> tuple[jax.Array, dict]:
   """Returns (total loss, {loss_img, loss_clip, loss_text, t_img, t_text})."""
   batch = z0_bhwc.shape[0]
   k_t, k_z, k_c, k_y = jax.random.split(key, 4)
@@ -88,7 +105,8 @@ def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax
   n_z, n_c, n_y = eps_z[0].size, eps_c[0].size, eps_y[0].size
   w_img = (t_img > 0).astype(jnp.float32)
   w_text = (t_text > 0).astype(jnp.float32)
-  lw_img, lw_text = min_snr_weight(t_img, min_snr_gamma), min_snr_weight(t_text, min_snr_gamma)
+  table = jnp.asarray(loss_weight_table(loss_weight, min_snr_gamma), jnp.float32)
+  lw_img, lw_text = table[t_img], table[t_text]
   total = ((lw_img * (se_z + se_c) + lw_text * se_y).sum()
            / jnp.maximum((w_img * (n_z + n_c) + w_text * n_y).sum(), 1.0))
   n_img, n_text = jnp.maximum(w_img.sum(), 1.0), jnp.maximum(w_text.sum(), 1.0)
