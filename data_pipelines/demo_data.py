@@ -31,6 +31,7 @@ COLOURS = {
 }
 SHAPES = ('circle', 'square', 'triangle')
 POSITIONS = ('left', 'right', 'top', 'bottom')
+ATTRIBUTES = ('colour', 'shape', 'position')  # what the judge scores
 BACKGROUND = (238, 236, 230)
 CHANCE = {'colour': 1 / len(COLOURS), 'shape': 1 / len(SHAPES),
           'position': 1 / len(POSITIONS)}
@@ -196,19 +197,23 @@ def parse_caption(text: str) -> dict[str, str | None]:
           'position': first(POSITIONS)}
 
 
-def _accuracy(pred: Sequence[dict], truth: Sequence[dict]) -> dict[str, Any]:
+def _accuracy(pred: Sequence[dict], truth: Sequence[dict],
+              attributes: Sequence[str] = ATTRIBUTES,
+              chance: dict[str, float] | None = None) -> dict[str, Any]:
+  """Per-attribute and all-attributes accuracy (None never counts as right),
+  with the chance levels (this module's CHANCE unless given)."""
   if len(pred) != len(truth):
     raise ValueError(f'{len(pred)} predictions vs {len(truth)} truths')
   n = max(1, len(pred))
   out = {}
-  for a in ('colour', 'shape', 'position'):
+  for a in attributes:
     out[a] = sum(p.get(a) is not None and p.get(a) == t.get(a)
                  for p, t in zip(pred, truth)) / n
   out['all'] = sum(all(p.get(a) is not None and p.get(a) == t.get(a)
-                       for a in ('colour', 'shape', 'position'))
+                       for a in attributes)
                    for p, t in zip(pred, truth)) / n
   out['n'] = len(pred)
-  out['chance'] = dict(CHANCE)
+  out['chance'] = dict(CHANCE if chance is None else chance)
   return out
 
 
