@@ -120,7 +120,7 @@ def demo_config(quick: bool):
   """configs/demo.py; with quick, shrunk to 16x16 images and a depth-2 U-ViT."""
   from configs import demo  # pylint: disable=g-import-not-at-top
   c = demo.get_config()
-  c.data.demo = False
+  c.data.demo = ""
   c.captioner.train_first = False
   c.sample.after_train = False
   if quick:

@@ -37,9 +37,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
 
   c.data = mc.ConfigDict(dict(
       source="shards",
-      demo=True,                 # build the demo set under <workdir>/demo_data if missing
+      demo="shapes",             # generated set to build under <workdir>/demo_data (demo_sets.py)
       demo_train=2048, demo_heldout=64,
-      shards="", features="", tokenizer="",   # filled in by the demo builder
+      shards="", features="", tokenizer="", heldout="",   # filled in by the demo builder
       resolution=16, clip_resolution=16, max_length=12, data_type=1,
       shuffle_buffer=512, interleave_cycle=4, num_workers=0, prefetch=2,
       min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0, min_aesthetic=0.0,

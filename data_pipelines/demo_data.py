@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipelines import make_shards, make_tokenizer
+
 COLOURS = {
     'red': (215, 40, 40),
     'green': (40, 160, 60),
@@ -237,27 +239,9 @@ def score_i2t(captions: Sequence[str], truth_attrs: Sequence[dict]
 
 
 def build_tokenizer(out_dir: str) -> str:
-  """Word-level tokenizer covering every demo word, saved with save_pretrained.
-
-  Ids: '<|endoftext|>' 0 (bos, eos and pad, as CLIP and GPT-2 use it),
-  '[UNK]' 1, the words, then '<|EOS|>' added as a special token (the caption
-  decoder's end marker). Lower-cases; splits on white space and punctuation.
-  Load with AutoTokenizer.from_pretrained(out_dir).
-  """
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
-  vocab = {'<|endoftext|>': 0, '[UNK]': 1}
-  for w in demo_words():
-    vocab.setdefault(w, len(vocab))
-  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token='[UNK]'))
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  fast = PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token='<|endoftext|>',
-      eos_token='<|endoftext|>', pad_token='<|endoftext|>', unk_token='[UNK]')
-  fast.add_tokens(['<|EOS|>'], special_tokens=True)
-  fast.save_pretrained(out_dir)
-  return out_dir
+  """Word-level tokenizer covering every caption word (make_tokenizer.build_word_tokenizer).
+  Load with AutoTokenizer.from_pretrained(out_dir)."""
+  return make_tokenizer.build_word_tokenizer(demo_words(), out_dir)
 
 
 def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
@@ -270,7 +254,6 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
   lists the held-out records' {key, caption, colour, shape, position}.
   Skips all work if out_dir/demo.json records the same parameters.
   """
-  from data_pipelines import make_shards  # pylint: disable=g-import-not-at-top
   params = dict(n_train=n_train, n_heldout=n_heldout, size=size, seed=seed,
                 shard_size=shard_size, version=2)
   manifest = os.path.join(out_dir, 'demo.json')

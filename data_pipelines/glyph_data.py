@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipelines import demo_data
+from data_pipelines import demo_data, make_shards, make_tokenizer
 
 ATTRIBUTES = ('digit', 'colour', 'background')
 DIGITS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
@@ -307,27 +307,9 @@ def score_i2t(captions: Sequence[str], truth_attrs: Sequence[dict]
 
 
 def build_tokenizer(out_dir: str) -> str:
-  """Word-level tokenizer covering every caption word, saved with save_pretrained.
-
-  Ids as demo_data.build_tokenizer's: '<|endoftext|>' 0 (bos, eos and pad),
-  '[UNK]' 1, the words (numerals 0-9 are words too), then '<|EOS|>' added as a
-  special token. Lower-cases; splits on white space and punctuation.
-  Load with AutoTokenizer.from_pretrained(out_dir).
-  """
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
-  vocab = {'<|endoftext|>': 0, '[UNK]': 1}
-  for w in glyph_words():
-    vocab.setdefault(w, len(vocab))
-  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token='[UNK]'))
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  fast = PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token='<|endoftext|>',
-      eos_token='<|endoftext|>', pad_token='<|endoftext|>', unk_token='[UNK]')
-  fast.add_tokens(['<|EOS|>'], special_tokens=True)
-  fast.save_pretrained(out_dir)
-  return out_dir
+  """Word-level tokenizer covering every caption word (make_tokenizer.build_word_tokenizer).
+  Load with AutoTokenizer.from_pretrained(out_dir)."""
+  return make_tokenizer.build_word_tokenizer(glyph_words(), out_dir)
 
 
 def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
@@ -342,7 +324,6 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
   Skips all work if out_dir/demo.json records the same parameters (and this
   set: a shapes build in the same directory is rebuilt).
   """
-  from data_pipelines import make_shards  # pylint: disable=g-import-not-at-top
   params = dict(set='glyph', n_train=n_train, n_heldout=n_heldout, size=size,
                 seed=seed, shard_size=shard_size, version=1)
   manifest = os.path.join(out_dir, 'demo.json')

@@ -5,7 +5,7 @@ from configs import demo
 def tiny_config(**train_overrides):
   c = demo.get_config()
   c.data.source = "synthetic"
-  c.data.demo = False
+  c.data.demo = ""
   c.data.resolution = 16
   c.data.clip_resolution = 16
   c.data.max_length = 6

@@ -55,21 +55,26 @@ def _captioner_dir(workdir: str) -> str:
 
 
 def _prepare_demo(config, workdir: str) -> None:
-  """Demo only: generate the data set once and point the config at it."""
+  """Generates the demo set once (config.data.demo) and points the config at it; then, for
+  every config whose caption decoder shares the data tokenizer (captioner.tokenizer = ""),
+  reads the vocabulary size and <|EOS|> id from that tokenizer, so nobody sets them by hand."""
+  from data_pipelines import demo_sets, transforms
   if config.data.demo:
-    from data_pipelines import demo_data
-    paths = demo_data.build_demo(os.path.join(workdir, "demo_data"), n_train=config.data.demo_train,
-                                 n_heldout=config.data.demo_heldout, size=config.data.resolution,
-                                 seed=config.seed)
+    paths = demo_sets.get(config.data.demo).build_demo(
+        os.path.join(workdir, "demo_data"), n_train=config.data.demo_train,
+        n_heldout=config.data.demo_heldout, size=config.data.resolution, seed=config.seed)
     config.data.shards = config.data.shards or ",".join(paths["train_shards"])
     config.data.tokenizer = config.data.tokenizer or paths["tokenizer"]
     config.data.heldout = ",".join(paths["heldout_shards"])
-    # The demo's word-level tokenizer fixes the vocabulary and the caption decoder's <|EOS|>.
-    from data_pipelines import transforms
+  if config.data.tokenizer and not config.captioner.tokenizer:
     tok = transforms.load_tokenizer(config.data.tokenizer)
+    eos = tok.convert_tokens_to_ids("<|EOS|>")
+    if eos is None or eos == tok.unk_token_id:
+      raise ValueError(f"the tokenizer {config.data.tokenizer} has no <|EOS|> token, which the "
+                       f"caption decoder needs; build one with python -m data_pipelines.make_tokenizer")
     config.encoders.clip_text.vocab_size = len(tok)
     config.encoders.captioner.vocab_size = len(tok)
-    config.encoders.captioner.eos_id = tok.convert_tokens_to_ids("<|EOS|>")
+    config.encoders.captioner.eos_id = eos
   if config.captioner.train_first and not config.encoders.weights.captioner:
     config.encoders.weights.captioner = _captioner_dir(workdir)
 

@@ -119,7 +119,8 @@ def _load_image(path_or_bytes, resolution: int, clip_resolution: int):
 
 def _demo_heldout(config, n: int):
   """The demo's held-out records: (captions, image bytes, attributes)."""
-  from data_pipelines import shards, demo_data  # noqa: F401
+  from data_pipelines import demo_sets, shards
+  demo = demo_sets.get(config.data.demo)
   caps, imgs, attrs = [], [], []
   for path in config.data.heldout.split(","):
     for e in shards.iter_entries(path):
@@ -128,7 +129,7 @@ def _demo_heldout(config, n: int):
       img_ext = next(x for x in shards.IMAGE_EXTS if x in e["files"])
       caps.append(e["files"]["txt"].decode())
       imgs.append(e["files"][img_ext])
-      attrs.append(demo_data.parse_caption(caps[-1]))
+      attrs.append(demo.parse_caption(caps[-1]))
       if len(caps) == n:
         return caps, imgs, attrs
   return caps, imgs, attrs
@@ -142,7 +143,7 @@ def gather_inputs(task: str, config):
   if s.prompt_file:
     with open(s.prompt_file) as f:
       prompts += [line.strip() for line in f if line.strip()]
-  images = list(s.images)
+  images = _expand_images(s.images)
   if config.data.get("demo") and not prompts and not images:
     caps, imgs, attrs = _demo_heldout(config, int(s.num))
     prompts, images, out["truth"] = caps, imgs, attrs
@@ -153,8 +154,25 @@ def gather_inputs(task: str, config):
     out["prompts"] = prompts
   if task in _NEEDS_IMAGES:
     if not images:
-      raise ValueError(f"task {task} needs input images: --config.sample.images='(\"a.png\",)'")
+      raise ValueError(f"task {task} needs input images: --config.sample.images='(\"a.png\",)' "
+                       f"(files or folders)")
     out["images"] = images
+  return out
+
+
+def _expand_images(items) -> list:
+  """Image files as given; a folder stands for the images in it (sorted by name)."""
+  from data_pipelines import shards
+  out = []
+  for item in items:
+    if isinstance(item, str) and os.path.isdir(item):
+      found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                     if f.lower().rsplit(".", 1)[-1] in shards.IMAGE_EXTS)
+      if not found:
+        raise ValueError(f"config.sample.images: the folder {item} holds no images")
+      out.extend(found)
+    else:
+      out.append(item)
   return out
 
 
@@ -242,7 +260,7 @@ class Evaluator:
       n = min(n, num)
       recs = generate(task, host, n, self._config, params=params, progress=False,
                       **_ctx_args(self._ctx))
-      scores = _judge(task, host, [r["pixels"] for r in recs if "pixels" in r],
+      scores = _judge(task, self._config, host, [r["pixels"] for r in recs if "pixels" in r],
                       [r for r in recs if "caption" in r], n)
       scalars.update({f"judge/{task}_{a}": float(v) for a, v in scores.items()
                       if isinstance(v, (int, float)) and a != "n"})
@@ -330,6 +348,8 @@ def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params
         rec = {"index": i}
         if "prompts" in host:
           rec["prompt"] = host["prompts"][i]
+        if "images" in host and isinstance(host["images"][i], str):
+          rec["image"] = os.path.basename(host["images"][i])
         if "pixels" in out:
           rec["pixels"] = _to_uint8(out["pixels"][j])
         if "tokens" in out:
@@ -346,8 +366,9 @@ def _task_inputs(task, config):
   if task == "interpolate":
     host["images2"] = host["images"][1::2]
     host["images"] = host["images"][0::2][:len(host["images2"])]
+  # Every input gets its output (config.sample.num only sizes the demo's held-out set
+  # and the tasks without inputs).
   n = len(host.get("prompts", host.get("images", []))) or int(config.sample.num)
-  n = min(n, int(config.sample.num)) if task not in _NEEDS_PROMPTS else n
   return host, n
 
 
@@ -369,7 +390,7 @@ def _run_task(task, config, workdir, *, mesh, model, encoders, params, enc_param
         suffix = f"_{r}" if pix.ndim == 4 else ""   # gibbs rounds, interpolation points
         Image.fromarray(im).save(os.path.join(out_dir, f"{i:05d}{suffix}.png"))
     if "caption" in rec:
-      captions.append({k: rec[k] for k in ("index", "caption", "prompt") if k in rec})
+      captions.append({k: rec[k] for k in ("index", "image", "prompt", "caption") if k in rec})
   if captions:
     with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
       for rec in captions:
@@ -378,7 +399,7 @@ def _run_task(task, config, workdir, *, mesh, model, encoders, params, enc_param
     _save_grid(pixels_all, os.path.join(out_dir, "grid.png"))
   result = {"dir": out_dir, "num": n}
   if "truth" in host:
-    result["scores"] = _judge(task, host, pixels_all, captions, n)
+    result["scores"] = _judge(task, config, host, pixels_all, captions, n)
     with open(os.path.join(out_dir, "scores.json"), "w") as f:
       json.dump(result["scores"], f, indent=1)
   print(f"{task}: {n} samples in {out_dir}" +
@@ -386,12 +407,13 @@ def _run_task(task, config, workdir, *, mesh, model, encoders, params, enc_param
   return result
 
 
-def _judge(task, host, pixels_all, captions, n):
-  from data_pipelines import demo_data
+def _judge(task, config, host, pixels_all, captions, n):
+  from data_pipelines import demo_sets
+  demo = demo_sets.get(config.data.demo)
   if task == "t2i":
-    return demo_data.score_t2i(np.stack(pixels_all[:n]), host["prompts"][:n])
+    return demo.score_t2i(np.stack(pixels_all[:n]), host["prompts"][:n])
   if task == "i2t":
-    return demo_data.score_i2t([c["caption"] for c in captions[:n]], host["truth"][:n])
+    return demo.score_i2t([c["caption"] for c in captions[:n]], host["truth"][:n])
   return {}
 
 
