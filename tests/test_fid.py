@@ -1,31 +1,17 @@
 """FID: Flax FID Inception vs pytorch-fid's InceptionV3, Fréchet distance vs pytorch-fid's.
 
 The reference network is pytorch-fid's own (``InceptionV3`` with its FIDInceptionA/C/E
-blocks) with random weights: its weight download is patched to hand back a random state
+blocks) with random weights (torchvision imports through conftest.py, see
+tests/torchvision_compat.py): its weight download is patched to hand back a random state
 dict of the same names, which is also saved with torch.save and read by our safe loader.
 """
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-try:
-  import torchvision  # noqa: F401  (pytorch_fid needs it; imported first to handle the case below)
-except RuntimeError:
-  # torchvision's compiled ops (_C.so) failed to load -- e.g. PyPI's CUDA torchvision wheel
-  # beside a CPU-only torch -- and its import then dies registering fake kernels for those
-  # ops. pytorch_fid only uses torchvision's pure-Python Inception modules, so the two
-  # op-registration modules are replaced by empty ones and the import is retried.
-  for _name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-    del sys.modules[_name]
-  for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-    sys.modules[_name] = types.ModuleType(_name)
-  import torchvision  # noqa: F401
+import torchvision
 from pytorch_fid import fid_score, inception as pf_inception
 
 from unidiffuser_jax import fid
