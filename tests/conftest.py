@@ -15,3 +15,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Test-only references (pytorch-fid, torchmetrics) import torchvision; see torchvision_compat.
+from tests.torchvision_compat import import_torchvision  # noqa: E402
+
+import_torchvision()

@@ -7,6 +7,8 @@ Both compute what Hugging Face transformers' CLIP does:
   ``[B, L, width]`` (UniDiffuser uses all 77 positions, no pooling, no
   projection). No padding mask is applied, as in the reference, which calls
   the encoder with token ids only.
+* ``CLIPTextProjection``: end-of-text pooling + bias-free ``text_projection``
+  on top of CLIPTextEncoder's output -> ``[B, proj_dim]`` (CLIP score only).
 * ``CLIPVisionEncoder``: bias-free patch conv, class token, positions,
   ``pre_layrnorm``, transformer (no mask), ``post_layernorm`` on the class
   token, bias-free ``visual_projection`` -> ``[B, proj_dim]``. NOT normalised.
@@ -138,6 +140,37 @@ class CLIPTextEncoder(nn.Module):
                                name=f"layers_{i}")(x_bld)
     x_bld = _layer_norm(self.layer_norm_eps, self.dtype, "final_layer_norm")(x_bld)
     return x_bld.astype(jnp.float32)
+
+
+class CLIPTextProjection(nn.Module):
+  """CLIPTextEncoder output [B, L, width] + token ids [B, L] -> text embedding [B, proj_dim].
+
+  The part of transformers' ``CLIPModel.get_text_features`` after the text
+  tower: pool the hidden state of the end-of-text token, then the bias-free
+  ``text_projection``. NOT normalised. The pooled position is the first
+  occurrence of `eos_token_id`, or, when the config says ``eos_token_id=2``
+  (older CLIP configs), the position of the largest token id -- both
+  transformers' rules. Used for CLIP score (clip_score.py); UniDiffuser's
+  conditioning uses the unpooled hidden states instead.
+  """
+  proj_dim: int = 768
+  eos_token_id: int = 49407
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden_bld, tokens_bl):
+    if hidden_bld.ndim != 3 or tokens_bl.shape != hidden_bld.shape[:2]:
+      raise ValueError(f"expected hidden [B, L, D] and token ids [B, L], got "
+                       f"{hidden_bld.shape} and {tokens_bl.shape}")
+    tokens_bl = tokens_bl.astype(jnp.int32)
+    if self.eos_token_id == 2:
+      pos_b = jnp.argmax(tokens_bl, axis=-1)
+    else:
+      pos_b = jnp.argmax(tokens_bl == self.eos_token_id, axis=-1)
+    pooled_bd = jnp.take_along_axis(hidden_bld, pos_b[:, None, None], axis=1)[:, 0]
+    out_bp = _dense(self.proj_dim, ("embed", "io"), self.dtype, "text_projection",
+                    use_bias=False)(pooled_bd.astype(self.dtype))
+    return out_bp.astype(jnp.float32)
 
 
 class CLIPVisionEncoder(nn.Module):

@@ -5,7 +5,9 @@ State-dict names are transformers' ``CLIPModel`` ones, which ``CLIPTextModel``
 back) and ``CLIPVisionModelWithProjection`` (``vision_model.*`` +
 ``visual_projection.weight``) share, so one table reads all three; tensors of
 the other tower, ``logit_scale``, ``text_projection`` and the ``position_ids``
-buffers of old files are ignored.
+buffers of old files are ignored. ``text_projection`` is read separately, for
+CLIP score only, into models/clip.py's ``CLIPTextProjection``
+(``load_clip_text_projection``).
 
 Files are found in a local directory or in the local Hugging Face hub cache
 (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``,
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unidiffuser_jax.models.clip import CLIPTextEncoder, CLIPVisionEncoder
+from unidiffuser_jax.models.clip import CLIPTextEncoder, CLIPTextProjection, CLIPVisionEncoder
 from unidiffuser_jax.weights import convert
 from unidiffuser_jax.weights.tensors import load_tensors
 
@@ -51,6 +53,13 @@ def text_config_from_json(cfg: Mapping) -> dict:
               num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
               mlp_dim=c["intermediate_size"], max_positions=c["max_position_embeddings"],
               layer_norm_eps=c["layer_norm_eps"], hidden_act=c["hidden_act"])
+
+
+def text_projection_config_from_json(cfg: Mapping) -> dict:
+  """config.json of a CLIPModel (or CLIPTextModelWithProjection) -> CLIPTextProjection kwargs."""
+  sub = cfg.get("text_config") if "text_config" in cfg else cfg
+  return dict(proj_dim=cfg.get("projection_dim", 512),
+              eos_token_id=(sub or {}).get("eos_token_id", 49407))
 
 
 def vision_config_from_json(cfg: Mapping) -> dict:
@@ -114,6 +123,11 @@ def text_entries(num_layers: int) -> list[convert.Entry]:
   ]
 
 
+def text_projection_entries() -> list[convert.Entry]:
+  lin = convert.linear_kernel
+  return [convert.Entry(("text_projection", "kernel"), "text_projection.weight", lin, lin)]
+
+
 def _conv_to_theirs(k: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(k, (3, 2, 0, 1)))
 
@@ -170,6 +184,19 @@ def clip_vision_params_from_tensors(model: CLIPVisionEncoder,
       vision_template(model), tensors, vision_entries(model.num_layers),
       ignore_unexpected=lambda n: (not n.startswith(("vision_model.", "visual_projection."))
                                    or _is_position_ids(n)))
+
+
+def clip_text_projection_params_from_tensors(model: CLIPTextProjection, width: int,
+                                             tensors: Mapping[str, np.ndarray]) -> dict:
+  """{HF name: array} -> CLIPTextProjection params for a text tower of `width`.
+
+  Only ``text_projection.weight`` is used; every other tensor is ignored.
+  """
+  template = nn.meta.unbox(jax.eval_shape(
+      model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1, width), jnp.float32),
+      jax.ShapeDtypeStruct((1, 1), jnp.int32))["params"])
+  return convert.assign(template, tensors, text_projection_entries(),
+                        ignore_unexpected=lambda n: n != "text_projection.weight")
 
 
 def export_clip_text(params: Mapping, model: CLIPTextEncoder) -> dict[str, np.ndarray]:
@@ -252,6 +279,16 @@ def load_clip_text(name_or_path: str = TEXT_REPO, dtype=jnp.float32
   directory = find_model_dir(name_or_path)
   model = CLIPTextEncoder(**text_config_from_json(_read_config(directory)), dtype=dtype)
   return model, clip_text_params_from_tensors(model, load_model_tensors(directory))
+
+
+def load_clip_text_projection(name_or_path: str = TEXT_REPO, dtype=jnp.float32
+                              ) -> tuple[CLIPTextProjection, dict]:
+  """(module, params) for the text embedding head of a CLIPModel (CLIP score), as load_clip_text."""
+  directory = find_model_dir(name_or_path)
+  cfg = _read_config(directory)
+  model = CLIPTextProjection(**text_projection_config_from_json(cfg), dtype=dtype)
+  return model, clip_text_projection_params_from_tensors(
+      model, text_config_from_json(cfg)["width"], load_model_tensors(directory))
 
 
 def load_clip_vision(name_or_path: str = VISION_REPO, dtype=jnp.float32
