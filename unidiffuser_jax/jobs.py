@@ -45,7 +45,11 @@ def train_job(config, workdir: str) -> None:
     from unidiffuser_jax import sample
     evaluate = sample.Evaluator(config, workdir)
   train.train(config, workdir, evaluate=evaluate)
-  if config.sample.after_train:
+  s = config.sample
+  if s.after_train and not (config.data.demo or s.prompts or s.prompt_file or s.images):
+    print("no prompts or images to sample from (config.sample.prompts / prompt_file / images): "
+          "skipping the final sampling; run --mode=sample with them", flush=True)
+  elif s.after_train:
     from unidiffuser_jax import sample
     sample.run(config, workdir)
 

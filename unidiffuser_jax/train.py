@@ -238,24 +238,25 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   skipped_total, last = None, {}
   config_dict = config.to_dict()
   rules = sharding.rules_from_config(config.sharding.rules)
-  # Tracing happens at the first call, inside this context: the models' activation
-  # constraints (logical names) resolve against this mesh and these rules.
-  with sharding.tracing_context(mesh, rules):
-    for step in range(start_step + 1, total + 1):
-      host_batch = task.prepare_batch(dict(next(data_iterator)))
-      skipped = host_batch.pop("skipped", None)
-      if skipped is not None:
-        skipped_total = skipped if skipped_total is None else skipped_total + skipped
+  # Tracing happens at the first call, inside tracing_context: the models' activation
+  # constraints (logical names) resolve against this mesh and these rules. The evaluator
+  # samples with its own (replicated) layout, outside it.
+  for step in range(start_step + 1, total + 1):
+    host_batch = task.prepare_batch(dict(next(data_iterator)))
+    skipped = host_batch.pop("skipped", None)
+    if skipped is not None:
+      skipped_total = skipped if skipped_total is None else skipped_total + skipped
+    with sharding.tracing_context(mesh, rules):
       state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
-      due = step % train_cfg.log_every == 0
-      last = logger.step(step, step_metrics, sources.skip_metrics(skipped_total) if due else None) or last
-      if step % train_cfg.checkpoint_every == 0 or step == total:
-        checkpoints.save(mngr, step, state, data_iterator, config_dict)
-      every = int(train_cfg.eval_every)
-      if evaluate is not None and every > 0 and (step % every == 0 or step == total):
-        t0 = time.perf_counter()
-        scalars = evaluate(step, state)
-        logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
+    due = step % train_cfg.log_every == 0
+    last = logger.step(step, step_metrics, sources.skip_metrics(skipped_total) if due else None) or last
+    if step % train_cfg.checkpoint_every == 0 or step == total:
+      checkpoints.save(mngr, step, state, data_iterator, config_dict)
+    every = int(train_cfg.eval_every)
+    if evaluate is not None and every > 0 and (step % every == 0 or step == total):
+      t0 = time.perf_counter()
+      scalars = evaluate(step, state)
+      logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
   last = logger.flush(total, sources.skip_metrics(skipped_total)) or last
   logger.close()
   mngr.wait_until_finished()
