@@ -1,27 +1,35 @@
-"""The offline demo: UniDiffuser end to end on generated shapes, on a 2-core CPU.
+"""The offline demo and the small-data recipe: UniDiffuser end to end on a 2-core CPU.
 
   python -m unidiffuser_jax.main --config=configs/demo.py --workdir=workdirs/demo
+  python -m unidiffuser_jax.main --config=configs/demo.py:glyphs --workdir=workdirs/glyphs
 
 What it does, with no network and no pretrained weights:
-  1. generates captioned 16x16 images of coloured shapes ("a red circle on the left")
-     as img2dataset-style shards, plus a word-level tokenizer (data_pipelines/demo_data.py);
-  2. stage 1: trains the small caption decoder to reconstruct captions from the
-     (random, frozen) CLIP-style text encoder's features;
-  3. stage 2: trains a small UniDiffuser U-ViT on those shards through the grain pipeline;
-  4. samples text-to-image for demo prompts and image-to-text for held-out images,
-     and scores both with the demo's judge (colour, shape and position accuracy).
+  1. generates a captioned set (data_pipelines/demo_sets.py): 16x16 coloured shapes, "a red
+     circle on the left" (default), or digit glyphs, "purple 7, dark backdrop" (:glyphs), as
+     img2dataset-style shards, plus a word-level tokenizer built from the captions;
+  2. stage 1: trains the small caption decoder to reconstruct captions from the (random,
+     frozen) CLIP-style text encoder's features;
+  3. stage 2: trains a small UniDiffuser U-ViT on those shards through the grain pipeline,
+     judging held-out t2i and i2t samples every train.eval_every steps (TensorBoard and
+     samples/curve.png);
+  4. samples text-to-image for the held-out prompts and image-to-text for the held-out images
+     and scores both with the set's judge.
 
-The image "autoencoder" is a parameter-free space-to-depth map (models/pixel_ae.py)
-that stands where the Stable Diffusion VAE stands in configs/laion.py; the encoders
-are the real CLIP/GPT-2 modules at tiny sizes. Re-running the command resumes.
+The image "autoencoder" is a parameter-free space-to-depth map (models/pixel_ae.py) that
+stands where the Stable Diffusion VAE stands in configs/laion.py; the encoders are the real
+CLIP/GPT-2 modules at tiny sizes. Re-running the command resumes. Your own images: the same
+config with --config.data.demo= --config.data.shards=... --config.data.tokenizer=... (README).
 
-What it reproduces (2-core CPU, ~10 minutes): see README's table. After 3000 steps the
-U-ViT has learned colour both ways and shape from images to text; position, and the
-shape of generated images, need longer training (--config.train.steps=...). What we
-measured while tuning it: with the training objective's independent timesteps, the
-image -> text direction starts to use the image after ~1.5-2K steps and the text ->
-image direction later still, whereas a model trained with clean text only (t_text = 0)
-learns colour conditioning in 250 steps; scaling the latents up (below) helped.
+The recipe (each option is off in configs/laion.py, which keeps the paper's; what each bought
+is in docs/SMALL_DATA.md):
+  * encoders.fit_latent_stats=1024: the latent shift/scale are measured on the training data
+    (per-channel mean, 1/std) at the start of the run, not constants fitted to one data set;
+  * train.clean_prob=0.5: half the samples leave one modality clean (t = 0), the pair the
+    t2i / i2t samplers evaluate; with the paper's independent uniform timesteps a nearly clean
+    condition is rare (1% of samples have t <= 10) and the conditionals are learned slowly;
+  * train.min_snr_gamma=5: min-SNR loss weighting; the low-noise timesteps stop dominating;
+  * model.pos_init="sincos": 2-D sine-cosine initial patch positions (1-D for text tokens)
+    instead of std-0.02 noise, so a short run starts knowing where each token is.
 """
 import ml_collections as mc
 
@@ -29,7 +37,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
-  del arg
+  """arg: the generated set ('shapes' when empty, 'glyphs')."""
   c = mc.ConfigDict()
   c.seed = 0
   c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # 0: all devices present
@@ -37,7 +45,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
 
   c.data = mc.ConfigDict(dict(
       source="shards",
-      demo="shapes",             # generated set to build under <workdir>/demo_data (demo_sets.py)
+      demo=arg or "shapes",      # generated set built under <workdir>/demo_data (demo_sets.py);
+                                 # "" = your own shards and tokenizer
       demo_train=2048, demo_heldout=64,
       shards="", features="", tokenizer="", heldout="",   # filled in by the demo builder
       resolution=16, clip_resolution=16, max_length=12, data_type=1,
@@ -48,14 +57,12 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   ))
 
   c.encoders = mc.ConfigDict(dict(
-      # Latents scaled as the SD noise schedule expects (the SD VAE's 0.18215 does the same
-      # for its latents). Demo pixels in [-1, 1] have mean 0.67 (light background) and a
-      # per-pixel std of only 0.33 across images; unscaled, the noise hides the shape by
-      # mid-schedule and the model learns the text<->image link slowly. Stage-1 text
-      # latents have std ~0.26.
-      autoencoder=dict(kind="pixel", factor=2, scale=6.0, shift=0.67),
-      text_scale=3.5,
-      fit_latent_stats=0,
+      # Latents at the unit scale the SD noise schedule expects (as the SD VAE's 0.18215
+      # does for its latents): fitted to the training data (latent_stats.py); the fixed
+      # scale/shift/text_scale below are used only with fit_latent_stats=0.
+      autoencoder=dict(kind="pixel", factor=2, scale=1.0, shift=0.0),
+      text_scale=1.0,
+      fit_latent_stats=1024,  # examples measured at the start of a run; 0 = the fixed values
       clip_image=dict(image_size=c.data.get_ref("clip_resolution"), patch_size=8, width=64,
                       num_layers=2, num_heads=4, mlp_dim=128, proj_dim=32),
       clip_text=dict(vocab_size=64, width=64, num_layers=2, num_heads=4, mlp_dim=128,
@@ -75,11 +82,12 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       text_dim=c.encoders.captioner.get_ref("prefix_hidden_dim"),
       num_text_tokens=c.data.get_ref("max_length"),
       clip_img_dim=c.encoders.clip_image.get_ref("proj_dim"),
-      num_data_types=2, dtype="float32", remat="none", pos_init="normal",
+      num_data_types=2, dtype="float32", remat="none", pos_init="sincos",
   ))
 
   c.train = common.train(steps=3000, batch_size=32, lr=1e-3, warmup_steps=50,
-                         ema_decay=0.99, log_every=50, checkpoint_every=200)
+                         ema_decay=0.99, log_every=100, checkpoint_every=500, eval_every=1000,
+                         clean_prob=0.5, min_snr_gamma=5.0)
 
   # Stage 1 (caption decoder), run first by the demo's train job.
   c.captioner = mc.ConfigDict(dict(
@@ -101,7 +109,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
 
   c.sample = mc.ConfigDict(dict(
       after_train=True,          # the demo ends by sampling and judging
-      tasks=("t2i", "i2t"), num=32, batch_size=32, eval_num=32,
+      tasks=("t2i", "i2t"), num=64, batch_size=32, eval_num=32,
       steps=20, order=3, method="fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
