@@ -1,10 +1,16 @@
 """The entry point as a user runs it: describe, bad configs, and a short demo run."""
+import csv
 import glob
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from data_pipelines import glyph_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,3 +77,49 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
   assert glob.glob(str(workdir / "events.out.tfevents.*"))
   assert os.path.isdir(workdir / "captioner" / "checkpoints" / "4")
   assert "step      20 | loss=" in res.stderr + res.stdout
+
+
+@pytest.mark.slow
+def test_own_images_recipe_as_readme_documents_it(tmp_path):
+  """README "Your own images on a CPU": folder + captions.csv -> shards -> tokenizer -> train ->
+  sample prompts and an image folder; tiny sizes and few steps, the commands as written."""
+  rng = np.random.default_rng(0)
+  (tmp_path / "my_images").mkdir()
+  (tmp_path / "held_out").mkdir()
+  rows = []
+  for i in range(48):
+    a = glyph_data.sample_attrs(rng)
+    img = glyph_data.render(a["digit"], a["colour"], a["background"], 24, rng)
+    folder = "my_images" if i < 40 else "held_out"
+    Image.fromarray(img).save(tmp_path / folder / f"img{i:03d}.png")
+    rows.append((f"img{i:03d}.png", glyph_data.caption_for(a["digit"], a["colour"], a["background"], rng)))
+  with open(tmp_path / "captions.csv", "w", newline="") as f:
+    csv.writer(f).writerows([("file", "caption")] + rows[:40])
+  (tmp_path / "prompts.txt").write_text("\n".join(c for _, c in rows[40:44]) + "\n")
+  py = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=600)
+  res = py("data_pipelines.make_shards", "--input", str(tmp_path / "my_images"), "--captions",
+           str(tmp_path / "captions.csv"), "--out", str(tmp_path / "my_shards"))
+  assert res.returncode == 0, res.stderr[-2000:]
+  res = py("data_pipelines.make_tokenizer", "--shards", str(tmp_path / "my_shards"), "--out",
+           str(tmp_path / "my_tokenizer"))
+  assert res.returncode == 0, res.stderr[-2000:]
+  data = ["--config.data.demo=", f"--config.data.shards={tmp_path / 'my_shards'}",
+          f"--config.data.tokenizer={tmp_path / 'my_tokenizer'}"]
+  tiny = ["--config.model.width=32", "--config.model.depth=2", "--config.model.mlp_dim=64",
+          "--config.encoders.fit_latent_stats=64", "--config.sample.steps=2",
+          "--config.sample.num_beams=2", "--config.sample.batch_size=8"]
+  workdir = tmp_path / "mine"
+  res = run_main("--config=configs/demo.py", f"--workdir={workdir}", *data, *tiny,
+                 "--config.train.steps=4", "--config.captioner.train.steps=2",
+                 "--config.train.eval_every=0")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "skipping the final sampling" in res.stdout
+  assert os.path.isfile(workdir / "latent_stats.json")
+  res = run_main("--config=configs/demo.py", f"--workdir={workdir}", "--mode=sample", *data, *tiny,
+                 f"--config.sample.prompt_file={tmp_path / 'prompts.txt'}",
+                 f"--config.sample.images=('{tmp_path / 'held_out'}',)")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert len(glob.glob(str(workdir / "samples" / "t2i" / "0*.png"))) == 4
+  recs = [json.loads(line) for line in open(workdir / "samples" / "i2t" / "captions.jsonl")]
+  assert [r["image"] for r in recs] == [f"img{i:03d}.png" for i in range(40, 48)]  # every input
