@@ -2,10 +2,12 @@
 
   python benchmarks/bench_train.py                 # 44.8M-parameter U-ViT, batch 16, float32
   python benchmarks/bench_train.py --quick         # tiny model, few steps: a sanity run only
+  taskset -c 1 python benchmarks/bench_train.py --size=demo --threads=1   # configs/demo.py's
+                                                   # U-ViT and batch, both sides on one core
   python benchmarks/bench_train.py --hlo_dir=HLO_DIR   # also write our optimised HLO + op census
 
 Both sides do the same work per training step on the same sizes (float32, one
-process, every core):
+process, every core unless --threads=1):
   UniDiffuser objective (t_img, t_text ~ U{1..1000} per sample, noise the image
   latent + CLIP embedding with t_img and the text latent with t_text, MSE over
   the concatenated noise) -> backward -> AdamW (torch.optim.AdamW with
