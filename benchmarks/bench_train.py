@@ -2,10 +2,12 @@
 
   python benchmarks/bench_train.py                 # 44.8M-parameter U-ViT, batch 16, float32
   python benchmarks/bench_train.py --quick         # tiny model, few steps: a sanity run only
+  taskset -c 1 python benchmarks/bench_train.py --size=demo --threads=1   # configs/demo.py's
+                                                   # U-ViT and batch, both sides on one core
   python benchmarks/bench_train.py --hlo_dir=HLO_DIR   # also write our optimised HLO + op census
 
 Both sides do the same work per training step on the same sizes (float32, one
-process, every core):
+process, every core unless --threads=1):
   UniDiffuser objective (t_img, t_text ~ U{1..1000} per sample, noise the image
   latent + CLIP embedding with t_img and the text latent with t_text, MSE over
   the concatenated noise) -> backward -> AdamW (torch.optim.AdamW with
@@ -36,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from configs import demo as demo_config  # noqa: E402  (ml_collections only)
+
 
 @dataclasses.dataclass(frozen=True)
 class Size:
@@ -65,6 +69,19 @@ QUICK = Size(width=64, depth=3, num_heads=2, mlp_dim=256, latent_size=8, num_tex
              clip_img_dim=32, text_dim=16, batch=2)
 
 
+def demo_size() -> Size:
+  """configs/demo.py's U-ViT and training batch (read from the config, not copied)."""
+  c = demo_config.get_config()
+  m = c.model
+  return Size(width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+              latent_size=m.latent_size, latent_channels=m.latent_channels,
+              patch_size=m.patch_size, text_dim=m.text_dim, num_text_tokens=m.num_text_tokens,
+              clip_img_dim=m.clip_img_dim, batch=c.train.batch_size)
+
+
+SIZES = {"full": lambda: FULL, "demo": demo_size, "quick": lambda: QUICK}
+
+
 # ---------------------------------------------------------------- analytic FLOPs
 
 
@@ -89,7 +106,8 @@ def forward_flops(s: Size) -> int:
   skip = 2 * t * 2 * d * d                                        # out-blocks' skip_linear
   embed = 2 * s.num_patches * pp * d + 2 * s.num_text_tokens * s.text_dim * d + 2 * s.clip_img_dim * d
   head = 2 * s.num_patches * d * pp + 2 * s.num_text_tokens * d * s.text_dim + 2 * d * s.clip_img_dim
-  return b * (s.depth * block + (s.depth // 2) * skip + embed + head)
+  n_blocks = 2 * (s.depth // 2) + 1  # in-blocks, mid-block, out-blocks (depth 6 -> 7 blocks)
+  return b * (n_blocks * block + (s.depth // 2) * skip + embed + head)
 
 
 def train_flops(s: Size) -> int:
@@ -107,20 +125,25 @@ def make_batch(s: Size, seed: int = 0) -> dict:
       data_type=rng.integers(0, 2, (s.batch,)).astype(np.int32))
 
 
-def _median_time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
-  for _ in range(warmup):
-    fn()
-  times = []
+def _interleaved_times(fns: dict, warmup: int, steps: int) -> dict:
+  """{name: [seconds per call]}: the calls alternate between the sides (ours, torch, ours, ...)
+  so that a change in the machine's load hits both alike."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
   for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
 
 
 # ---------------------------------------------------------------- ours (JAX)
 
-def jax_side(s: Size, warmup: int, steps: int, hlo_dir: str | None, compile_only=False) -> dict:
+def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
+  """Our compiled train step and forward, as closures (`step`, `fwd`) plus their metadata."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -167,17 +190,14 @@ def jax_side(s: Size, warmup: int, steps: int, hlo_dir: str | None, compile_only
     holder[0], out = compiled(holder[0], {}, batch)
     jax.block_until_ready(out["loss"])
 
-  med, times = _median_time(one, warmup, steps)
-
   fwd = jax.jit(lambda p, b: model.apply({"params": p}, b["z"], b["clip_img"], b["text"],
                                          jnp.full((s.batch,), 500.0), jnp.full((s.batch,), 500.0),
                                          b["data_type"]))
   fwd_c = fwd.lower(holder[0].params, batch).compile()
   fwd_flops_xla = _cost_flops(fwd_c)
-  fmed, _ = _median_time(lambda: jax.block_until_ready(fwd_c(holder[0].params, batch)),
-                         warmup, steps)
-  return dict(n_params=n_params, step_s=med, times=times, compile_s=compile_s, xla_flops=xla_flops,
-              fwd_s=fmed, fwd_xla_flops=fwd_flops_xla)
+  return dict(n_params=n_params, step=one, compile_s=compile_s, xla_flops=xla_flops,
+              fwd=lambda: jax.block_until_ready(fwd_c(holder[0].params, batch)),
+              fwd_xla_flops=fwd_flops_xla)
 
 
 def _cost_flops(compiled) -> float | None:
@@ -204,7 +224,8 @@ def _dump_hlo(compiled, hlo_dir: str) -> None:
 
 # ---------------------------------------------------------------- reference (PyTorch + diffusers)
 
-def torch_side(s: Size, warmup: int, steps: int) -> dict:
+def torch_side(s: Size) -> dict:
+  """diffusers' train step and forward, as closures (`step`, `fwd`) plus the parameter count."""
   import torch
 
   from unidiffuser_jax.diffusion import schedule  # float64 numpy table only, no JAX
@@ -247,23 +268,42 @@ def torch_side(s: Size, warmup: int, steps: int) -> dict:
       torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - 0.9999)
     return loss
 
-  med, times = _median_time(one, warmup, steps)
-  model.eval()
   t500 = torch.full((s.batch,), 500)
 
   def fwd():
     with torch.inference_mode():
       model(z0, b["clip_img"], b["text"], t500, t500, data_type=b["data_type"])
 
-  fmed, _ = _median_time(fwd, warmup, steps)
-  return dict(n_params=n_params, step_s=med, times=times, fwd_s=fmed)
+  return dict(n_params=n_params, step=one, fwd=fwd)
 
 
 # ---------------------------------------------------------------- report
 
+def _cpu_name() -> str:
+  """lscpu's model name and the widest SIMD extension the CPU reports (Linux /proc/cpuinfo)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return "unknown CPU"
+  name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+               if ln.startswith("model name")), "unknown CPU")
+  flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                    if ln.startswith("flags")), []))
+  simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+  return f"{name} ({', '.join(simd) or 'no AVX2'})"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny model and few steps (sanity only)")
+  parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                      help="full: 44.8M params, batch 16; demo: configs/demo.py's U-ViT and batch; "
+                           "quick: tiny sanity run")
+  parser.add_argument("--quick", action="store_true", help="same as --size=quick, fewer steps")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="CPU threads for both sides (0: every core). 1 sets torch.set_num_threads(1) "
+                           "and XLA_FLAGS+=--xla_cpu_multi_thread_eigen=false; pin the process "
+                           "(taskset -c N) so both sides and the matmul peak share one core")
   parser.add_argument("--batch", type=int, default=0)
   parser.add_argument("--warmup", type=int, default=0)
   parser.add_argument("--steps", type=int, default=0)
@@ -273,32 +313,43 @@ def main() -> None:
   parser.add_argument("--compile_only", action="store_true",
                       help="only compile our step (with --hlo_dir: inspect the HLO), time nothing")
   args = parser.parse_args()
-  size = QUICK if args.quick else FULL
+  quick = args.quick or args.size == "quick"
+  size = SIZES["quick" if args.quick else args.size]()
   if args.batch:
     size = dataclasses.replace(size, batch=args.batch)
-  warmup = args.warmup or (1 if args.quick else 3)
-  steps = args.steps or (3 if args.quick else 10)
+  warmup = args.warmup or (1 if quick else 3)
+  steps = args.steps or (3 if quick else 10)
+  if args.threads == 1:  # before jax is imported: XLA reads its flags once
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
 
   import torch
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(args.threads or os.cpu_count())
   import jax
   import matmul_peak  # benchmarks/ is this script's directory
 
-  print(f"machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, jax "
+  print(f"machine: {_cpu_name()}; {os.cpu_count()} cores, this process may run on "
+        f"{len(os.sched_getaffinity(0))} ({sorted(os.sched_getaffinity(0))}), torch threads "
+        f"{torch.get_num_threads()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax "
         f"{jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"torch {torch.__version__}")
-  print(f"config: {dataclasses.asdict(size)} -> {size.num_tokens} tokens "
+  print(f"config ({args.size}): {dataclasses.asdict(size)} -> {size.num_tokens} tokens "
         f"({size.num_patches} image + {size.num_text_tokens} text + 3 + 1), float32, v1")
   if args.compile_only:
-    r = jax_side(size, 0, 0, args.hlo_dir or None, compile_only=True)
+    r = jax_side(size, args.hlo_dir or None, compile_only=True)
     print(f"params {r['n_params']:,}; compiled in {r['compile_s']:.1f} s; FLOPs/step analytic "
           f"{train_flops(size) / 1e9:.2f} G, XLA {(r['xla_flops'] or 0) / 1e9:.2f} G")
     return
-  peak = args.peak_gflops or matmul_peak.measure([1024] if args.quick else [2048, 4096],
-                                                 3 if args.quick else 10)["peak"]
+  peak = args.peak_gflops or matmul_peak.measure([1024] if quick else [2048, 4096],
+                                                 3 if quick else 10)["peak"]
 
-  ours = jax_side(size, warmup, steps, args.hlo_dir or None)
-  ref = torch_side(size, warmup, steps)
+  ours = jax_side(size, args.hlo_dir or None)
+  ref = torch_side(size)
+  step_t = _interleaved_times({"ours": ours["step"], "torch": ref["step"]}, warmup, steps)
+  fwd_t = _interleaved_times({"ours": ours["fwd"], "torch": ref["fwd"]}, warmup, steps)
+  for name, r in (("ours", ours), ("torch", ref)):
+    r.update(times=step_t[name], step_s=statistics.median(step_t[name]),
+             step_min=min(step_t[name]), fwd_s=statistics.median(fwd_t[name]))
   ana = train_flops(size)
   fwd_ana = forward_flops(size)
   print(f"params: ours {ours['n_params']:,}, torch {ref['n_params']:,}")
@@ -307,15 +358,17 @@ def main() -> None:
         + f"; forward analytic {fwd_ana / 1e9:.2f}, XLA "
         + (f"{ours['fwd_xla_flops'] / 1e9:.2f}" if ours["fwd_xla_flops"] else "n/a"))
   print(f"matmul peak (measured now): {peak:.1f} GFLOP/s; our compile time {ours['compile_s']:.1f} s")
-  print(f"{'':16} | {'step ms':>9} | {'GFLOP/s':>8} | {'% peak':>6} | {'fwd ms':>8} | "
+  print(f"{'':16} | {'step ms':>9} | {'min ms':>8} | {'GFLOP/s':>8} | {'% peak':>6} | {'fwd ms':>8} | "
         f"{'fwd ex/s':>8} | {'fwd % peak':>10}")
   for name, r in (("ours (jax)", ours), ("torch+diffusers", ref)):
     g = ana / r["step_s"] / 1e9
     fg = fwd_ana / r["fwd_s"] / 1e9
-    print(f"{name:16} | {r['step_s'] * 1e3:9.1f} | {g:8.1f} | {100 * g / peak:5.1f}% | "
-          f"{r['fwd_s'] * 1e3:8.1f} | {size.batch / r['fwd_s']:8.1f} | {100 * fg / peak:9.1f}%")
-  print(f"ratio ours/torch (time): train step {ours['step_s'] / ref['step_s']:.2f}, "
-        f"forward {ours['fwd_s'] / ref['fwd_s']:.2f}  (< 1: ours is faster)")
+    print(f"{name:16} | {r['step_s'] * 1e3:9.1f} | {r['step_min'] * 1e3:8.1f} | {g:8.1f} | "
+          f"{100 * g / peak:5.1f}% | {r['fwd_s'] * 1e3:8.1f} | {size.batch / r['fwd_s']:8.1f} | "
+          f"{100 * fg / peak:9.1f}%")
+  print(f"ratio ours/torch (time): train step {ours['step_s'] / ref['step_s']:.2f} "
+        f"(min {ours['step_min'] / ref['step_min']:.2f}), forward {ours['fwd_s'] / ref['fwd_s']:.2f}"
+        f"  (< 1: ours is faster; torch/ours = {ref['step_s'] / ours['step_s']:.2f}x)")
   print("step times (s): ours " + " ".join(f"{t:.3f}" for t in ours["times"]) +
         " | torch " + " ".join(f"{t:.3f}" for t in ref["times"]))
 
