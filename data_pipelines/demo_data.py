@@ -256,6 +256,19 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
   """
   params = dict(n_train=n_train, n_heldout=n_heldout, size=size, seed=seed,
                 shard_size=shard_size, version=2)
+
+  def example(rng):
+    a = sample_attrs(rng)
+    img = render(a['colour'], a['shape'], a['position'], size, rng)
+    return a, img, caption_for(a['colour'], a['shape'], a['position'], rng)
+
+  return write_set(out_dir, params, build_tokenizer, example, url='demo')
+
+
+def write_set(out_dir: str, params: dict, build_tok, example, url: str) -> dict[str, Any]:
+  """The build every generated set shares (idempotent on `params`): a tokenizer from
+  build_tok(dir), train and held-out shards of example(rng) -> (attrs, uint8 image,
+  caption), the held-out attributes, and a manifest out_dir/demo.json."""
   manifest = os.path.join(out_dir, 'demo.json')
   if os.path.exists(manifest):
     with open(manifest) as f:
@@ -266,25 +279,24 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
   paths: dict[str, Any] = {
       'train': os.path.join(out_dir, 'train'),
       'heldout': os.path.join(out_dir, 'heldout'),
-      'tokenizer': build_tokenizer(os.path.join(out_dir, 'tokenizer')),
+      'tokenizer': build_tok(os.path.join(out_dir, 'tokenizer')),
   }
-  for split, n, split_seed in (('train', n_train, 0), ('heldout', n_heldout, 1)):
-    rng = np.random.default_rng([seed, split_seed])
+  for split, n, split_seed in (('train', params['n_train'], 0),
+                               ('heldout', params['n_heldout'], 1)):
+    rng = np.random.default_rng([params['seed'], split_seed])
     # Remove shards of an earlier build with other parameters.
     if os.path.isdir(paths[split]):
       for name in os.listdir(paths[split]):
         if name.endswith(('.tar', '.parquet')):
           os.remove(os.path.join(paths[split], name))
     attrs_list = []
-    with make_shards.ShardWriter(paths[split], shard_size) as w:
+    with make_shards.ShardWriter(paths[split], params['shard_size']) as w:
       for _ in range(n):
-        a = sample_attrs(rng)
-        img = render(a['colour'], a['shape'], a['position'], size, rng)
-        cap = caption_for(a['colour'], a['shape'], a['position'], rng)
+        a, img, cap = example(rng)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, 'PNG')
         key = w.write(buf.getvalue(), 'png', cap,
-                      dict(a, width=size, height=size, url=f'demo://{split}'))
+                      dict(a, width=img.shape[1], height=img.shape[0], url=f'{url}://{split}'))
         attrs_list.append(dict(a, key=key, caption=cap))
     paths[f'{split}_shards'] = w.paths
     if split == 'heldout':

@@ -26,15 +26,12 @@ from a fixed seed, deterministic; nothing is fitted to model outputs).
 from __future__ import annotations
 
 import functools
-import io
-import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipelines import demo_data, make_shards, make_tokenizer
+from data_pipelines import demo_data, make_tokenizer
 
 ATTRIBUTES = ('digit', 'colour', 'background')
 DIGITS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
@@ -326,40 +323,10 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
   """
   params = dict(set='glyph', n_train=n_train, n_heldout=n_heldout, size=size,
                 seed=seed, shard_size=shard_size, version=1)
-  manifest = os.path.join(out_dir, 'demo.json')
-  if os.path.exists(manifest):
-    with open(manifest) as f:
-      m = json.load(f)
-    if m.get('params') == params:
-      return m['paths']
-  os.makedirs(out_dir, exist_ok=True)
-  paths: dict[str, Any] = {
-      'train': os.path.join(out_dir, 'train'),
-      'heldout': os.path.join(out_dir, 'heldout'),
-      'tokenizer': build_tokenizer(os.path.join(out_dir, 'tokenizer')),
-  }
-  for split, n, split_seed in (('train', n_train, 0), ('heldout', n_heldout, 1)):
-    rng = np.random.default_rng([seed, split_seed])
-    # Remove shards of an earlier build with other parameters.
-    if os.path.isdir(paths[split]):
-      for name in os.listdir(paths[split]):
-        if name.endswith(('.tar', '.parquet')):
-          os.remove(os.path.join(paths[split], name))
-    attrs_list = []
-    with make_shards.ShardWriter(paths[split], shard_size) as w:
-      for _ in range(n):
-        a = sample_attrs(rng)
-        img = render(a['digit'], a['colour'], a['background'], size, rng)
-        cap = caption_for(a['digit'], a['colour'], a['background'], rng)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, 'PNG')
-        key = w.write(buf.getvalue(), 'png', cap,
-                      dict(a, width=size, height=size, url=f'glyph://{split}'))
-        attrs_list.append(dict(a, key=key, caption=cap))
-    paths[f'{split}_shards'] = w.paths
-    if split == 'heldout':
-      paths['heldout_attrs'] = attrs_list
-  with open(manifest + '.tmp', 'w') as f:
-    json.dump({'params': params, 'paths': paths}, f)
-  os.replace(manifest + '.tmp', manifest)
-  return paths
+
+  def example(rng):
+    a = sample_attrs(rng)
+    img = render(a['digit'], a['colour'], a['background'], size, rng)
+    return a, img, caption_for(a['digit'], a['colour'], a['background'], rng)
+
+  return demo_data.write_set(out_dir, params, build_tokenizer, example, url='glyph')

@@ -5,7 +5,6 @@ fit_latent_stats (latent normalisation measured on the training data), pos_init
 ('sincos'), the word-level tokenizer built from captions, and the learning-curve plot.
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -16,10 +15,10 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from data_pipelines import demo_data, make_tokenizer, synthetic
+from data_pipelines import demo_data, synthetic
 from tests.tiny import tiny_config
 from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import latent_stats, sample, sharding, train
+from unidiffuser_jax import latent_stats, sample, sharding
 from unidiffuser_jax.diffusion import objective, schedule
 from unidiffuser_jax.models import uvit
 
