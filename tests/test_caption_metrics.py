@@ -80,3 +80,6 @@ def test_simple_tokenize_and_errors():
     caption_metrics.cider_d({"a": "x"}, {"a": "x"})
   with pytest.raises(ValueError, match="one string"):
     caption_metrics.bleu({"a": ["x"]}, {"a": ["x"]})
+
+# Compared against an independent reference (PyTorch / numpy re-derivation): `-m "not parity"` skips.
+pytestmark = pytest.mark.parity

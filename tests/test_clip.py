@@ -192,3 +192,6 @@ def test_full_size_key_tables():
   assert vision_cfg == {f: getattr(vision, f) for f in vision_cfg}
   _check_full_size(vision, clip_weights.vision_template(vision), clip_weights.vision_entries(12),
                    ref_b, 87_849_216)
+
+# Compared against an independent reference (PyTorch / numpy re-derivation): `-m "not parity"` skips.
+pytestmark = pytest.mark.parity

@@ -134,3 +134,6 @@ def test_bad_inputs():
   with pytest.raises(WeightMismatchError, match="text_projection.weight"):
     clip_weights.clip_text_projection_params_from_tensors(
         head, 32, {"text_projection.weight": np.zeros((16, 31), np.float32)})
+
+# Compared against an independent reference (PyTorch / numpy re-derivation): `-m "not parity"` skips.
+pytestmark = pytest.mark.parity

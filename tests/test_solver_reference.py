@@ -268,3 +268,6 @@ def test_shipped_defaults_are_the_reference_sampler():
     assert (params["order"].default, params["steps"].default) == (3, 50), name
     assert params["skip_type"].default == "time_uniform", name
     assert params["t_end"].default == 1e-3, name
+
+# Compared against an independent reference (PyTorch / numpy re-derivation): `-m "not parity"` skips.
+pytestmark = pytest.mark.parity

@@ -227,3 +227,6 @@ def test_pos_embed_interpolation_matches_torch(new):
   want = want.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], 5).numpy()
   got = np.asarray(interpolate_patch_pos(jnp.asarray(table), (4, 4), new))
   np.testing.assert_allclose(got, want, atol=1e-6)
+
+# Compared against an independent reference (PyTorch / numpy re-derivation): `-m "not parity"` skips.
+pytestmark = pytest.mark.parity

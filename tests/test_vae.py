@@ -219,3 +219,6 @@ def test_full_size_key_table_matches_diffusers():
     for e in entries:
       fake = np.broadcast_to(np.zeros((), np.float32), want[e.name])  # no memory
       assert e.to_ours(fake).shape == flat[e.path].shape, e.name
+
+# Compared against an independent reference (PyTorch / numpy re-derivation): `-m "not parity"` skips.
+pytestmark = pytest.mark.parity
