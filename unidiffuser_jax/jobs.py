@@ -63,8 +63,13 @@ def _prepare_demo(config, workdir: str) -> None:
   every config whose caption decoder shares the data tokenizer (captioner.tokenizer = ""),
   reads the vocabulary size and <|EOS|> id from that tokenizer, so nobody sets them by hand."""
   from data_pipelines import demo_sets, transforms
+  from unidiffuser_jax.sharding import ConfigError
   if config.data.demo:
-    paths = demo_sets.get(config.data.demo).build_demo(
+    try:
+      demo_set = demo_sets.get(config.data.demo)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    paths = demo_set.build_demo(
         os.path.join(workdir, "demo_data"), n_train=config.data.demo_train,
         n_heldout=config.data.demo_heldout, size=config.data.resolution, seed=config.seed)
     config.data.shards = config.data.shards or ",".join(paths["train_shards"])
@@ -74,7 +79,7 @@ def _prepare_demo(config, workdir: str) -> None:
     tok = transforms.load_tokenizer(config.data.tokenizer)
     eos = tok.convert_tokens_to_ids("<|EOS|>")
     if eos is None or eos == tok.unk_token_id:
-      raise ValueError(f"the tokenizer {config.data.tokenizer} has no <|EOS|> token, which the "
+      raise ConfigError(f"the tokenizer {config.data.tokenizer} has no <|EOS|> token, which the "
                        f"caption decoder needs; build one with python -m data_pipelines.make_tokenizer")
     config.encoders.clip_text.vocab_size = len(tok)
     config.encoders.captioner.vocab_size = len(tok)
