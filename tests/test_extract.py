@@ -18,7 +18,7 @@ N_TRAIN = 21   # not a multiple of the batch (8): the last batch is padded
 
 def tiny_config(data_paths, bad_shards=()):
   c = demo.get_config()
-  c.data.update(demo=False, source="shards", resolution=16, clip_resolution=16, max_length=6,
+  c.data.update(demo="", source="shards", resolution=16, clip_resolution=16, max_length=6,
                 shuffle_buffer=4, interleave_cycle=2, prefetch=1)
   c.data.shards = ",".join(list(data_paths["train_shards"]) + list(bad_shards))
   c.data.tokenizer = data_paths["tokenizer"]

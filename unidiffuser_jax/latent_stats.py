@@ -100,6 +100,7 @@ def fit_or_load(config, encoders, enc_params, make_iterator, mesh, workdir: str)
   else:
     stats = fit(encoders, enc_params, make_iterator(), mesh, n, int(config.seed))
     if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
       with open(path + ".tmp", "w") as f:
         json.dump(stats, f, indent=1)
       os.replace(path + ".tmp", path)
