@@ -70,13 +70,20 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
                  # keep the test short: a small demo set, a few caption-decoder steps, no sampling
                  "--config.data.demo_train=256", "--config.data.demo_heldout=8",
                  "--config.captioner.train.steps=4", "--config.sample.after_train=False",
-                 "--config.train.log_every=10")
+                 "--config.train.log_every=10", "--config.train.eval_every=10",
+                 "--config.sample.eval_num=4", "--config.encoders.fit_latent_stats=64",
+                 "--config.sample.steps=2", "--config.sample.num_beams=2",
+                 "--config.sample.batch_size=4")
   assert res.returncode == 0, res.stderr[-3000:]
   assert os.path.isdir(workdir / "checkpoints" / "20" / "state")
   assert os.path.isfile(workdir / "checkpoints" / "20" / "data" / "process_0-of-1.json")
   assert glob.glob(str(workdir / "events.out.tfevents.*"))
   assert os.path.isdir(workdir / "captioner" / "checkpoints" / "4")
   assert "step      20 | loss=" in res.stderr + res.stdout
+  assert os.path.isfile(workdir / "latent_stats.json")
+  curve = json.load(open(workdir / "samples" / "curve.json"))   # the learning curve
+  assert [c["step"] for c in curve] == [10, 20] and "judge/t2i_colour" in curve[0]
+  assert os.path.isfile(workdir / "samples" / "curve.png")
 
 
 @pytest.mark.slow

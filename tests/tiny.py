@@ -6,6 +6,7 @@ def tiny_config(**train_overrides):
   c = demo.get_config()
   c.data.source = "synthetic"
   c.data.demo = ""
+  c.encoders.fit_latent_stats = 0   # fixed latent scale: tests that fit it say so
   c.data.resolution = 16
   c.data.clip_resolution = 16
   c.data.max_length = 6

@@ -182,6 +182,12 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
                  f"to {need['latent_size']}x{need['latent_size']} (resize_pos_embed)")
   diffs = [(k, need[k], current[k]) for k in wuvit.geometry_diffs(need, current)]
   overrides = _model_flags(need)
+  if int(config.get("encoders", {}).get("fit_latent_stats", 0)) > 0:
+    # Released weights were trained with the published latent constants, not with statistics
+    # fitted by one of our runs (latent_stats.py).
+    overrides.append("--config.encoders.fit_latent_stats=0")
+    notes.append("imported weights use the config's fixed latent scale/shift "
+                 "(encoders.fit_latent_stats=0)")
   names = [k for k, _, _ in diffs]
   if "version" in names:
     notes.append(f"the released {need['version']} model's config is "
