@@ -71,9 +71,9 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
                  "--config.data.demo_train=256", "--config.data.demo_heldout=8",
                  "--config.captioner.train.steps=4", "--config.sample.after_train=False",
                  "--config.train.log_every=10", "--config.train.eval_every=10",
-                 "--config.sample.eval_num=4", "--config.encoders.fit_latent_stats=64",
+                 "--config.sample.eval_num=8", "--config.encoders.fit_latent_stats=64",
                  "--config.sample.steps=2", "--config.sample.num_beams=2",
-                 "--config.sample.batch_size=4")
+                 "--config.sample.batch_size=8")
   assert res.returncode == 0, res.stderr[-3000:]
   assert os.path.isdir(workdir / "checkpoints" / "20" / "state")
   assert os.path.isfile(workdir / "checkpoints" / "20" / "data" / "process_0-of-1.json")
