@@ -5,4 +5,3 @@ tokens), filters (metadata filters, SKIP_REASONS), pipeline (grain iterators,
 feature shards, default_data_config), make_shards and check (command-line
 tools), demo_data (offline demo set and its judge).
 """
-from data_pipelines.filters import SKIP_REASONS  # cheap: no grain import

@@ -1,6 +1,4 @@
 """Flax CLIP towers vs transformers (tiny random models), loading path, preprocessing."""
-import json
-import os
 
 import jax
 import jax.numpy as jnp

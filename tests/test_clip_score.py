@@ -1,5 +1,4 @@
 """CLIP score: our towers + clip_score.py vs torchmetrics' CLIPScore on a tiny random CLIPModel."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

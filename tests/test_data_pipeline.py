@@ -1,6 +1,5 @@
 """Shards -> grain pipeline: exactly-once, determinism, process split, resume."""
 import csv
-import io
 import os
 
 import grain

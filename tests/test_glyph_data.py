@@ -71,7 +71,7 @@ def test_judge_tolerates_noise_and_blur():
                                     .astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)))
          for im in imgs]
   r = glyph.score_t2i(np.stack(bad), prompts)
-  print(f'\nsize 16, noise 10 + blur 0.6: ' +
+  print('\nsize 16, noise 10 + blur 0.6: ' +
         ', '.join(f'{a} {r[a]:.3f}' for a in glyph.ATTRIBUTES + ('all',)))
   for a in glyph.ATTRIBUTES:
     assert r[a] >= 0.9, (a, r[a])

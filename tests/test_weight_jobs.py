@@ -27,7 +27,6 @@ from tests import test_vae as vaet  # diffusers -> LDM VAE names, tiny torch VAE
 from diffusers.pipelines.deprecated.unidiffuser import modeling_text_decoder
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, sample, sharding, weight_jobs
-from unidiffuser_jax.models.captioner import CaptionDecoder
 from unidiffuser_jax.models.uvit import UViT
 from unidiffuser_jax.weights import captioner as wcap
 from unidiffuser_jax.weights import clip as wclip
