@@ -11,17 +11,15 @@
 jax.experimental.topologies.get_topology_desc() asks libtpu for compile-only
 devices of a named topology. The config's mesh is built on them and the real
 train step (train.make_train_step over train.uvit_task, jitted with the
-trainer's shardings) is lowered and compiled for abstract inputs:
-  state   jax.eval_shape(init) laid out by sharding.logical_to_specs (the trainer's rules)
-  frozen  the caption decoder's parameters (encode_prefix is the only frozen network a
-          features batch touches), abstract and sharded the same way
-  batch   the features format {moments [B,64,64,8], clip_img [B,1,512],
-          text_hidden [B,77,768], data_type [B]}, split over (data, fsdp)
+trainer's shardings) is lowered and compiled for abstract inputs by
+unidiffuser_jax/aot.py (state, frozen caption decoder, features batch
+{moments [B,64,64,8], clip_img [B,1,512], text_hidden [B,77,768], data_type [B]}).
 Nothing is allocated; the printout is XLA's own per-device memory plan
 (compiled.memory_analysis()) and FLOP count (compiled.cost_analysis()), and
 whether arguments + outputs - aliased + temporaries fit in --hbm_gib.
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -32,29 +30,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from unidiffuser_jax import encoders as encoders_lib  # noqa: E402
-from unidiffuser_jax import rng, sharding, train  # noqa: E402
-
-# HBM per chip. libtpu's compile-only v4 devices are single TensorCores (num_cores=1, two per
-# chip, 16 GiB each); v5p devices are megacore chips (num_cores=2).
-HBM_GIB = {"TPU v5 lite": 16, "TPU v4": 32, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
-
-
-def hbm_per_device(device) -> float:
-  per_chip = HBM_GIB.get(device.device_kind, 16)
-  if device.device_kind == "TPU v4" and getattr(device, "num_cores", 2) == 1:
-    return per_chip / 2
-  return per_chip
+from unidiffuser_jax import aot, sharding  # noqa: E402
 
 
 def load_config(spec: str):
   """'configs/laion.py[:arg]' -> ConfigDict."""
-  import importlib.util
   path, _, arg = spec.partition(":")
   mod_spec = importlib.util.spec_from_file_location("aot_config", path)
   mod = importlib.util.module_from_spec(mod_spec)
@@ -78,110 +61,38 @@ def tpu_devices(topology: str):
                      f"TPU_LIBRARY_PATH to a libtpu.so") from e
 
 
-def abstract_with(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def abstract_frozen(encoders, mesh, rules, seed: int):
-  """The caption decoder's parameters as sharded ShapeDtypeStructs (nothing allocated)."""
-  boxed = jax.eval_shape(lambda: encoders._init_part("captioner", rng.key_for(seed, 0, "init/c")))
-  shardings = sharding.named_shardings(sharding.logical_to_specs(boxed, mesh, rules), mesh)
-  frozen_shardings = {"captioner": shardings}
-  return abstract_with({"captioner": nn.unbox(boxed)}, frozen_shardings), frozen_shardings
-
-
-def features_batch(config, model, batch: int, mesh) -> dict:
-  f = config.encoders.autoencoder.factor
-  h = config.data.resolution // f
-  shapes = {"moments": ((batch, h, h, 2 * model.latent_channels), jnp.float32),
-            "clip_img": ((batch, 1, model.clip_img_dim), jnp.float32),
-            "text_hidden": ((batch, model.num_text_tokens, config.encoders.clip_text.width),
-                            jnp.float32),
-            "data_type": ((batch,), jnp.int32)}
-  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s)))
-          for k, (s, d) in shapes.items()}
-
-
 def _gib(n) -> str:
   return f"{n / 2**30:8.3f} GiB"
 
 
 def report_memory(compiled, hbm_gib: float, label: str) -> bool:
-  mem = compiled.memory_analysis()
-  arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
-  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-  peak = arg + out - alias + temp
-  print(f"[{label}] memory_analysis, per device:")
-  print(f"  arguments {_gib(arg)} | outputs {_gib(out)} | aliased (donated) {_gib(alias)} | "
-        f"temporaries {_gib(temp)} | code {mem.generated_code_size_in_bytes / 2**20:.1f} MiB")
-  fits = peak <= hbm_gib * 2**30
-  print(f"  peak = arguments + outputs - aliased + temporaries = {_gib(peak)} of {hbm_gib} GiB HBM "
-        f"-> {'FITS' if fits else 'DOES NOT FIT'} ({100 * peak / (hbm_gib * 2**30):.0f}%)")
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if cost and "flops" in cost:
-    print(f"  cost_analysis: {cost['flops'] / 1e12:.2f} TFLOP per device per step"
-          + (f", {cost['bytes accessed'] / 2**30:.1f} GiB accessed" if "bytes accessed" in cost else ""))
+  lines, fits = aot.memory_report(compiled, hbm_gib, label)
+  print("\n".join(lines))
   return fits
 
 
 def compile_train(config, mesh, batch: int):
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model = train.make_model(config.model)
-  encoders = encoders_lib.build(config.encoders)
-  task = train.uvit_task(model, encoders, int(config.seed))
-  tx = train.make_optimizer(config.train)
-  boxed = jax.eval_shape(train.init_fn(task, tx))
-  state_shardings = sharding.named_shardings(sharding.logical_to_specs(boxed, mesh, rules), mesh)
-  state = abstract_with(nn.unbox(boxed), state_shardings)
-  frozen, frozen_shardings = abstract_frozen(encoders, mesh, rules, int(config.seed))
-  step = train.compile_train_step(train.make_train_step(task, tx, config.train, int(config.seed)),
-                                  mesh, state_shardings, frozen_shardings)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  plan = aot.plan_train(config, mesh)
+  n_params = sum(x.size for x in jax.tree.leaves(plan.state.params))
   t0 = time.perf_counter()
-  # Traced under the config's logical-axis rules, as train.run_loop does: the U-ViT's
-  # activation constraints (act_* names) resolve only there.
-  with sharding.tracing_context(mesh, rules):
-    lowered = step.lower(state, frozen, features_batch(config, model, batch, mesh))
+  lowered = aot.lower_train(plan, config, batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
   print(f"train step: {n_params:,} U-ViT parameters, global batch {batch} "
         f"({batch // sharding._axis_size(mesh, sharding.BATCH_AXES)} per data shard); "
         f"lowered in {t1 - t0:.0f} s, compiled in {t2 - t1:.0f} s")
-  p_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
-  p_bytes = sharding.bytes_per_device(state.params, p_specs, mesh)
+  p_bytes = sharding.bytes_per_device(plan.state.params, plan.specs.params, mesh)
   print(f"  parameters per device (float32 master copy): {_gib(p_bytes)}; params + EMA + AdamW "
         f"moments = 4x that = {_gib(4 * p_bytes)}")
-  return compiled, model, state, mesh
+  return compiled, plan.model, plan.state, mesh
 
 
 def compile_sampler(config, model, state, mesh, batch: int):
-  """One classifier-free-guided network evaluation of t2i sampling (what the solver's scan runs)."""
-  params = state.ema_params
-  b = batch
-  img = config.data.resolution // config.encoders.autoencoder.factor
-  bs = lambda nd: sharding.batch_sharding(mesh, nd)
-  x = (jax.ShapeDtypeStruct((b, img, img, model.latent_channels), jnp.float32, sharding=bs(4)),
-       jax.ShapeDtypeStruct((b, 1, model.clip_img_dim), jnp.float32, sharding=bs(3)),
-       jax.ShapeDtypeStruct((b, model.num_text_tokens, model.text_dim), jnp.float32, sharding=bs(3)))
-
-  def guided(params, z, clip, text):
-    # conditional (t_text = 0) and unconditional (text noised to T) halves in one call.
-    t = jnp.full((b,), 500.0)
-    zz, cc = jnp.concatenate([z, z]), jnp.concatenate([clip, clip])
-    tt = jnp.concatenate([text, jnp.zeros_like(text)])
-    out = model.apply({"params": params}, zz, cc, tt, jnp.concatenate([t, t]),
-                      jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), 1000.0)]),
-                      jnp.ones((2 * b,), jnp.int32))
-    return jax.tree.map(lambda o: 8.0 * o[:b] - 7.0 * o[b:], out[:2])
-
-  p_shardings = jax.tree.map(lambda a: a.sharding, params)
-  fn = jax.jit(guided, in_shardings=(p_shardings, bs(4), bs(3), bs(3)))
   t0 = time.perf_counter()
-  compiled = fn.lower(params, *x).compile()
-  print(f"sampler network step (t2i, guided, batch {b} -> 2x{b} evaluations): compiled in "
-        f"{time.perf_counter() - t0:.0f} s")
+  compiled = aot.lower_sampler(config, model, state.ema_params, mesh, batch).compile()
+  print(f"sampler network step (t2i, guided, batch {batch} -> 2x{batch} evaluations): compiled "
+        f"in {time.perf_counter() - t0:.0f} s")
   return compiled
 
 
@@ -211,7 +122,7 @@ def main() -> None:
     node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
   devices = tpu_devices(args.topology)
   kind = devices[0].device_kind
-  hbm = args.hbm_gib or hbm_per_device(devices[0])
+  hbm = args.hbm_gib or aot.hbm_per_device(devices[0])
   mesh_cfg = dict(config.mesh)
   mesh_cfg.update(parse_mesh(args.mesh))
   mesh_cfg["num_devices"] = 0
