@@ -1,13 +1,15 @@
-"""Golden shardings of the full-width train step, read from what the compiler is handed.
+"""The full-width train step as the compiler receives it: shardings, donation, bytes.
 
 The laion config's U-ViT (width 1536, 24 heads, MLP 6144, 64x64x4 latents,
 bfloat16, remat per block; depth cut to 2 so lowering stays fast: every block
 has the same parameters, so deeper models shard identically) is lowered (not
-compiled, not run) by benchmarks/aot_tpu.py's abstract-input path on an
+compiled, not run) by unidiffuser_jax/aot.py's abstract-input path on an
 8-device CPU mesh data=1, fsdp=4, tensor=2. The per-argument and per-result
 shardings are parsed from the lowered module's `main` signature (Shardy
-attributes, i.e. what XLA's partitioner receives) and compared with hand-written
-PartitionSpecs for parameters, EMA, both AdamW moments and the batch. No libtpu.
+attributes, i.e. what XLA's partitioner receives) and compared, for every
+parameter, EMA copy and AdamW moment, with the golden dump
+tests/golden/shardings_laion.txt (tests/test_shardings_golden.py), and for the
+batch with hand-written PartitionSpecs. No libtpu.
 """
 import math
 import re
@@ -17,46 +19,21 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from benchmarks import aot_tpu
-from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import sharding, train
+from configs import laion
+from tests.golden import shardings as golden
+from unidiffuser_jax import aot, sharding, train
 
-MESH = dict(data=1, fsdp=4, tensor=2)
 BATCH = 8
-# parameter path suffix -> spec under configs/common.py's rules (embed->fsdp, mlp/heads->tensor)
-GOLDEN = {
-    "['out_blocks_0']['attn']['qkv']['kernel']": P("fsdp", "tensor"),     # [1536, 4608]
-    "['out_blocks_0']['attn']['proj']['kernel']": P("tensor", "fsdp"),    # [1536, 1536]
-    "['mid_block']['mlp']['fc1']['kernel']": P("fsdp", "tensor"),         # [1536, 6144]
-    "['mid_block']['mlp']['fc1']['bias']": P("tensor"),                   # [6144]
-    "['in_blocks_0']['mlp']['fc2']['kernel']": P("tensor", "fsdp"),       # [6144, 1536]
-    "['out_blocks_0']['skip_linear']['kernel']": P("tensor", "fsdp"),     # [3072, 1536]
-    "['pos_embed']": P(None, None, "fsdp"),                               # [1, 1105, 1536]
-    "['patch_embed']['kernel']": P(None, None, None, "fsdp"),             # [2, 2, 4, 1536]
-    "['mid_block']['norm2']['scale']": P(),                               # LayerNorm: replicated
-    "['text_out']['kernel']": P("fsdp", None),                            # [1536, 64]
-}
 
 
 @pytest.fixture(scope="module")
 def lowered():
-  config = aot_tpu.load_config("configs/laion.py")
+  config = laion.get_config()
   config.model.depth = 2
-  mesh = sharding.make_mesh(MESH)
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model = train.make_model(config.model)
-  encoders = encoders_lib.build(config.encoders)
-  task = train.uvit_task(model, encoders, 0)
-  tx = train.make_optimizer(config.train)
-  boxed = jax.eval_shape(train.init_fn(task, tx))
-  specs = sharding.logical_to_specs(boxed, mesh, rules)
-  state_shardings = sharding.named_shardings(specs, mesh)
-  state = aot_tpu.abstract_with(nn.unbox(boxed), state_shardings)
-  frozen, frozen_shardings = aot_tpu.abstract_frozen(encoders, mesh, rules, 0)
-  step = train.compile_train_step(train.make_train_step(task, tx, config.train, 0), mesh,
-                                  state_shardings, frozen_shardings)
-  low = step.lower(state, frozen, aot_tpu.features_batch(config, model, BATCH, mesh))
-  return dict(text=low.as_text(), state=state, specs=specs, mesh=mesh)
+  mesh = sharding.make_mesh(golden.MESH)
+  plan = aot.plan_train(config, mesh)
+  low = aot.lower_train(plan, config, BATCH)
+  return dict(text=low.as_text(), state=plan.state, specs=plan.specs, mesh=mesh)
 
 
 def _dims(inner: str) -> tuple:
@@ -93,7 +70,8 @@ def _shape_str(shape, dtype) -> str:
 
 
 def _state_args(lowered):
-  """[(keystr, leaf, arg dims, donated)]: the state's leaves are main's first arguments, in order."""
+  """[(keystr, param path, leaf, arg dims, donated)]: the state's leaves are main's first
+  arguments, in order."""
   args, _ = _main_signature(lowered["text"])
   leaves = jax.tree_util.tree_flatten_with_path(lowered["state"])[0]
   assert len(args) > len(leaves)
@@ -101,27 +79,28 @@ def _state_args(lowered):
   for (path, leaf), (i, shape, dims, donated) in zip(leaves, args):
     name = jax.tree_util.keystr(path)
     assert shape == _shape_str(leaf.shape, leaf.dtype), (i, name, shape, leaf.shape)
-    out.append((name, leaf, dims, donated))
+    out.append((name, golden.param_path(path), leaf, dims, donated))
   return out
 
 
-def test_parameter_and_optimizer_shardings_are_golden(lowered):
+def test_every_state_sharding_is_golden(lowered):
+  """Each parameter, its EMA copy and both AdamW moments, in and out, as the golden dump says."""
   _, results = _main_signature(lowered["text"])
-  state_args = _state_args(lowered)
-  for suffix, spec in GOLDEN.items():
-    hits = [(n, leaf, d) for n, leaf, d, _ in state_args if n.endswith(suffix)]
-    # params, ema_params and AdamW's mu and nu: four copies, all laid out alike
-    kinds = sorted(n.split(suffix)[0] for n, _, _ in hits)
-    assert kinds == [".ema_params", ".opt_state[0][0].mu", ".opt_state[0][0].nu", ".params"], kinds
-    for name, leaf, dims in hits:
-      want = _as_dims(spec, leaf.ndim)
-      assert dims == want, f"input {name}: {dims} != {want}"
-      out_shape, out_dims = results[f"result[0]{name}"]
-      assert out_dims == want, f"output {name}: {out_dims} != {want}"
-  # scalars: the step counter and Adam's count are replicated
-  for name, leaf, dims, _ in state_args:
-    if leaf.ndim == 0:
+  table = golden.load("laion")
+  copies = {}
+  for name, path, leaf, dims, _ in _state_args(lowered):
+    if leaf.ndim == 0:  # the step counter and Adam's count are replicated
       assert dims == (), name
+      continue
+    shape, spec = table[f"uvit/{path}"]  # depth 2's blocks are the first blocks of depth 30
+    assert shape == "x".join(map(str, leaf.shape)), (name, shape)
+    want = _as_dims(spec, leaf.ndim)
+    assert dims == want, f"input {name}: {dims} != {want}"
+    _, out_dims = results[f"result[0]{name}"]
+    assert out_dims == want, f"output {name}: {out_dims} != {want}"
+    copies[path] = copies.get(path, 0) + 1
+  assert set(copies.values()) == {4}, copies  # params, ema_params, mu, nu
+  assert "out_blocks_0/skip_linear/kernel" in copies and "pos_embed" in copies
 
 
 def test_state_is_donated_and_batch_is_split_over_data_axes(lowered):
@@ -139,7 +118,7 @@ def test_per_device_parameter_bytes(lowered):
   mesh = lowered["mesh"]
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   per_device = total = 0
-  for name, leaf, dims, _ in _state_args(lowered):
+  for name, _, leaf, dims, _ in _state_args(lowered):
     if not name.startswith(".params"):
       continue
     n = math.prod(leaf.shape) * leaf.dtype.itemsize
@@ -158,9 +137,9 @@ def test_per_device_parameter_bytes(lowered):
 def test_activation_constraints_reach_the_compiler():
   """Under the trainer's tracing context the U-ViT's residual stream is pinned to batch
   sharding (under the legacy `with mesh:` flax silently dropped every constraint: 0 here)."""
-  config = aot_tpu.load_config("configs/laion.py")
+  config = laion.get_config()
   config.model.update(depth=2, width=64, num_heads=2, mlp_dim=128)
-  mesh = sharding.make_mesh(MESH)
+  mesh = sharding.make_mesh(golden.MESH)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = train.make_model(config.model)
   args = train.dummy_latents(model, BATCH)

@@ -1,0 +1,1 @@
+"""Golden files the tests compare against, and the code that writes them (README.md here)."""
