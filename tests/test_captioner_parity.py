@@ -13,6 +13,7 @@ transformers = pytest.importorskip('transformers')
 pytest.importorskip('diffusers')
 from diffusers.pipelines.deprecated.unidiffuser import modeling_text_decoder  # noqa: E402
 
+from tests.refs import captioner as cap_ref  # noqa: E402
 from unidiffuser_jax.models.captioner import CaptionDecoder, beam_search  # noqa: E402
 from unidiffuser_jax.models.gpt2 import GPT2, init_kv_cache  # noqa: E402
 from unidiffuser_jax.weights import captioner as wcap  # noqa: E402
@@ -22,10 +23,6 @@ torch.set_num_threads(1)
 
 V, EOS, L, E, LAYERS, HEADS = 64, 63, 4, 32, 2, 4
 INNER, HIDDEN = 16, 8
-
-
-def _to_numpy(state_dict):
-  return {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
 
 
 def _save_load(tensors, tmp_path, name):
@@ -52,7 +49,7 @@ def _hf_gpt2(activation, vocab=100, n_positions=32):
 @pytest.mark.parametrize('activation', ['gelu_new', 'gelu'])
 def test_gpt2_logits_match_transformers(tmp_path, activation):
   ref = _hf_gpt2(activation)
-  tensors = _save_load(_to_numpy(ref.state_dict()), tmp_path, 'gpt2.safetensors')
+  tensors = _save_load(cap_ref.to_numpy(ref.state_dict()), tmp_path, 'gpt2.safetensors')
   model = GPT2(vocab_size=100, n_positions=32, n_embd=E, n_layer=LAYERS, n_head=HEADS,
                activation=activation)
   ids = np.random.default_rng(0).integers(0, 100, size=(2, 11))
@@ -109,22 +106,13 @@ def _reference_decoder(seed=0, eos_boost=1.0):
   return ref
 
 
-def _released_layout(diffusers_tensors):
-  """diffusers names -> thu-ml caption_decoder.pth names (module.gpt.*)."""
-  out = {}
-  for k, v in diffusers_tensors.items():
-    k = 'gpt.' + k[len('transformer.'):] if k.startswith('transformer.') else k
-    out['module.' + k] = v
-  return out
-
-
 def _captioner():
   return CaptionDecoder(prefix_inner_dim=INNER, prefix_hidden_dim=HIDDEN, vocab_size=V,
                         n_positions=64, n_embd=E, n_layer=LAYERS, n_head=HEADS, eos_id=EOS)
 
 
 def _import_reference(ref, tmp_path):
-  released = _released_layout(_to_numpy(ref.state_dict()))
+  released = cap_ref.released_layout(cap_ref.to_numpy(ref.state_dict()))
   tensors = _save_load(released, tmp_path, 'caption_decoder.safetensors')
   model = _captioner()
   template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, L, HIDDEN)),
@@ -205,15 +193,15 @@ def test_import_export_roundtrip(tmp_path):
   params2 = wcap.import_caption_decoder(again, params)
   jax.tree.map(np.testing.assert_array_equal, params, params2)
   # The diffusers layout imports too, to the same parameters.
-  params3 = wcap.import_caption_decoder(_to_numpy(ref.state_dict()), params)
-  assert wcap.detect_layout(_to_numpy(ref.state_dict())) == 'diffusers'
+  params3 = wcap.import_caption_decoder(cap_ref.to_numpy(ref.state_dict()), params)
+  assert wcap.detect_layout(cap_ref.to_numpy(ref.state_dict())) == 'diffusers'
   jax.tree.map(np.testing.assert_array_equal, params, params3)
 
 
 @pytest.mark.parametrize('with_prefix', [True, False])
 def test_fresh_captioner_from_hub_gpt2(with_prefix):
   hub = _hf_gpt2('gelu_new', vocab=V - 1, n_positions=64)
-  sd = _to_numpy(hub.state_dict() if with_prefix else hub.transformer.state_dict())
+  sd = cap_ref.to_numpy(hub.state_dict() if with_prefix else hub.transformer.state_dict())
   model = _captioner()
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, L, HIDDEN)),
                           jnp.zeros((1, 3), jnp.int32))

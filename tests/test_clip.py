@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from tests.refs import clip as clip_ref
 from unidiffuser_jax.models import clip
 from unidiffuser_jax.weights import clip as clip_weights
 from unidiffuser_jax.weights.convert import WeightMismatchError, flatten
@@ -14,37 +15,8 @@ from unidiffuser_jax.weights.convert import WeightMismatchError, flatten
 TOL = 1e-4
 
 
-def _randomise(model, seed):
-  """Random weights everywhere, LayerNorms included (HF init leaves them at 1/0)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith("weight"):
-        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-      elif name.endswith("bias"):
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(0.2 * torch.randn(p.shape, generator=g))
-  return model.eval()
-
-
-def _text_model():
-  cfg = transformers.CLIPTextConfig(
-      vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-      num_attention_heads=4, max_position_embeddings=12, hidden_act="quick_gelu",
-      pad_token_id=1, bos_token_id=0, eos_token_id=2)
-  return _randomise(transformers.CLIPTextModel(cfg), 0)
-
-
-def _vision_model():
-  cfg = transformers.CLIPVisionConfig(
-      hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-      image_size=24, patch_size=8, projection_dim=20, hidden_act="quick_gelu")
-  return _randomise(transformers.CLIPVisionModelWithProjection(cfg), 1)
-
-
 def test_text_parity_through_directory_loader(tmp_path):
-  ref = _text_model()
+  ref = clip_ref.text_model()
   ref.save_pretrained(tmp_path / "text")
   tokens = np.random.default_rng(0).integers(0, 99, (3, 12)).astype(np.int64)
   with torch.no_grad():
@@ -64,7 +36,7 @@ def test_text_parity_through_directory_loader(tmp_path):
 
 
 def test_vision_parity_through_directory_loader(tmp_path):
-  ref = _vision_model()
+  ref = clip_ref.vision_model()
   ref.save_pretrained(tmp_path / "vision")
   pixels = np.random.default_rng(1).standard_normal((2, 3, 24, 24)).astype(np.float32)
   with torch.no_grad():
@@ -88,7 +60,7 @@ def test_clipmodel_file_in_hub_cache(tmp_path, monkeypatch):
       vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                          num_attention_heads=4, image_size=24, patch_size=8),
       projection_dim=16)
-  full = _randomise(transformers.CLIPModel(cfg), 2)
+  full = clip_ref.randomise(transformers.CLIPModel(cfg), 2)
   snap = tmp_path / "hub" / "models--openai--clip-vit-base-patch32" / "snapshots" / "abc123"
   snap.mkdir(parents=True)
   full.config.to_json_file(str(snap / "config.json"))
@@ -114,7 +86,7 @@ def test_clipmodel_file_in_hub_cache(tmp_path, monkeypatch):
 
 
 def test_missing_tensor_is_named():
-  ref = _text_model()
+  ref = clip_ref.text_model()
   # CLIPModel-style names (the hub file of openai/clip-vit-large-patch14).
   tensors = {f"text_model.{k}": v.numpy() for k, v in ref.state_dict().items()}
   del tensors["text_model.encoder.layers.1.mlp.fc2.weight"]

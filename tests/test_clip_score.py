@@ -11,7 +11,7 @@ from unidiffuser_jax import clip_score
 from unidiffuser_jax.models import clip
 from unidiffuser_jax.weights import clip as clip_weights
 from unidiffuser_jax.weights.convert import WeightMismatchError
-from tests.test_clip import _randomise
+from tests.refs import clip as clip_ref
 
 VOCAB, EOS, PAD, BOS, LEN, SIZE = 99, 98, 1, 0, 12, 24
 
@@ -24,7 +24,7 @@ def _clip_model(eos_token_id=EOS):
       vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                          num_attention_heads=4, image_size=SIZE, patch_size=8),
       projection_dim=16)
-  return _randomise(transformers.CLIPModel(cfg), 3)
+  return clip_ref.randomise(transformers.CLIPModel(cfg), 3)
 
 
 class _Features(torch.nn.Module):

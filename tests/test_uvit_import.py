@@ -21,8 +21,8 @@ from ml_collections import config_flags
 from PIL import Image
 
 from data_pipelines import demo_data, transforms
-from tests import test_uvit_parity as uvp  # diffusers <-> thu-ml U-ViT key tables, torch model
-from tests import test_weight_jobs as wjt  # the weight jobs' test config, torch.save helper
+from tests.refs import released
+from tests.refs import uvit as uvit_ref
 from tests.tiny import tiny_config
 from unidiffuser_jax import sample, train, weight_jobs
 from unidiffuser_jax.weights import uvit as wuvit
@@ -35,7 +35,7 @@ IDS = [f"latent{a}-text{b}-{c}-width{d}" for a, b, c, d in COMBOS]
 
 def _file_model(latent, text, version, width, **kw) -> dict:
   """Our UViT fields of a test file (diffusers' MLP is 4x its width)."""
-  return dict(uvp.CFG, version=version, num_data_types=2, latent_size=latent,
+  return dict(uvit_ref.CFG, version=version, num_data_types=2, latent_size=latent,
               num_text_tokens=text, width=width, num_heads=4, mlp_dim=4 * width, depth=1, **kw)
 
 
@@ -43,12 +43,12 @@ def _file_model(latent, text, version, width, **kw) -> dict:
 def _released(latent, text, version, width, **kw) -> dict:
   """Released-layout tensors of a random diffusers UniDiffuserModel (do not modify)."""
   cfg = _file_model(latent, text, version, width, **kw)
-  torch_model = uvp._torch_model(version, cfg=cfg)
-  return uvp.diffusers_to_released(torch_model.state_dict(), version, depth=cfg["depth"])
+  torch_model = uvit_ref.torch_model(version, cfg=cfg)
+  return uvit_ref.diffusers_to_released(torch_model.state_dict(), version, depth=cfg["depth"])
 
 
 def _config(**model):
-  c = wjt._config()
+  c = released.config()
   c.model.update(model)
   return c
 
@@ -168,7 +168,7 @@ def test_the_reported_case_is_refused_or_right(latent):
 
 def test_ambiguous_file_is_refused_by_the_cli_in_one_line(tmp_path):
   """configs/demo.py (12 text tokens, latent 8) meets a 77-token file of latent 8."""
-  path = wjt._torch_save(_released(8, 77, "v1", 64), tmp_path / "uvit_v1.pth")
+  path = released.torch_save(_released(8, 77, "v1", 64), tmp_path / "uvit_v1.pth")
   proc = subprocess.run(
       [sys.executable, "-m", "unidiffuser_jax.main", "--config=configs/demo.py", "--mode=import",
        f"--workdir={tmp_path / 'w'}", f"--config.weights.uvit={path}"],
@@ -218,7 +218,7 @@ def test_printed_flags_sample_and_export_to_strict_diffusers(latent, text, versi
   # Encoder-facing sizes of tiny_config: text latent 8, CLIP image 32, 12 latent channels.
   enc = dict(text_dim=8, clip_img_dim=32, latent_channels=12)
   tensors = _released(latent, text, version, width, **enc)
-  path = wjt._torch_save(tensors, tmp_path / f"uvit_{version}.pth")
+  path = released.torch_save(tensors, tmp_path / f"uvit_{version}.pth")
   workdir = str(tmp_path / "w")
   if text == 12:  # tiny_config has 6 text tokens, and 12 + (8/2)^2 rows leave 22: refused
     with pytest.raises(weight_jobs.WeightJobError, match="num_text_tokens"):
@@ -267,8 +267,8 @@ def test_printed_flags_sample_and_export_to_strict_diffusers(latent, text, versi
   assert set(exported) == set(tensors)
   for k in tensors:
     np.testing.assert_array_equal(exported[k], tensors[k], err_msg=k)
-  fresh = uvp._torch_model(version, seed=9, cfg=want)
-  fresh.load_state_dict(uvp.released_to_diffusers(exported, version, depth=want["depth"]),
+  fresh = uvit_ref.torch_model(version, seed=9, cfg=want)
+  fresh.load_state_dict(uvit_ref.released_to_diffusers(exported, version, depth=want["depth"]),
                         strict=True)
 
   # Our export records num_heads, which released files do not: a re-import takes it from there.

@@ -1,5 +1,4 @@
 """Flax AutoencoderKL vs diffusers.AutoencoderKL (tiny, random weights), both key layouts."""
-import re
 
 import diffusers
 import jax
@@ -8,77 +7,26 @@ import numpy as np
 import pytest
 import torch
 
+from tests.refs import vae as vae_ref
 from unidiffuser_jax.models.vae import AutoencoderKL, sample_latent
 from unidiffuser_jax.weights import vae as vae_weights
 from unidiffuser_jax.weights.convert import WeightMismatchError, flatten
 from unidiffuser_jax.weights.tensors import load_tensors, save_safetensors
 
-CHANNELS = (8, 16, 16)  # three levels: f = 4; the 16 -> 16 level has no shortcut conv
-LAYERS = 2
-LATENT = 3
-GROUPS = 4
 TOL = 1e-4
 
 
-def _torch_vae():
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, block_out_channels=CHANNELS, layers_per_block=LAYERS,
-      latent_channels=LATENT, norm_num_groups=GROUPS,
-      down_block_types=("DownEncoderBlock2D",) * len(CHANNELS),
-      up_block_types=("UpDecoderBlock2D",) * len(CHANNELS)).eval()
-  g = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in vae.named_parameters():
-      if "norm" in name and name.endswith("weight"):  # GroupNorm scale away from 1
-        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-      elif name.endswith("bias"):
-        p.copy_(0.2 * torch.randn(p.shape, generator=g))
-      else:
-        fan_in = p[0].numel()
-        p.copy_(torch.randn(p.shape, generator=g) * 1.2 / fan_in ** 0.5)
-  return vae
-
-
 def _ours():
-  return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=CHANNELS,
-                       layers_per_block=LAYERS, latent_channels=LATENT, norm_num_groups=GROUPS)
-
-
-def _ldm_name(k: str, num_levels: int = len(CHANNELS)) -> tuple[str, bool]:
-  """diffusers name -> (CompVis/LDM name, stored as a 1x1 conv?): the test's own table."""
-  n = num_levels
-  k2 = k
-  k2 = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", k2)
-  k2 = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", r"down.\1.downsample.conv", k2)
-  k2 = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)",
-              lambda m: f"up.{n - 1 - int(m.group(1))}.block.{m.group(2)}", k2)
-  k2 = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.conv",
-              lambda m: f"up.{n - 1 - int(m.group(1))}.upsample.conv", k2)
-  k2 = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k2)
-  k2 = k2.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-  attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-  m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k2)
-  if m:
-    k2 = f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
-    return k2, m.group(2) != "group_norm" and m.group(3) == "weight"
-  return k2, False
-
-
-def _to_ldm(sd: dict) -> dict:
-  out = {}
-  for k, v in sd.items():
-    k2, is_1x1 = _ldm_name(k)
-    v = v.numpy()
-    out[k2] = v[:, :, None, None] if is_1x1 else v  # LDM stores these as 1x1 convs
-  return out
+  return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=vae_ref.CHANNELS,
+                       layers_per_block=vae_ref.LAYERS, latent_channels=vae_ref.LATENT,
+                       norm_num_groups=vae_ref.GROUPS)
 
 
 @pytest.fixture(scope="module")
 def setup():
-  tvae = _torch_vae()
+  tvae = vae_ref.torch_vae()
   x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
-  z = np.random.default_rng(1).standard_normal((2, LATENT, 4, 6)).astype(np.float32)
+  z = np.random.default_rng(1).standard_normal((2, vae_ref.LATENT, 4, 6)).astype(np.float32)
   with torch.no_grad():
     moments_ref = tvae.encode(torch.from_numpy(x)).latent_dist.parameters.numpy()
     decoded_ref = tvae.decode(torch.from_numpy(z)).sample.numpy()
@@ -98,7 +46,7 @@ def _check_parity(params, s):
   x = jnp.asarray(s["x"].transpose(0, 2, 3, 1))
   z = jnp.asarray(s["z"].transpose(0, 2, 3, 1))
   moments, decoded = _encode_decode(params, x, z)
-  assert moments.shape == (2, 4, 6, 2 * LATENT) and decoded.shape == (2, 16, 24, 3)
+  assert moments.shape == (2, 4, 6, 2 * vae_ref.LATENT) and decoded.shape == (2, 16, 24, 3)
   err_m = np.abs(np.asarray(moments).transpose(0, 3, 1, 2) - s["moments_ref"]).max()
   err_d = np.abs(np.asarray(decoded).transpose(0, 3, 1, 2) - s["decoded_ref"]).max()
   # The reference outputs must be non-trivial for the comparison to mean anything.
@@ -117,7 +65,7 @@ def test_parity_diffusers_layout(setup, tmp_path):
 
 def test_parity_ldm_layout(setup, tmp_path):
   path = tmp_path / "autoencoder_kl.pth"
-  ldm = _to_ldm(setup["sd"])
+  ldm = vae_ref.to_ldm(setup["sd"])
   assert "decoder.up.0.block.2.conv1.weight" in ldm and "encoder.mid.attn_1.q.weight" in ldm
   ldm["loss.logvar"] = np.zeros(())  # LDM checkpoints carry training-only loss weights
   torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in ldm.items()}}, path)
@@ -177,8 +125,9 @@ def test_sample_latent():
 def test_bf16_compute_is_close(setup):
   tensors = {k: v.numpy() for k, v in setup["sd"].items()}
   params = vae_weights.vae_params_from_tensors(_ours(), tensors)
-  model = AutoencoderKL(block_out_channels=CHANNELS, layers_per_block=LAYERS,
-                        latent_channels=LATENT, norm_num_groups=GROUPS, dtype=jnp.bfloat16)
+  model = AutoencoderKL(block_out_channels=vae_ref.CHANNELS, layers_per_block=vae_ref.LAYERS,
+                        latent_channels=vae_ref.LATENT, norm_num_groups=vae_ref.GROUPS,
+                        dtype=jnp.bfloat16)
   x = jnp.asarray(setup["x"].transpose(0, 2, 3, 1))
   moments = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, x)
   assert moments.dtype == jnp.float32
@@ -211,7 +160,7 @@ def test_full_size_key_table_matches_diffusers():
     if layout == "ldm":
       ldm = {}
       for k, shape in theirs.items():
-        k2, is_1x1 = _ldm_name(k, num_levels=4)
+        k2, is_1x1 = vae_ref.ldm_name(k, num_levels=4)
         ldm[k2] = shape + (1, 1) if is_1x1 else shape
       assert "decoder.up.1.block.0.nin_shortcut.weight" in ldm  # 512 -> 256, high-res side
     want = theirs if layout == "diffusers" else ldm

@@ -13,19 +13,20 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mc
 import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors.numpy import save_file
 
-from tests import test_captioner_parity as capp  # caption_decoder.pth's layout
-from tests import test_clip as clipt  # tiny randomised CLIP towers
-from tests import test_uvit_parity as uvp  # diffusers <-> thu-ml U-ViT key tables, tiny torch model
-from tests import test_vae as vaet  # diffusers -> LDM VAE names, tiny torch VAE
 from diffusers.pipelines.deprecated.unidiffuser import modeling_text_decoder
 
+from tests.refs import captioner as cap_ref
+from tests.refs import clip as clip_ref
+from tests.refs import released
+from tests.refs.released import CAP
+from tests.refs import uvit as uvit_ref
+from tests.refs import vae as vae_ref
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, sample, sharding, weight_jobs
 from unidiffuser_jax.models.uvit import UViT
 from unidiffuser_jax.weights import captioner as wcap
@@ -38,33 +39,6 @@ from unidiffuser_jax.weights.uvit import export_uvit
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAP = dict(prefix_inner_dim=32, prefix_hidden_dim=6, vocab_size=64, n_positions=64, n_embd=32,
-           n_layer=2, n_head=4)
-EOS = 63
-
-
-def _config(**weights) -> mc.ConfigDict:
-  c = mc.ConfigDict()
-  c.seed = 0
-  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)
-  c.model = dict(version="v1", **uvp.CFG, num_data_types=2, dtype="float32", remat="none")
-  c.encoders = dict(
-      autoencoder=dict(kind="vae", factor=4, scale=0.18215, block_out_channels=vaet.CHANNELS,
-                       layers_per_block=vaet.LAYERS, latent_channels=vaet.LATENT,
-                       norm_num_groups=vaet.GROUPS),
-      clip_image=dict(image_size=24, patch_size=8, width=32, num_layers=2, num_heads=4,
-                      mlp_dim=40, proj_dim=20),
-      clip_text=dict(vocab_size=99, width=32, num_layers=2, num_heads=4, mlp_dim=40,
-                     max_positions=12),
-      captioner=dict(**CAP, eos_id=EOS),
-      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""))
-  c.sample = dict(checkpoint="")
-  c.weights = dict(uvit="", autoencoder="", clip_image="", clip_text="", captioner="",
-                   resize_pos_embed=False)
-  c.weights.update(weights)
-  return c
-
-
 def _torch_caption_decoder(seed=0):
   torch.manual_seed(seed)
   ref = modeling_text_decoder.UniDiffuserTextDecoder(
@@ -80,38 +54,33 @@ def _torch_caption_decoder(seed=0):
   return ref
 
 
-def _torch_save(tensors: dict, path) -> str:
-  torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, str(path))
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
   """Every part in its released layout, written by the PyTorch side."""
   d = tmp_path_factory.mktemp("sources")
-  uvit_torch = uvp._torch_model("v1")
-  uvit = uvp.diffusers_to_released(uvit_torch.state_dict(), "v1")
-  vae = vaet._to_ldm(vaet._torch_vae().state_dict())
-  text_ref, vision_ref = clipt._text_model(), clipt._vision_model()
+  uvit_torch = uvit_ref.torch_model("v1")
+  uvit = uvit_ref.diffusers_to_released(uvit_torch.state_dict(), "v1")
+  vae = vae_ref.to_ldm(vae_ref.torch_vae().state_dict())
+  text_ref, vision_ref = clip_ref.text_model(), clip_ref.vision_model()
   text_ref.save_pretrained(d / "clip_text")
   vision_ref.save_pretrained(d / "clip_image")
   cap_torch = _torch_caption_decoder()
-  cap = capp._released_layout(capp._to_numpy(cap_torch.state_dict()))
+  cap = cap_ref.released_layout(cap_ref.to_numpy(cap_torch.state_dict()))
   return dict(
       dir=d, uvit_torch=uvit_torch, uvit=uvit, vae=vae, cap_torch=cap_torch, cap=cap,
-      clip_text_sd=capp._to_numpy(text_ref.state_dict()),
-      clip_image_sd=capp._to_numpy(vision_ref.state_dict()),
-      paths=dict(uvit=_torch_save(uvit, d / "uvit_v1.pth"),
-                 autoencoder=_torch_save({**vae, "loss.logvar": np.zeros(())},
-                                         d / "autoencoder_kl.pth"),
+      clip_text_sd=cap_ref.to_numpy(text_ref.state_dict()),
+      clip_image_sd=cap_ref.to_numpy(vision_ref.state_dict()),
+      paths=dict(uvit=released.torch_save(uvit, d / "uvit_v1.pth"),
+                 autoencoder=released.torch_save({**vae, "loss.logvar": np.zeros(())},
+                                                 d / "autoencoder_kl.pth"),
                  clip_text=str(d / "clip_text"), clip_image=str(d / "clip_image"),
-                 captioner=_torch_save(cap, d / "caption_decoder.pth")))
+                 captioner=released.torch_save(cap, d / "caption_decoder.pth")))
 
 
 @pytest.fixture(scope="module")
 def imported(sources, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("import"))
-  config = _config(**sources["paths"])
+  config = released.config(**sources["paths"])
   done = weight_jobs.run_import(config, workdir)
   return config, workdir, done
 
@@ -128,7 +97,7 @@ def test_import_writes_every_part_and_prints_overrides(imported, sources):
   for part, d in done.items():
     assert d["path"] == os.path.join(os.path.abspath(workdir), "weights", part)
   assert done["uvit"]["overrides"] == [
-      *(f"--config.model.{k}={uvp.CFG[k] if k in uvp.CFG else config.model[k]}"
+      *(f"--config.model.{k}={uvit_ref.CFG[k] if k in uvit_ref.CFG else config.model[k]}"
         for k in wuvit.GEOMETRY),
       f"--config.sample.checkpoint={done['uvit']['path']}"]
   assert done["uvit"]["diffs"] == []
@@ -139,16 +108,16 @@ def test_import_writes_every_part_and_prints_overrides(imported, sources):
   with open(os.path.join(workdir, "weights", "import.json")) as f:
     record = json.load(f)
   assert record["autoencoder"]["source"] == sources["paths"]["autoencoder"]
-  assert record["uvit"]["model"] == dict(version="v1", num_data_types=2, **uvp.CFG)
+  assert record["uvit"]["model"] == dict(version="v1", num_data_types=2, **uvit_ref.CFG)
 
 
 def test_written_dirs_load_through_project_loaders(imported, sources):
   config, workdir, done = imported
   # U-ViT: the path sample.py loads from config.sample.checkpoint.
-  cfg = _config()
+  cfg = released.config()
   cfg.sample.checkpoint = done["uvit"]["path"]
   params = sample.load_uvit_params(cfg, workdir)
-  _same_tensors(export_uvit(params, UViT(version="v1", **uvp.CFG)), sources["uvit"])
+  _same_tensors(export_uvit(params, UViT(version="v1", **uvit_ref.CFG)), sources["uvit"])
   # The frozen encoders: config.encoders.weights.<part> as the printed overrides set it.
   enc_cfg = config.encoders
   for part in encoders_lib.PARTS:
@@ -170,7 +139,7 @@ def test_written_dirs_load_through_project_loaders(imported, sources):
 
 def test_export_round_trip_and_pytorch_loads_it(imported, sources, tmp_path):
   config, workdir, done = imported
-  cfg = _config()
+  cfg = released.config()
   cfg.sample.checkpoint = done["uvit"]["path"]
   cfg.encoders.weights.captioner = done["captioner"]["path"]
   out = weight_jobs.run_export(cfg, str(tmp_path))
@@ -181,7 +150,7 @@ def test_export_round_trip_and_pytorch_loads_it(imported, sources, tmp_path):
   _same_tensors(cap_exported, sources["cap"])
 
   # import -> export -> import: identical parameters.
-  again = weight_jobs.run_import(_config(uvit=out["uvit"]["path"],
+  again = weight_jobs.run_import(released.config(uvit=out["uvit"]["path"],
                                          captioner=out["captioner"]["path"]),
                                  str(tmp_path / "again"))
   for part in ("uvit", "captioner"):
@@ -190,16 +159,16 @@ def test_export_round_trip_and_pytorch_loads_it(imported, sources, tmp_path):
     _same_tensors({"/".join(k): v for k, v in b.items()}, {"/".join(k): v for k, v in a.items()})
 
   # diffusers' UniDiffuserModel loads the exported U-ViT and agrees with our model.
-  fresh = uvp._torch_model("v1", seed=9)
-  missing, unexpected = fresh.load_state_dict(uvp.released_to_diffusers(exported, "v1"),
+  fresh = uvit_ref.torch_model("v1", seed=9)
+  missing, unexpected = fresh.load_state_dict(uvit_ref.released_to_diffusers(exported, "v1"),
                                               strict=True)
   assert not missing and not unexpected
-  x = uvp._inputs("v1")
-  model = UViT(version="v1", **uvp.CFG)
+  x = uvit_ref.inputs("v1")
+  model = UViT(version="v1", **uvit_ref.CFG)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, **x))  # one compilation, not eager ops
   ours = [np.asarray(o) for o in apply(checkpoints.load_params(done["uvit"]["path"]),
                                        {k: jnp.asarray(v) for k, v in x.items()})]
-  for name, w, g in zip(("z", "clip_img", "text"), uvp._run_torch(fresh.eval(), x), ours):
+  for name, w, g in zip(("z", "clip_img", "text"), uvit_ref.run_torch(fresh.eval(), x), ours):
     assert np.abs(w).max() > 0.1
     print(f"exported U-ViT in diffusers vs ours, {name}: max abs err {np.abs(g - w).max():.2e}")
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=name)
@@ -231,7 +200,7 @@ def test_export_reads_ema_params_of_a_workdir(imported, tmp_path):
   ckpt.save(str(step_dir), {"step": np.int32(7), "params": raw, "ema_params": ema,
                             "opt_state": {"count": np.int32(7)}})
   ckpt.wait_until_finished()
-  out = weight_jobs.run_export(_config(), str(tmp_path / "run"))
+  out = weight_jobs.run_export(released.config(), str(tmp_path / "run"))
   assert set(out) == {"uvit"}  # no caption decoder in this workdir: skipped, not an error
   exported = load_tensors(out["uvit"]["path"])
   np.testing.assert_array_equal(exported["pos_embed"], ema["pos_embed"])
@@ -246,7 +215,7 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
   snap = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc"  # as "gpt2"
   hub.save_pretrained(snap)
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-  done = weight_jobs.run_import(_config(captioner="gpt2"), str(tmp_path / "w"))
+  done = weight_jobs.run_import(released.config(captioner="gpt2"), str(tmp_path / "w"))
   assert done["captioner"]["kind"] == "gpt2"
   assert done["captioner"]["overrides"] == [
       f"--config.captioner.train.init_from={done['captioner']['path']}"]
@@ -262,7 +231,7 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
   # values in); it needs the same tree and shapes as the trainer's own init.
   import flax.linen as nn
   from unidiffuser_jax import captioner_train
-  cfg = _config()
+  cfg = released.config()
   cfg.captioner = dict(max_caption_tokens=8)
   task = captioner_train.captioner_task(encoders_lib.build(cfg.encoders), cfg, None)
   shapes = nn.unbox(jax.eval_shape(task.init_params))
@@ -270,7 +239,7 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
   assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(np.shape, params)
   # A hub GPT-2 of another size is refused with the config keys to change.
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "none"))
-  big = _config(captioner=str(snap))
+  big = released.config(captioner=str(snap))
   big.encoders.captioner.n_layer = 3
   with pytest.raises(weight_jobs.WeightJobError, match=r"n_layer: file 2, config 3"):
     weight_jobs.run_import(big, str(tmp_path / "w2"))
@@ -279,7 +248,7 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
 def test_uvit_config_mismatch_is_named_and_the_file_decides(sources, tmp_path, capsys):
   """A v1 file imported with a v0 config of another width and latent size: the weights are
   written for the file's model; the summary names each difference and prints its flags."""
-  cfg = _config(uvit=sources["paths"]["uvit"])
+  cfg = released.config(uvit=sources["paths"]["uvit"])
   cfg.model.update(version="v0", width=64, num_heads=8, mlp_dim=256, latent_size=16)
   done = weight_jobs.run_import(cfg, str(tmp_path))
   out = capsys.readouterr().out
@@ -328,7 +297,7 @@ def test_full_size_released_layout_fits_configs_laion():
 
 
 def test_uvit_for_another_latent_size_is_interpolated_on_request(sources, tmp_path):
-  cfg = _config(uvit=sources["paths"]["uvit"])
+  cfg = released.config(uvit=sources["paths"]["uvit"])
   cfg.model.latent_size = 12  # the file's is 8: a 4x4 patch grid becomes 6x6
   plain = weight_jobs.run_import(cfg, str(tmp_path / "plain"))
   assert plain["uvit"]["diffs"] == [("latent_size", 8, 12)]
@@ -337,8 +306,8 @@ def test_uvit_for_another_latent_size_is_interpolated_on_request(sources, tmp_pa
   done = weight_jobs.run_import(cfg, str(tmp_path))
   assert done["uvit"]["diffs"] == [] and done["uvit"]["model"]["latent_size"] == 12
   got = checkpoints.load_params(done["uvit"]["path"])
-  src, w = sources["uvit"]["pos_embed"], uvp.CFG["width"]
-  n_prefix = 3 + uvp.CFG["num_text_tokens"]  # times, text, clip_img
+  src, w = sources["uvit"]["pos_embed"], uvit_ref.CFG["width"]
+  n_prefix = 3 + uvit_ref.CFG["num_text_tokens"]  # times, text, clip_img
   grid = torch.from_numpy(src[:, n_prefix:]).reshape(1, 4, 4, w).permute(0, 3, 1, 2)
   want = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bilinear")
   want = want.permute(0, 2, 3, 1).reshape(1, 36, w).numpy()
@@ -356,13 +325,13 @@ def test_misshaped_and_missing_tensors_are_named(sources, tmp_path):
   del bad["out_blocks.0.norm1.bias"]
   save_file(bad, str(tmp_path / "bad.safetensors"))
   with pytest.raises(weight_jobs.WeightJobError) as e:
-    weight_jobs.run_import(_config(uvit=str(tmp_path / "bad.safetensors")), str(tmp_path))
+    weight_jobs.run_import(released.config(uvit=str(tmp_path / "bad.safetensors")), str(tmp_path))
   assert "'in_blocks.1.mlp.fc1.bias' has shape (127,)" in str(e.value)
   assert "missing tensor 'out_blocks.0.norm1.bias'" in str(e.value)
   cap = dict(sources["cap"])
   cap["module.decode_prefix.weight"] = cap["module.decode_prefix.weight"][:, :-1]
   with pytest.raises(weight_jobs.WeightJobError, match=r"module\.decode_prefix\.weight"):
-    weight_jobs.run_import(_config(captioner=_torch_save(cap, tmp_path / "c.pth")),
+    weight_jobs.run_import(released.config(captioner=released.torch_save(cap, tmp_path / "c.pth")),
                            str(tmp_path))
 
 
