@@ -13,6 +13,8 @@ from PIL import Image
 from data_pipelines import glyph_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test here runs the command line in a subprocess.
+pytestmark = pytest.mark.multiprocess
 
 
 def run_main(*args, timeout=900):

@@ -122,6 +122,7 @@ def varied_captions(n: int, seed: int = 0) -> list[str]:
 
 # ---------------------------------------------------------------- the directory
 
+@pytest.mark.multiprocess
 def test_import_writes_a_clip_tokenizer_directory(imported, open_clip_tok):
   workdir, stdout = imported
   tok_dir = os.path.join(workdir, "weights", "clip_tokenizer")
@@ -150,6 +151,7 @@ def test_import_writes_a_clip_tokenizer_directory(imported, open_clip_tok):
   assert tokenizers.clip_tokenizer(tok_dir).eos_token_id == EOT  # the CLIPTokenizer route too
 
 
+@pytest.mark.multiprocess
 def test_ids_equal_open_clip_on_varied_captions(imported, open_clip_tok):
   """600 captions through AutoTokenizer + transforms.tokenize (what the data pipeline and the
   sampler run) against open_clip.tokenize: the same ids, truncation keeping <|endoftext|>
@@ -174,6 +176,7 @@ def test_ids_equal_open_clip_on_varied_captions(imported, open_clip_tok):
   assert sum("&" in c for c in captions) >= 50 and sum(c.isupper() for c in captions) >= 100
 
 
+@pytest.mark.multiprocess
 def test_special_token_text(imported):
   """Text spelling a special token is that token (OpenAI CLIP's and transformers' reading, the
   released model's tokenizer; open_clip would spell it <end_of_text>)."""
@@ -276,6 +279,7 @@ def laion_shards(tmp_path_factory):
   return str(out), by_key
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_laion_extract_then_train_with_the_imported_tokenizer(imported, laion_shards,
                                                              open_clip_tok, tmp_path):

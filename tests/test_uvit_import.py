@@ -166,6 +166,7 @@ def test_the_reported_case_is_refused_or_right(latent):
   assert "--config.model.latent_size" not in msg  # nothing that only moves the error
 
 
+@pytest.mark.multiprocess
 def test_ambiguous_file_is_refused_by_the_cli_in_one_line(tmp_path):
   """configs/demo.py (12 text tokens, latent 8) meets a 77-token file of latent 8."""
   path = released.torch_save(_released(8, 77, "v1", 64), tmp_path / "uvit_v1.pth")

@@ -345,6 +345,7 @@ class _Evil:
     return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.multiprocess
 def test_pickled_payload_is_refused_in_one_line(tmp_path):
   marker = tmp_path / "pwned"
   path = tmp_path / "uvit_v1.pth"
