@@ -51,6 +51,9 @@ def _grads_and_loss(config, devices):
   return float(l), jax.device_get(g), jax.device_get(new_state.params), float(m["loss"]), new_state
 
 
+# Four compiles of the train step on 1 and 8 devices: 92 CPU-s on one core, a third of the
+# quick loop's budget; test_aot and the golden sharding tests cover layouts quickly.
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
   config = tiny_config()
   single = _grads_and_loss(config, jax.devices()[:1])
