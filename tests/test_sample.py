@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_pipelines import demo_data
 from tests.tiny import tiny_config
-from unidiffuser_jax import rng, sample, sharding, train
+from unidiffuser_jax import rng, sample, sharding, train, vocab
 from unidiffuser_jax.diffusion import modes
 
 
@@ -20,13 +20,8 @@ from unidiffuser_jax.diffusion import modes
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("sample")
   config = tiny_config()
-  tok_dir = demo_data.build_tokenizer(str(root / "tokenizer"))
-  from data_pipelines import transforms
-  tok = transforms.load_tokenizer(tok_dir)
-  config.data.tokenizer = tok_dir
-  config.encoders.clip_text.vocab_size = len(tok)
-  config.encoders.captioner.vocab_size = len(tok)
-  config.encoders.captioner.eos_id = tok.convert_tokens_to_ids("<|EOS|>")
+  config.data.tokenizer = demo_data.build_tokenizer(str(root / "tokenizer"))
+  vocab.derive(config)
   config.sample.update(steps=3, order=2, guidance_scale=3.0, max_caption_tokens=5, num_beams=2,
                        prompts=("a red circle on the left", "a blue square at the top",
                                 "a green triangle on the right"))
