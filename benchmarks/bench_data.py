@@ -120,9 +120,7 @@ def demo_config(quick: bool):
   """configs/demo.py; with quick, shrunk to 16x16 images and a depth-2 U-ViT."""
   from configs import demo  # pylint: disable=g-import-not-at-top
   c = demo.get_config()
-  c.data.demo = ""
-  c.captioner.train_first = False
-  c.sample.after_train = False
+  c.runbook = ""   # the U-ViT training job alone, on the shards data_wait builds
   if quick:
     c.data.update(resolution=16, clip_resolution=16, max_length=6, shuffle_buffer=16)
     c.encoders.clip_image.update(patch_size=8, width=32, mlp_dim=64, num_layers=1)
@@ -139,17 +137,14 @@ def data_wait(config, shard_dir, n_train, workers, steps, warmup, sync):
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import demo_data, sources  # pylint: disable=g-import-not-at-top
   from unidiffuser_jax import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
-  from unidiffuser_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from unidiffuser_jax import sharding, train, vocab  # pylint: disable=g-import-not-at-top
 
   paths = demo_data.build_demo(shard_dir, n_train=n_train, n_heldout=2,
                                size=config.data.resolution, seed=0,
                                shard_size=max(1, n_train // 8))
   config.data.shards = ','.join(paths['train_shards'])
   config.data.tokenizer = paths['tokenizer']
-  tok = transforms.load_tokenizer(config.data.tokenizer)  # as jobs.py sets up the demo
-  config.encoders.clip_text.vocab_size = len(tok)
-  config.encoders.captioner.vocab_size = len(tok)
-  config.encoders.captioner.eos_id = tok.convert_tokens_to_ids('<|EOS|>')
+  vocab.derive(config)  # as jobs.py does before every job
 
   mesh = sharding.make_mesh(config.mesh)
   train.check_config(config, config.train, mesh)

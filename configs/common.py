@@ -35,7 +35,7 @@ def train(**overrides) -> mc.ConfigDict:
       loss_weight="eps",  # "eps" (paper) or "v": per-timestep loss weight (objective.py)
       min_snr_gamma=0.0,  # loss weight min(SNR, gamma) / SNR per part (objective.py); paper: 0
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
-      eval_every=0,  # steps between periodic evaluations (the demo's judge); 0 = none
+      eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
   ))
   cfg.update(overrides)

@@ -17,8 +17,9 @@ What it does, with no network and no pretrained weights:
 
 The image "autoencoder" is a parameter-free space-to-depth map (models/pixel_ae.py) that
 stands where the Stable Diffusion VAE stands in configs/laion.py; the encoders are the real
-CLIP/GPT-2 modules at tiny sizes. Re-running the command resumes. Your own images: the same
-config with --config.data.demo= --config.data.shards=... --config.data.tokenizer=... (README).
+CLIP/GPT-2 modules at tiny sizes. The stages are chained by the demo runbook
+(unidiffuser_jax/demo.py, config.runbook); re-running the command resumes. Your own images: the
+same config with --config.demo.set= --config.data.shards=... --config.data.tokenizer=... (README).
 
 The recipe (each option is off in configs/laion.py, which keeps the paper's; what each bought
 is in docs/SMALL_DATA.md):
@@ -40,15 +41,20 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   """arg: the generated set ('shapes' when empty, 'glyphs')."""
   c = mc.ConfigDict()
   c.seed = 0
+  # --mode=train runs the demo runbook (unidiffuser_jax/demo.py): make data -> caption decoder
+  # -> U-ViT -> sample -> judge; --config.runbook= trains the U-ViT alone.
+  c.runbook = "demo"
+  c.demo = mc.ConfigDict(dict(
+      set=arg or "shapes",   # generated set, built under <workdir>/demo_data (demo_sets.py);
+                             # "" = your own config.data.shards and config.data.tokenizer
+      n_train=2048, n_heldout=64,
+  ))
   c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # 0: all devices present
   c.sharding = common.sharding()
 
   c.data = mc.ConfigDict(dict(
       source="shards",
-      demo=arg or "shapes",      # generated set built under <workdir>/demo_data (demo_sets.py);
-                                 # "" = your own shards and tokenizer
-      demo_train=2048, demo_heldout=64,
-      shards="", features="", tokenizer="", heldout="",   # filled in by the demo builder
+      shards="", features="", tokenizer="",   # "": the demo runbook's generated set
       resolution=16, clip_resolution=16, max_length=12, data_type=1,
       shuffle_buffer=512, interleave_cycle=4, num_workers=0, prefetch=2,
       min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0, min_aesthetic=0.0,
@@ -65,10 +71,11 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       fit_latent_stats=1024,  # examples measured at the start of a run; 0 = the fixed values
       clip_image=dict(image_size=c.data.get_ref("clip_resolution"), patch_size=8, width=64,
                       num_layers=2, num_heads=4, mlp_dim=128, proj_dim=32),
-      clip_text=dict(vocab_size=64, width=64, num_layers=2, num_heads=4, mlp_dim=128,
+      # Vocabulary sizes and the caption decoder's <|EOS|> id: from the tokenizers (vocab.py).
+      clip_text=dict(width=64, num_layers=2, num_heads=4, mlp_dim=128,
                      max_positions=c.data.get_ref("max_length")),
-      captioner=dict(prefix_inner_dim=64, prefix_hidden_dim=16, vocab_size=64, n_positions=64,
-                     n_embd=64, n_layer=2, n_head=4, eos_id=63),
+      captioner=dict(prefix_inner_dim=64, prefix_hidden_dim=16, n_positions=64,
+                     n_embd=64, n_layer=2, n_head=4),
       # Per-part weights: an orbax params dir; "" = random init from the seed
       # (the demo's frozen random encoders). The captioner comes from stage 1.
       weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
@@ -89,11 +96,10 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
                          ema_decay=0.99, log_every=100, checkpoint_every=500, eval_every=1000,
                          clean_prob=0.5, min_snr_gamma=5.0)
 
-  # Stage 1 (caption decoder), run first by the demo's train job.
+  # Stage 1 (caption decoder), run first by the demo runbook.
   c.captioner = mc.ConfigDict(dict(
       tokenizer="",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
       max_caption_tokens=12,
-      train_first=True,
       train=common.train(steps=250, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0,
                          betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=250),
   ))
@@ -107,8 +113,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # hidden states) for training with --config.data.source=features. batch_size 0: train's.
   c.extract = mc.ConfigDict(dict(text="tokens", shard_size=10000, batch_size=0))
 
+  # The runbook ends by sampling the first `num` held-out prompts (t2i) and images (i2t)
+  # and judging them; eval_num of them are judged every train.eval_every steps.
   c.sample = mc.ConfigDict(dict(
-      after_train=True,          # the demo ends by sampling and judging
       tasks=("t2i", "i2t"), num=64, batch_size=32, eval_num=32,
       steps=20, order=3, method="fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,

@@ -38,11 +38,12 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   version = arg or "v1"
   c = mc.ConfigDict()
   c.seed = 0
+  c.runbook = ""  # --mode=train is the U-ViT training job alone
   c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # 0: all devices present
   c.sharding = common.sharding()
 
   c.data = mc.ConfigDict(dict(
-      source="shards", demo=False, demo_train=0, demo_heldout=0,
+      source="shards",
       # tokenizer: a CLIP tokenizer dir (e.g. DIR/weights/clip_tokenizer from --mode=import) or
       # a hub id in the local cache; see the docstring.
       shards="", features="", tokenizer="openai/clip-vit-large-patch14",
@@ -58,8 +59,10 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
                        layers_per_block=2, latent_channels=4, norm_num_groups=32),
       clip_image=dict(image_size=224, patch_size=32, width=768, num_layers=12, num_heads=12, mlp_dim=3072,
                       proj_dim=512),
-      clip_text=dict(vocab_size=49408, width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77),
-      captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, vocab_size=50258, n_positions=1024,
+      # Vocabulary sizes and the caption decoder's <|EOS|> id: from data.tokenizer (CLIP's, 49408)
+      # and captioner.tokenizer (GPT-2's + <|EOS|>, 50258; id 50257) (vocab.py).
+      clip_text=dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77),
+      captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, n_positions=1024,
                      n_embd=768, n_layer=12, n_head=12),
       text_scale=1.0,  # the released model feeds encode_prefix's output as it is
       fit_latent_stats=0,  # published constants (0.18215, text as it is), not fitted
@@ -83,7 +86,6 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.captioner = mc.ConfigDict(dict(
       tokenizer="gpt2",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
       max_caption_tokens=77,
-      train_first=False,
       train=common.train(steps=100_000, batch_size=768, lr=2e-5, warmup_steps=1000,
                          weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0),
   ))
@@ -100,7 +102,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # Sampler: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform (methods in
   # unidiffuser_jax/diffusion/solvers.py).
   c.sample = mc.ConfigDict(dict(
-      after_train=False, tasks=("t2i",), num=4, batch_size=4, eval_num=4,
+      tasks=("t2i",), num=4, batch_size=4, eval_num=4,
       steps=50, order=3, method="fast", skip_type="time_uniform",
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",

@@ -69,9 +69,9 @@ def test_bad_config_stops_with_one_clear_line(args, expect):
 def test_demo_command_leaves_checkpoint_and_events(tmp_path):
   workdir = tmp_path / "w"
   res = run_main("--config=configs/demo.py", f"--workdir={workdir}", "--config.train.steps=20",
-                 # keep the test short: a small demo set, a few caption-decoder steps, no sampling
-                 "--config.data.demo_train=256", "--config.data.demo_heldout=8",
-                 "--config.captioner.train.steps=4", "--config.sample.after_train=False",
+                 # keep the test short: a small demo set, a few caption-decoder steps
+                 "--config.demo.n_train=256", "--config.demo.n_heldout=8",
+                 "--config.captioner.train.steps=4",
                  "--config.train.log_every=10", "--config.train.eval_every=10",
                  "--config.sample.eval_num=8", "--config.encoders.fit_latent_stats=64",
                  "--config.sample.steps=2", "--config.sample.num_beams=2",
@@ -86,6 +86,16 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
   curve = json.load(open(workdir / "samples" / "curve.json"))   # the learning curve
   assert [c["step"] for c in curve] == [10, 20] and "judge/t2i_colour" in curve[0]
   assert os.path.isfile(workdir / "samples" / "curve.png")
+  # The runbook ends by sampling the 8 held-out inputs and judging them.
+  assert len(glob.glob(str(workdir / "samples" / "t2i" / "0*.png"))) == 8
+  scores = json.load(open(workdir / "samples" / "i2t" / "scores.json"))
+  assert scores["n"] == 8 and 0.0 <= scores["colour"] <= 1.0, scores
+  recs = [json.loads(line) for line in open(workdir / "samples" / "i2t" / "captions.jsonl")]
+  assert len(recs) == 8 and all(r["image"].endswith(".png") for r in recs), recs[:2]
+  assert "t2i judge: colour" in res.stdout
+  # The paths the stages filled in, for a later --mode=sample.
+  assert (f"--config.encoders.weights.captioner={workdir / 'captioner'}"
+          in (workdir / "demo.flags").read_text().split())
 
 
 @pytest.mark.slow
@@ -113,7 +123,7 @@ def test_own_images_recipe_as_readme_documents_it(tmp_path):
   res = py("data_pipelines.make_tokenizer", "--shards", str(tmp_path / "my_shards"), "--out",
            str(tmp_path / "my_tokenizer"))
   assert res.returncode == 0, res.stderr[-2000:]
-  data = ["--config.data.demo=", f"--config.data.shards={tmp_path / 'my_shards'}",
+  data = ["--config.demo.set=", f"--config.data.shards={tmp_path / 'my_shards'}",
           f"--config.data.tokenizer={tmp_path / 'my_tokenizer'}"]
   tiny = ["--config.model.width=32", "--config.model.depth=2", "--config.model.mlp_dim=64",
           "--config.encoders.fit_latent_stats=64", "--config.sample.steps=2",
@@ -125,7 +135,8 @@ def test_own_images_recipe_as_readme_documents_it(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   assert "skipping the final sampling" in res.stdout
   assert os.path.isfile(workdir / "latent_stats.json")
-  res = run_main("--config=configs/demo.py", f"--workdir={workdir}", "--mode=sample", *data, *tiny,
+  res = run_main("--config=configs/demo.py", f"--workdir={workdir}", "--mode=sample",
+                 f"--flagfile={workdir / 'demo.flags'}", *tiny,
                  f"--config.sample.prompt_file={tmp_path / 'prompts.txt'}",
                  f"--config.sample.images=('{tmp_path / 'held_out'}',)")
   assert res.returncode == 0, res.stderr[-3000:]

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from configs import laion
-from data_pipelines import make_shards, pipeline, transforms
+from data_pipelines import demo_data, make_shards, pipeline, transforms
 from unidiffuser_jax import tokenizers, weight_jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,7 +286,10 @@ def test_laion_extract_then_train_with_the_imported_tokenizer(imported, laion_sh
   workdir = imported[0]
   tok_dir = os.path.join(workdir, "weights", "clip_tokenizer")
   shards, by_key = laion_shards
-  flags = _tiny_laion_flags(tok_dir, shards)
+  # No GPT-2 tokenizer offline: the caption decoder's vocabulary and <|EOS|> come from a
+  # word-level tokenizer (every job reads them from the tokenizers, unidiffuser_jax/vocab.py).
+  cap_tok = demo_data.build_tokenizer(str(tmp_path / "caption_tokenizer"))
+  flags = _tiny_laion_flags(tok_dir, shards) + [f"--config.captioner.tokenizer={cap_tok}"]
 
   # --mode=extract: every record's token ids are open_clip's for the pipeline's caption.
   res = run_main(*flags, "--mode=extract", f"--workdir={tmp_path / 'extract'}")

@@ -6,29 +6,26 @@ import os
 import numpy as np
 
 from configs import demo
-from data_pipelines import demo_data, transforms
-from unidiffuser_jax import train
+from data_pipelines import demo_data
+from unidiffuser_jax import train, vocab
 
 
 def tiny_demo_config(paths):
   """configs/demo.py shrunk: 16x16 images, one-layer encoders, a depth-2 U-ViT."""
   c = demo.get_config()
-  c.data.update(demo="", source="shards", resolution=16, clip_resolution=16, max_length=6,
+  c.data.update(source="shards", resolution=16, clip_resolution=16, max_length=6,
                 shuffle_buffer=8, interleave_cycle=2, prefetch=1)
   c.data.shards = ",".join(paths["train_shards"])
   c.data.tokenizer = paths["tokenizer"]
-  vocab = len(transforms.load_tokenizer(c.data.tokenizer))
   c.encoders.clip_image.update(patch_size=8, width=32, mlp_dim=64, num_layers=1)
-  c.encoders.clip_text.update(width=32, mlp_dim=64, num_layers=1, vocab_size=vocab)
+  c.encoders.clip_text.update(width=32, mlp_dim=64, num_layers=1)
   c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32, n_layer=1,
-                              n_positions=16, vocab_size=vocab, eos_id=vocab - 1)
+                              n_positions=16)
   c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
   c.encoders.fit_latent_stats = 16   # the demo measures its latent scale: 2 batches here
   c.mesh.num_devices = 2     # sharded (fsdp=2), cheaper to compile than all 8
   c.train.update(steps=4, batch_size=8, warmup_steps=1, lr=1e-3, log_every=1, checkpoint_every=2)
-  c.captioner.train_first = False
-  c.sample.after_train = False
-  return c
+  return vocab.derive(c)   # vocabulary and <|EOS|> from the generated set's tokenizer
 
 
 def test_demo_config_trains_from_generated_shards(tmp_path):

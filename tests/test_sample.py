@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_pipelines import demo_data
 from tests.tiny import tiny_config
-from unidiffuser_jax import rng, sample, sharding, train
+from unidiffuser_jax import rng, sample, sharding, train, vocab
 from unidiffuser_jax.diffusion import modes
 
 
@@ -20,13 +20,8 @@ from unidiffuser_jax.diffusion import modes
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("sample")
   config = tiny_config()
-  tok_dir = demo_data.build_tokenizer(str(root / "tokenizer"))
-  from data_pipelines import transforms
-  tok = transforms.load_tokenizer(tok_dir)
-  config.data.tokenizer = tok_dir
-  config.encoders.clip_text.vocab_size = len(tok)
-  config.encoders.captioner.vocab_size = len(tok)
-  config.encoders.captioner.eos_id = tok.convert_tokens_to_ids("<|EOS|>")
+  config.data.tokenizer = demo_data.build_tokenizer(str(root / "tokenizer"))
+  vocab.derive(config)
   config.sample.update(steps=3, order=2, guidance_scale=3.0, max_caption_tokens=5, num_beams=2,
                        prompts=("a red circle on the left", "a blue square at the top",
                                 "a green triangle on the right"))
@@ -97,3 +92,56 @@ def test_bad_solver_settings_fail_before_loading(setup, tmp_path):
   config.sample.checkpoint = str(tmp_path / "missing")  # never reached
   with pytest.raises(sharding.ConfigError, match="config.sample: unknown method"):
     sample.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("task", list(sample.TASKS))
+def test_each_task_makes_what_it_declares(setup, task):
+  """The table's inputs feed the program, and its outputs are what the program returns."""
+  config, model, params, _ = setup
+  s = config.sample
+  shapes = modes.LatentShapes(z=(model.latent_size,) * 2 + (model.latent_channels,),
+                              clip=(1, model.clip_img_dim),
+                              text=(model.num_text_tokens, model.text_dim))
+  from unidiffuser_jax import encoders as encoders_lib
+  encoders = encoders_lib.build(config.encoders)
+  spec = sample.TASKS[task]
+  b, f32 = 2, jnp.float32
+  inputs = {}
+  if "prompts" in spec.inputs:
+    inputs["text"] = jax.ShapeDtypeStruct((b,) + shapes.text, f32)
+  for sfx in ([""] if "images" in spec.inputs else ["", "2"] if "image_pairs" in spec.inputs
+              else []):
+    inputs["z" + sfx] = jax.ShapeDtypeStruct((b,) + shapes.z, f32)
+    inputs["clip" + sfx] = jax.ShapeDtypeStruct((b,) + shapes.clip, f32)
+  enc_params = jax.eval_shape(lambda: {p: encoders._init_part(p, jax.random.key(0))
+                                       for p in ("autoencoder", "captioner")})
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+  out = jax.eval_shape(sample.mode_program(task, model, encoders, s, shapes), params,
+                       nn.unbox(enc_params), inputs, keys)
+  assert ("pixels" in out) == ("image" in spec.outputs), sorted(out)
+  assert ("tokens" in out) == ("caption" in spec.outputs), sorted(out)
+  assert all(v.shape[0] == b for v in jax.tree.leaves(out))
+
+
+def test_task_inputs_name_their_files_and_state_the_cap(setup, capsys):
+  config, _, _, _ = setup
+  inputs = {"prompts": ["a", "b"], "images": ["x/p.png", "x/q.png", "x/r.png"]}
+  host, n = sample.task_inputs("i2t", inputs, config)
+  assert n == 3 and host["image_names"] == ["p.png", "q.png", "r.png"] and "prompts" not in host
+  host, n = sample.task_inputs("interpolate", inputs, config)
+  assert n == 1 and host["image_names"] == ["p.png"] and host["image2_names"] == ["q.png"]
+  assert "r.png" in capsys.readouterr().out   # the left-out image is named, not dropped silently
+  host, n = sample.task_inputs("joint", inputs, config)
+  assert host == {} and n == config.sample.num
+  host, _ = sample.task_inputs("i2t", {"images": [b"..."], "image_names": ["k.png"]}, config)
+  assert host["image_names"] == ["k.png"]
+
+
+def test_sample_imports_no_judge():
+  """Scoring is the caller's: the sampler knows no demo set or judge."""
+  import ast
+  tree = ast.parse(open(sample.__file__).read())
+  names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+            for a in n.names]
+  assert not [m for m in names if "demo" in m or "judge" in m], names

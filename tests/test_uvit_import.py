@@ -20,11 +20,11 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from data_pipelines import demo_data, transforms
+from data_pipelines import demo_data
 from tests.refs import released
 from tests.refs import uvit as uvit_ref
 from tests.tiny import tiny_config
-from unidiffuser_jax import sample, train, weight_jobs
+from unidiffuser_jax import sample, train, vocab, weight_jobs
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.tensors import load_metadata, load_tensors
 
@@ -246,12 +246,8 @@ def test_printed_flags_sample_and_export_to_strict_diffusers(latent, text, versi
 
   # With them, as printed: sample (t2i, 2 solver steps) ...
   config = _parse(printed)
-  tok_dir = demo_data.build_tokenizer(str(tmp_path / "tokenizer"))
-  tok = transforms.load_tokenizer(tok_dir)
-  config.data.tokenizer = tok_dir
-  config.encoders.clip_text.vocab_size = len(tok)
-  config.encoders.captioner.vocab_size = len(tok)
-  config.encoders.captioner.eos_id = tok.convert_tokens_to_ids("<|EOS|>")
+  config.data.tokenizer = demo_data.build_tokenizer(str(tmp_path / "tokenizer"))
+  vocab.derive(config)
   if text == 77:  # tiny's caption decoder has 16 positions: the import said so (a note)
     assert "captioner.n_positions 16 is too short" in " ".join(done["uvit"]["notes"])
     config.encoders.captioner.n_positions = 96

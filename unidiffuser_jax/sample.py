@@ -1,15 +1,22 @@
 """`--mode=sample`: every UniDiffuser generation mode as one compiled program, over the mesh.
 
-For each task in config.sample.tasks:
+The modes are a table (TASKS): each declares once the host inputs it reads and the outputs
+it makes. For each task in config.sample.tasks:
   inputs (prompts and/or images) -> encoders -> one jitted program (the mode's
-  DPM-Solver lax.scan + decoding) per fixed-size batch -> PNGs, grid.png,
-  captions.jsonl under <workdir>/samples/<task>/.
+  DPM-Solver lax.scan + decoding) per fixed-size batch -> records (generate)
+  -> PNGs, grid.png, captions.jsonl under <workdir>/samples/<task>/ (write_outputs).
 
-Sample i of a task always uses the key rng.key_for(seed, i, 'sample/<task>'),
-and the mode runs vmapped over samples, so a sample does not depend on which
-batch it lands in or how many devices share the work. Batches are padded to
-config.sample.batch_size, so each task compiles exactly once.
+Every input gets its output: a task with inputs makes one sample per prompt or image (the
+only cap is stated: interpolate pairs images 2i and 2i+1 and says when an odd last one is
+left out); a task without inputs makes config.sample.num. Sample i of a task always uses
+the key rng.key_for(seed, i, 'sample/<task>'), and the mode runs vmapped over samples, so a
+sample does not depend on which batch it lands in or how many devices share the work.
+Batches are padded to config.sample.batch_size, so each task compiles exactly once.
+Scoring samples is the caller's (Evaluator takes a score function; the demo's judge lives in
+unidiffuser_jax/demo.py).
 """
+from collections.abc import Callable
+import dataclasses
 import functools
 import json
 import logging
@@ -33,10 +40,83 @@ from unidiffuser_jax.models import captioner as captioner_lib
 
 log = logging.getLogger(__name__)
 
-TASKS = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t", "gibbs", "interpolate")
-_NEEDS_PROMPTS = ("t2i", "t2i2t")
-_NEEDS_IMAGES = ("i2t", "i2t2i", "gibbs", "interpolate")
-# interpolate: sample i goes from input image 2i to image 2i+1 in config.sample.interp_points.
+
+# ---------------------------------------------------------------- the table of tasks
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A generation mode: what it reads, what it makes, and its body for one sample.
+
+  inputs: host inputs, each of "prompts" (-> text latent 'text'), "images" (-> 'z', 'clip')
+    and "image_pairs" (images 2i and 2i+1 -> 'z', 'clip', 'z2', 'clip2').
+  outputs: "image" (latents 'z' -> pixels -> PNGs) and/or "caption" (text latents 'text'
+    -> beam search -> captions.jsonl).
+  body(nnet, x, key, s, kw) -> {'z'?, 'text'?} for one sample; x holds the inputs with a
+    leading batch axis of 1, s is config.sample, kw the solver settings.
+  """
+  inputs: tuple[str, ...]
+  outputs: tuple[str, ...]
+  body: Callable
+
+
+def _t2i(nnet, x, key, s, kw):
+  z, _ = modes.t2i(nnet, x["text"], key, guidance_scale=float(s.guidance_scale),
+                   uncond_text=x.get("uncond_text"), **kw)
+  return {"z": z[0]}
+
+
+def _i2t(nnet, x, key, s, kw):
+  return {"text": modes.i2t(nnet, x["z"], x["clip"], key, guidance_scale=float(s.guidance_scale),
+                            **kw)[0]}
+
+
+def _joint(nnet, x, key, s, kw):
+  z, _, text = modes.joint(nnet, key, batch_size=1, guidance_scale=float(s.guidance_scale), **kw)
+  return {"z": z[0], "text": text[0]}
+
+
+def _image_only(nnet, x, key, s, kw):
+  return {"z": modes.image_only(nnet, key, batch_size=1, **kw)[0][0]}
+
+
+def _text_only(nnet, x, key, s, kw):
+  return {"text": modes.text_only(nnet, key, batch_size=1, **kw)[0]}
+
+
+def _i2t2i(nnet, x, key, s, kw):
+  text, z, _ = modes.i2t2i(nnet, x["z"], x["clip"], key, guidance_scale=float(s.guidance_scale),
+                           **kw)
+  return {"text": text[0], "z": z[0]}
+
+
+def _t2i2t(nnet, x, key, s, kw):
+  z, _, text = modes.t2i2t(nnet, x["text"], key, guidance_scale=float(s.guidance_scale), **kw)
+  return {"z": z[0], "text": text[0]}
+
+
+def _gibbs(nnet, x, key, s, kw):
+  texts, zs, _ = modes.gibbs(nnet, x["z"], x["clip"], key, rounds=int(s.gibbs_rounds),
+                             guidance_scale=float(s.guidance_scale), **kw)
+  return {"text": texts[:, 0], "z": zs[:, 0]}   # one per round
+
+
+def _interpolate(nnet, x, key, s, kw):
+  zs, _, _ = modes.interpolate(nnet, x["z"], x["clip"], x["z2"], x["clip2"], key,
+                               num=int(s.interp_points), **kw)
+  return {"z": zs[:, 0]}   # one per point
+
+
+TASKS = {
+    "t2i": Task(("prompts",), ("image",), _t2i),
+    "i2t": Task(("images",), ("caption",), _i2t),
+    "joint": Task((), ("image", "caption"), _joint),
+    "i": Task((), ("image",), _image_only),
+    "t": Task((), ("caption",), _text_only),
+    "i2t2i": Task(("images",), ("caption", "image"), _i2t2i),
+    "t2i2t": Task(("prompts",), ("image", "caption"), _t2i2t),
+    "gibbs": Task(("images",), ("caption", "image"), _gibbs),
+    "interpolate": Task(("image_pairs",), ("image",), _interpolate),
+}
 
 
 # ---------------------------------------------------------------- the programs
@@ -48,44 +128,13 @@ def _solver_kw(s, shapes):
 
 def mode_program(task: str, model, encoders, s, shapes):
   """(params, enc_params, inputs, keys) -> outputs for one batch; vmapped over samples."""
-  kw = _solver_kw(s, shapes)
-  g = float(s.guidance_scale)
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; choose from {tuple(TASKS)}")
+  body, kw = TASKS[task].body, _solver_kw(s, shapes)
 
   def per_sample(params, inputs, key):
     nnet = functools.partial(model.apply, {"params": params})
-    one = lambda x: x[None]
-    if task == "t2i":
-      z, clip = modes.t2i(nnet, one(inputs["text"]), key, guidance_scale=g,
-                          uncond_text=inputs.get("uncond_text"), **kw)
-      return {"z": z[0]}
-    if task == "i2t":
-      return {"text": modes.i2t(nnet, one(inputs["z"]), one(inputs["clip"]), key,
-                                guidance_scale=g, **kw)[0]}
-    if task == "joint":
-      z, clip, text = modes.joint(nnet, key, batch_size=1, guidance_scale=g, **kw)
-      return {"z": z[0], "text": text[0]}
-    if task == "i":
-      z, clip = modes.image_only(nnet, key, batch_size=1, **kw)
-      return {"z": z[0]}
-    if task == "t":
-      return {"text": modes.text_only(nnet, key, batch_size=1, **kw)[0]}
-    if task == "i2t2i":
-      text, z, clip = modes.i2t2i(nnet, one(inputs["z"]), one(inputs["clip"]), key,
-                                  guidance_scale=g, **kw)
-      return {"text": text[0], "z": z[0]}
-    if task == "t2i2t":
-      z, clip, text = modes.t2i2t(nnet, one(inputs["text"]), key, guidance_scale=g, **kw)
-      return {"z": z[0], "text": text[0]}
-    if task == "gibbs":
-      texts, zs, clips = modes.gibbs(nnet, one(inputs["z"]), one(inputs["clip"]), key,
-                                     rounds=int(s.gibbs_rounds), guidance_scale=g, **kw)
-      return {"text": texts[:, 0], "z": zs[:, 0]}
-    if task == "interpolate":
-      zs, clips, texts = modes.interpolate(
-          nnet, one(inputs["z"]), one(inputs["clip"]), one(inputs["z2"]), one(inputs["clip2"]),
-          key, num=int(s.interp_points), **{k: v for k, v in kw.items()})
-      return {"z": zs[:, 0]}
-    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    return body(nnet, {k: v[None] for k, v in inputs.items()}, key, s, kw)
 
   def program(params, enc_params, inputs, keys):
     out = jax.vmap(per_sample, in_axes=(None, 0, 0))(params, inputs, keys)
@@ -117,47 +166,15 @@ def _load_image(path_or_bytes, resolution: int, clip_resolution: int):
   return transforms.image_to_array(img, resolution), transforms.clip_image(img, clip_resolution)
 
 
-def _demo_heldout(config, n: int):
-  """The demo's held-out records: (captions, image bytes, attributes)."""
-  from data_pipelines import demo_sets, shards
-  demo = demo_sets.get(config.data.demo)
-  caps, imgs, attrs = [], [], []
-  for path in config.data.heldout.split(","):
-    for e in shards.iter_entries(path):
-      if "files" not in e:
-        continue
-      img_ext = next(x for x in shards.IMAGE_EXTS if x in e["files"])
-      caps.append(e["files"]["txt"].decode())
-      imgs.append(e["files"][img_ext])
-      attrs.append(demo.parse_caption(caps[-1]))
-      if len(caps) == n:
-        return caps, imgs, attrs
-  return caps, imgs, attrs
-
-
-def gather_inputs(task: str, config):
-  """Host inputs for a task: {'prompts': [...]} and/or {'images': [...]} plus truth for the demo."""
+def config_inputs(config) -> dict:
+  """The inputs config.sample names: {'prompts': [...], 'images': [...]} (sample.prompts and
+  the lines of sample.prompt_file; sample.images, a folder standing for the images in it)."""
   s = config.sample
-  out = {}
   prompts = list(s.prompts)
   if s.prompt_file:
     with open(s.prompt_file) as f:
       prompts += [line.strip() for line in f if line.strip()]
-  images = _expand_images(s.images)
-  if config.data.get("demo") and not prompts and not images:
-    caps, imgs, attrs = _demo_heldout(config, int(s.num))
-    prompts, images, out["truth"] = caps, imgs, attrs
-  if task in _NEEDS_PROMPTS:
-    if not prompts:
-      raise ValueError(f"task {task} needs prompts: --config.sample.prompts='(\"a cat\",)' "
-                       f"or --config.sample.prompt_file=FILE")
-    out["prompts"] = prompts
-  if task in _NEEDS_IMAGES:
-    if not images:
-      raise ValueError(f"task {task} needs input images: --config.sample.images='(\"a.png\",)' "
-                       f"(files or folders)")
-    out["images"] = images
-  return out
+  return {"prompts": prompts, "images": _expand_images(s.images)}
 
 
 def _expand_images(items) -> list:
@@ -176,30 +193,41 @@ def _expand_images(items) -> list:
   return out
 
 
-# ---------------------------------------------------------------- the job
+def task_inputs(task: str, inputs: dict, config) -> tuple[dict, int]:
+  """What `task` reads of `inputs` ({'prompts', 'images' (paths or bytes), 'image_names'?})
+  -> (host inputs, number of samples): one per input, config.sample.num without inputs."""
+  if task not in TASKS:
+    raise ValueError(f"config.sample.tasks: unknown task {task!r}; choose from {tuple(TASKS)}")
+  needs = TASKS[task].inputs
+  host = {}
+  if "prompts" in needs:
+    if not inputs.get("prompts"):
+      raise ValueError(f"task {task} needs prompts: --config.sample.prompts='(\"a cat\",)' "
+                       f"or --config.sample.prompt_file=FILE")
+    host["prompts"] = list(inputs["prompts"])
+  if "images" in needs or "image_pairs" in needs:
+    images = list(inputs.get("images") or [])
+    if not images:
+      raise ValueError(f"task {task} needs input images: --config.sample.images='(\"a.png\",)' "
+                       f"(files or folders)")
+    names = list(inputs.get("image_names") or
+                 [os.path.basename(i) if isinstance(i, str) else None for i in images])
+    if "image_pairs" in needs:
+      if len(images) % 2:
+        print(f"{task}: pairs images 2i and 2i+1; the last of {len(images)} images "
+              f"({names[-1]}) has no partner and is left out", flush=True)
+      host["images2"], host["image2_names"] = images[1::2], names[1::2]
+      images, names = images[0::2][:len(host["images2"])], names[0::2][:len(host["images2"])]
+    host["images"], host["image_names"] = images, names
+  n = len(host.get("prompts", host.get("images", []))) or int(config.sample.num)
+  return host, n
+
+
+# ---------------------------------------------------------------- the compiled computation
 
 def load_uvit_params(config, workdir: str):
   path = config.sample.get("checkpoint", "") or workdir
   return checkpoints.load_params(path)
-
-
-def run(config, workdir: str) -> dict:
-  """Runs every task in config.sample.tasks; returns {task: scores or output dir}."""
-  s = config.sample
-  try:  # fail on bad solver settings before loading anything
-    solvers.check_args(int(s.steps), int(s.order), s.method, s.skip_type)
-  except ValueError as e:
-    raise sharding.ConfigError(f"config.sample: {e}") from None
-  for task in s.tasks:  # fail on missing prompts/images before loading anything
-    if task not in TASKS:
-      raise ValueError(f"config.sample.tasks: unknown task {task!r}; choose from {TASKS}")
-    gather_inputs(task, config)
-  ctx = _setup(config, workdir)
-  params = jax.device_put(load_uvit_params(config, workdir), ctx["replicated"])
-  results = {}
-  for task in s.tasks:
-    results[task] = _run_task(task, config, workdir, params=params, **_ctx_args(ctx))
-  return results
 
 
 def _setup(config, workdir: str) -> dict:
@@ -230,69 +258,6 @@ def _ctx_args(ctx: dict) -> dict:
                               "cap_tokenizer", "shapes")}
 
 
-class Evaluator:
-  """Judges a training run every config.train.eval_every steps (the learning curve).
-
-  Samples each task of config.sample.tasks that has a judge (t2i, i2t) on the first
-  config.sample.eval_num held-out inputs with the current EMA weights, through the
-  same compiled programs as the final sampling; returns {'judge/<task>_<attr>': acc}
-  for TensorBoard and keeps <workdir>/samples/curve.json and curve.png up to date.
-  """
-
-  def __init__(self, config, workdir: str):
-    self._config, self._workdir, self._ctx = config, workdir, None
-    self._curve_path = os.path.join(workdir, "samples", "curve.json")
-    self._curve = []
-    if os.path.exists(self._curve_path):   # a resumed run continues its curve
-      with open(self._curve_path) as f:
-        self._curve = json.load(f)
-
-  def __call__(self, step: int, state) -> dict:
-    if self._ctx is None:
-      self._ctx = _setup(self._config, self._workdir)
-    params = jax.device_put(state.ema_params, self._ctx["replicated"])
-    num = int(self._config.sample.eval_num)
-    scalars = {}
-    for task in self._config.sample.tasks:
-      if task not in ("t2i", "i2t"):
-        continue
-      host, n = _task_inputs(task, self._config)
-      n = min(n, num)
-      recs = generate(task, host, n, self._config, params=params, progress=False,
-                      **_ctx_args(self._ctx))
-      scores = _judge(task, self._config, host, [r["pixels"] for r in recs if "pixels" in r],
-                      [r for r in recs if "caption" in r], n)
-      scalars.update({f"judge/{task}_{a}": float(v) for a, v in scores.items()
-                      if isinstance(v, (int, float)) and a != "n"})
-    self._curve = [c for c in self._curve if c["step"] < step] + [dict(step=step, **scalars)]
-    os.makedirs(os.path.dirname(self._curve_path), exist_ok=True)
-    with open(self._curve_path, "w") as f:
-      json.dump(self._curve, f, indent=1)
-    plot_curve(self._curve, os.path.join(os.path.dirname(self._curve_path), "curve.png"))
-    return scalars
-
-
-def plot_curve(curve: list[dict], path: str) -> None:
-  """Judge accuracy vs training step, one panel per task (PNG)."""
-  tasks = sorted({k.split("/")[1].split("_")[0] for c in curve for k in c if k.startswith("judge/")})
-  if not tasks:
-    return
-  fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.2), squeeze=False)
-  steps = [c["step"] for c in curve]
-  for ax, task in zip(axes[0], tasks):
-    attrs = sorted({k.split("_", 1)[1] for c in curve for k in c if k.startswith(f"judge/{task}_")})
-    for a in attrs:
-      ax.plot(steps, [c.get(f"judge/{task}_{a}", np.nan) for c in curve], marker="o", ms=3, label=a)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("step")
-    ax.set_title(f"{task}: judge accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-
-
 _COMPILED: dict = {}
 
 
@@ -313,7 +278,8 @@ def _compiled(task, config, model, encoders, shapes):
 
 def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params, tokenizer,
              cap_tokenizer, shapes, progress: bool = True):
-  """Samples n outputs of `task` for the host inputs -> [{index, pixels?, caption?, prompt?}]."""
+  """Samples n outputs of `task` for the host inputs (task_inputs) -> one record per sample:
+  {index, prompt?, image?, image2? (input file names), pixels?, caption?}. Writes nothing."""
   from data_pipelines import transforms
   s = config.sample
   bsz = int(s.batch_size)
@@ -348,8 +314,9 @@ def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params
         rec = {"index": i}
         if "prompts" in host:
           rec["prompt"] = host["prompts"][i]
-        if "images" in host and isinstance(host["images"][i], str):
-          rec["image"] = os.path.basename(host["images"][i])
+        for key, names in (("image", "image_names"), ("image2", "image2_names")):
+          if names in host and host[names][i] is not None:
+            rec[key] = host[names][i]
         if "pixels" in out:
           rec["pixels"] = _to_uint8(out["pixels"][j])
         if "tokens" in out:
@@ -361,65 +328,32 @@ def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params
   return results
 
 
-def _task_inputs(task, config):
-  host = gather_inputs(task, config)
-  if task == "interpolate":
-    host["images2"] = host["images"][1::2]
-    host["images"] = host["images"][0::2][:len(host["images2"])]
-  # Every input gets its output (config.sample.num only sizes the demo's held-out set
-  # and the tasks without inputs).
-  n = len(host.get("prompts", host.get("images", []))) or int(config.sample.num)
-  return host, n
+# ---------------------------------------------------------------- writing the outputs
+
+_JOIN_KEYS = ("index", "image", "image2", "prompt", "caption")
 
 
-def _run_task(task, config, workdir, *, mesh, model, encoders, params, enc_params, tokenizer,
-              cap_tokenizer, shapes):
-  host, n = _task_inputs(task, config)
-  out_dir = os.path.join(workdir, "samples", task)
+def write_outputs(records: list[dict], out_dir: str) -> None:
+  """Records -> <index>.png (<index>_<r>.png for gibbs rounds and interpolation points),
+  grid.png, and captions.jsonl (each line names its input image file and/or prompt)."""
   os.makedirs(out_dir, exist_ok=True)
-  recs = generate(task, host, n, config, mesh=mesh, model=model, encoders=encoders, params=params,
-                  enc_params=enc_params, tokenizer=tokenizer, cap_tokenizer=cap_tokenizer,
-                  shapes=shapes)
   pixels_all, captions = [], []
-  for rec in recs:
+  for rec in records:
     i = rec["index"]
     if "pixels" in rec:
       pix = rec["pixels"]
       pixels_all.append(pix)
       for r, im in enumerate(pix if pix.ndim == 4 else [pix]):
-        suffix = f"_{r}" if pix.ndim == 4 else ""   # gibbs rounds, interpolation points
+        suffix = f"_{r}" if pix.ndim == 4 else ""
         Image.fromarray(im).save(os.path.join(out_dir, f"{i:05d}{suffix}.png"))
     if "caption" in rec:
-      captions.append({k: rec[k] for k in ("index", "image", "prompt", "caption") if k in rec})
+      captions.append({k: rec[k] for k in _JOIN_KEYS if k in rec})
   if captions:
     with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
       for rec in captions:
         f.write(json.dumps(rec) + "\n")
   if pixels_all:
     _save_grid(pixels_all, os.path.join(out_dir, "grid.png"))
-  result = {"dir": out_dir, "num": n}
-  if "truth" in host:
-    result["scores"] = _judge(task, config, host, pixels_all, captions, n)
-    with open(os.path.join(out_dir, "scores.json"), "w") as f:
-      json.dump(result["scores"], f, indent=1)
-  print(f"{task}: {n} samples in {out_dir}" +
-        (f" | judge: {_fmt_scores(result['scores'])}" if "scores" in result else ""), flush=True)
-  return result
-
-
-def _judge(task, config, host, pixels_all, captions, n):
-  from data_pipelines import demo_sets
-  demo = demo_sets.get(config.data.demo)
-  if task == "t2i":
-    return demo.score_t2i(np.stack(pixels_all[:n]), host["prompts"][:n])
-  if task == "i2t":
-    return demo.score_i2t([c["caption"] for c in captions[:n]], host["truth"][:n])
-  return {}
-
-
-def _fmt_scores(scores) -> str:
-  chance = scores.get("chance", {})
-  return ", ".join(f"{a} {scores[a]:.2f} (chance {chance[a]:.2f})" for a in chance if a in scores)
 
 
 def _to_uint8(x):
@@ -435,3 +369,97 @@ def _save_grid(images, path, cols: int = 8):
     r, c = divmod(k, cols)
     grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
   Image.fromarray(grid).save(path)
+
+
+# ---------------------------------------------------------------- the job
+
+def run(config, workdir: str, inputs: dict | None = None) -> dict:
+  """Runs every task in config.sample.tasks on `inputs` (default: config_inputs(config)) and
+  writes <workdir>/samples/<task>/; returns {task: {dir, num, records}}."""
+  s = config.sample
+  try:  # fail on bad solver settings before loading anything
+    solvers.check_args(int(s.steps), int(s.order), s.method, s.skip_type)
+  except ValueError as e:
+    raise sharding.ConfigError(f"config.sample: {e}") from None
+  inputs = config_inputs(config) if inputs is None else inputs
+  for task in s.tasks:  # fail on missing prompts/images before loading anything
+    task_inputs(task, inputs, config)
+  ctx = _setup(config, workdir)
+  params = jax.device_put(load_uvit_params(config, workdir), ctx["replicated"])
+  results = {}
+  for task in s.tasks:
+    host, n = task_inputs(task, inputs, config)
+    out_dir = os.path.join(workdir, "samples", task)
+    records = generate(task, host, n, config, params=params, **_ctx_args(ctx))
+    write_outputs(records, out_dir)
+    print(f"{task}: {n} samples in {out_dir}", flush=True)
+    results[task] = {"dir": out_dir, "num": n, "records": records}
+  return results
+
+
+class Evaluator:
+  """A training-time evaluation (train.run_loop's `evaluate`): every config.train.eval_every
+  steps, samples each of `tasks` on the first config.sample.eval_num of `inputs` with the
+  current EMA weights, through the same compiled programs as the final sampling, and scores
+  the records with score(task, host, records) -> {name: number}. Returns
+  {'<prefix>/<task>_<name>': value} for TensorBoard and keeps <workdir>/samples/curve.json
+  and curve.png (the learning curve) up to date; a resumed run continues its curve.
+  """
+
+  def __init__(self, config, workdir: str, inputs: dict, score: Callable, tasks=None,
+               prefix: str = "eval"):
+    self._config, self._workdir, self._ctx = config, workdir, None
+    self._inputs, self._score, self._prefix = inputs, score, prefix
+    self._tasks = tuple(config.sample.tasks if tasks is None else tasks)
+    self._curve_path = os.path.join(workdir, "samples", "curve.json")
+    self._curve = []
+    if os.path.exists(self._curve_path):
+      with open(self._curve_path) as f:
+        self._curve = json.load(f)
+
+  def __call__(self, step: int, state) -> dict:
+    if self._ctx is None:
+      self._ctx = _setup(self._config, self._workdir)
+    params = jax.device_put(state.ema_params, self._ctx["replicated"])
+    scalars = {}
+    for task in self._tasks:
+      host, n = task_inputs(task, self._inputs, self._config)
+      n = min(n, int(self._config.sample.eval_num))
+      records = generate(task, host, n, self._config, params=params, progress=False,
+                         **_ctx_args(self._ctx))
+      scalars.update({f"{self._prefix}/{task}_{k}": float(v)
+                      for k, v in self._score(task, host, records).items()
+                      if isinstance(v, (int, float)) and k != "n"})
+    self._curve = [c for c in self._curve if c["step"] < step] + [dict(step=step, **scalars)]
+    os.makedirs(os.path.dirname(self._curve_path), exist_ok=True)
+    with open(self._curve_path, "w") as f:
+      json.dump(self._curve, f, indent=1)
+    plot_curve(self._curve, os.path.join(os.path.dirname(self._curve_path), "curve.png"))
+    return scalars
+
+
+def plot_curve(curve: list[dict], path: str) -> None:
+  """The curve's '<prefix>/<task>_<name>' values vs training step, one panel per
+  (prefix, task) (PNG); values all in [0, 1] (accuracies) share a 0-1 axis."""
+  panels = sorted({k.split("_", 1)[0] for c in curve for k in c if "/" in k and "_" in k})
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+  steps = [c["step"] for c in curve]
+  for ax, panel in zip(axes[0], panels):
+    names = sorted({k.split("_", 1)[1] for c in curve for k in c if k.startswith(panel + "_")})
+    values = []
+    for name in names:
+      ys = [c.get(f"{panel}_{name}", np.nan) for c in curve]
+      values += ys
+      ax.plot(steps, ys, marker="o", ms=3, label=name)
+    if all(0.0 <= v <= 1.0 for v in values if not np.isnan(v)):
+      ax.set_ylim(0, 1.02)
+    prefix, task = panel.split("/", 1)
+    ax.set_xlabel("step")
+    ax.set_title(f"{task}: {prefix}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
