@@ -81,8 +81,8 @@ _AUTOENCODERS = {
 def encoders(**kw) -> mc.ConfigDict:
   """config.encoders: the frozen encoders at the released sizes (CLIP ViT-B/32 image, ViT-L/14
   text, GPT-2 caption decoder, SD VAE). autoencoder=dict(kind="pixel", ...) picks the other
-  autoencoder's fields. vocab_size / eos_id are read from the tokenizers by every job
-  (unidiffuser_jax/vocab.derive); -1 until then."""
+  autoencoder's fields. clip_text.vocab_size, captioner.vocab_size and captioner.eos_id are
+  not config: every job reads them from the tokenizers (unidiffuser_jax/vocab.derive)."""
   kind = dict(kw.get("autoencoder", {})).get("kind", "vae")
   if kind not in _AUTOENCODERS:
     raise KeyError(f"config.encoders.autoencoder.kind={kind!r}; use one of {sorted(_AUTOENCODERS)}")
@@ -92,10 +92,9 @@ def encoders(**kw) -> mc.ConfigDict:
       fit_latent_stats=0,  # examples measured at the start of a run (latent_stats.py); 0 = fixed
       clip_image=dict(image_size=224, patch_size=32, width=768, num_layers=12, num_heads=12,
                       mlp_dim=3072, proj_dim=512),
-      clip_text=dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77,
-                     vocab_size=-1),
+      clip_text=dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77),
       captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, n_positions=1024,
-                     n_embd=768, n_layer=12, n_head=12, vocab_size=-1, eos_id=-1),
+                     n_embd=768, n_layer=12, n_head=12),
       # Per-part weights: an orbax params dir (--mode=import writes them); "" = random init.
       weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
   ), kw)

@@ -25,10 +25,13 @@ def config(**weights) -> mc.ConfigDict:
                        norm_num_groups=vae_ref.GROUPS),
       clip_image=dict(image_size=24, patch_size=8, width=32, num_layers=2, num_heads=4,
                       mlp_dim=40, proj_dim=20),
-      clip_text=dict(vocab_size=99, width=32, num_layers=2, num_heads=4, mlp_dim=40,
+      clip_text=dict(width=32, num_layers=2, num_heads=4, mlp_dim=40,
                      max_positions=12),
-      captioner=dict(**CAP, eos_id=EOS),
+      captioner={k: v for k, v in CAP.items() if k != "vocab_size"},
   )
+  # What vocab.derive reads from the tokenizers in a job.
+  c.encoders.clip_text.vocab_size = 99
+  c.encoders.captioner.update(vocab_size=CAP["vocab_size"], eos_id=EOS)
   c.sample = common.sample()
   c.weights = common.weights(**weights)
   return c
