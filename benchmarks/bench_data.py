@@ -117,18 +117,13 @@ def timed(fn, *args):
 
 
 def demo_config(quick: bool):
-  """configs/demo.py; with quick, shrunk to 16x16 images and a depth-2 U-ViT."""
+  """configs/demo.py; with quick, configs/demo.py:tiny (16x16 images, a depth-2 U-ViT)."""
   from configs import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config()
+  c = demo.get_config("tiny" if quick else None)
   c.runbook = ""   # the U-ViT training job alone, on the shards data_wait builds
+  c.data.source = "shards"
   if quick:
-    c.data.update(resolution=16, clip_resolution=16, max_length=6, shuffle_buffer=16)
-    c.encoders.clip_image.update(patch_size=8, width=32, mlp_dim=64, num_layers=1)
-    c.encoders.clip_text.update(width=32, mlp_dim=64, num_layers=1)
-    c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32,
-                                n_layer=1, n_positions=16)
-    c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
-    c.train.batch_size = 8
+    c.data.shuffle_buffer = 16
   return c.copy_and_resolve_references()
 
 

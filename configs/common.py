@@ -1,4 +1,10 @@
-"""Pieces every runbook shares: sharding rules, optimiser recipe, checkpoint cadence."""
+"""The config schema: every key of a runbook's config, declared once, with the paper's values.
+
+Each builder returns one section (data, encoders, train, captioner, sample, weights, extract)
+with the paper's / LAION's value for every key; a runbook (demo.py, laion.py, laion_256.py)
+passes only the values it changes. A key a builder does not declare is refused (one line), so
+no section grows a key at run time and the library reads every key without a default.
+"""
 import ml_collections as mc
 
 # Logical axis -> mesh axis. FSDP splits the model width; tensor parallelism
@@ -25,9 +31,117 @@ def sharding() -> mc.ConfigDict:
   return mc.ConfigDict({"rules": [list(r) for r in SHARDING_RULES]})
 
 
-def train(**overrides) -> mc.ConfigDict:
+def _section(name: str, declared: dict, given: dict) -> mc.ConfigDict:
+  """`declared` with `given` over it (nested dicts merged too); an undeclared key is refused."""
+  return mc.ConfigDict(_merge(name, declared, given))
+
+
+def _merge(name: str, declared: dict, given: dict) -> dict:
+  unknown = sorted(set(given) - set(declared))
+  if unknown:
+    raise KeyError(f"config.{name} has no key(s) {unknown}; declared: {sorted(declared)}")
+  merged = dict(declared)
+  for k, v in given.items():
+    nested = isinstance(declared[k], dict) and isinstance(v, dict)
+    merged[k] = _merge(f"{name}.{k}", declared[k], v) if nested else v
+  return merged
+
+
+def mesh(**kw) -> mc.ConfigDict:
+  # data x fsdp x tensor; -1: the devices left over. num_devices 0: all devices present.
+  return _section("mesh", dict(data=1, fsdp=-1, tensor=1, num_devices=0), kw)
+
+
+def data(**kw) -> mc.ConfigDict:
+  """config.data: the reader (data_pipelines/pipeline.py documents each field); LAION's values."""
+  return _section("data", dict(
+      source="shards",   # "shards" | "features" (--mode=extract's) | "synthetic"
+      # tokenizer: a CLIP tokenizer dir or a hub id in the local cache (configs/laion.py).
+      shards="", features="", tokenizer="openai/clip-vit-large-patch14",
+      resolution=512, clip_resolution=224, max_length=77, data_type=0,
+      shuffle_buffer=10000, interleave_cycle=16, num_workers=8, prefetch=4,
+      min_side=512, max_aspect=2.0, max_watermark=0.5, max_unsafe=0.5, min_aesthetic=0.0,
+      min_caption_chars=5, max_caption_chars=1000, max_image_pixels=8192 * 8192,
+      synthetic_vocab_size=49408, synthetic_examples=1 << 30,
+      drop_remainder=True,   # a finite run (extract) keeps its last partial batch with False
+      with_text=False,       # batches also carry `key` and `caption` strings (stage 1, extract)
+  ), kw)
+
+
+# The two autoencoders: the SD KL-f8 VAE (models/vae.py) and the demo's parameter-free
+# space-to-depth map (models/pixel_ae.py). Latents are (moments - shift) * scale.
+_AUTOENCODERS = {
+    "vae": dict(kind="vae", factor=8, scale=0.18215, shift=0.0,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                norm_num_groups=32),
+    "pixel": dict(kind="pixel", factor=2, scale=1.0, shift=0.0),
+}
+
+
+def encoders(**kw) -> mc.ConfigDict:
+  """config.encoders: the frozen encoders at the released sizes (CLIP ViT-B/32 image, ViT-L/14
+  text, GPT-2 caption decoder, SD VAE). autoencoder=dict(kind="pixel", ...) picks the other
+  autoencoder's fields. clip_text.vocab_size, captioner.vocab_size and captioner.eos_id are
+  not config: every job reads them from the tokenizers (unidiffuser_jax/vocab.derive)."""
+  kind = dict(kw.get("autoencoder", {})).get("kind", "vae")
+  if kind not in _AUTOENCODERS:
+    raise KeyError(f"config.encoders.autoencoder.kind={kind!r}; use one of {sorted(_AUTOENCODERS)}")
+  return _section("encoders", dict(
+      autoencoder=_AUTOENCODERS[kind],
+      text_scale=1.0,  # the released model feeds encode_prefix's output as it is
+      fit_latent_stats=0,  # examples measured at the start of a run (latent_stats.py); 0 = fixed
+      clip_image=dict(image_size=224, patch_size=32, width=768, num_layers=12, num_heads=12,
+                      mlp_dim=3072, proj_dim=512),
+      clip_text=dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77),
+      captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, n_positions=1024,
+                     n_embd=768, n_layer=12, n_head=12),
+      # Per-part weights: an orbax params dir (--mode=import writes them); "" = random init.
+      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
+  ), kw)
+
+
+def captioner(**kw) -> mc.ConfigDict:
+  """config.captioner: stage 1, the caption decoder's training (unidiffuser_jax/captioner_train)."""
+  kw = dict(kw)
+  train_kw = kw.pop("train", {})
+  c = _section("captioner", dict(
+      tokenizer="gpt2",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
+      max_caption_tokens=77, train=None), kw)
+  c.train = train(**{**dict(steps=100_000, batch_size=768, lr=2e-5, warmup_steps=1000,
+                            weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0), **train_kw})
+  return c
+
+
+def weights(**kw) -> mc.ConfigDict:
+  """config.weights: --mode=import sources (a released file, a directory or a repo id in the local
+  hub cache; "" = skip that part), written to <workdir>/weights/<part> (weight_jobs.py).
+  resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
+  clip_tokenizer: CLIP's BPE merges file -> the tokenizer dir <workdir>/weights/clip_tokenizer."""
+  return _section("weights", dict(uvit="", autoencoder="", clip_image="", clip_text="",
+                                  captioner="", clip_tokenizer="", resize_pos_embed=False), kw)
+
+
+def extract(**kw) -> mc.ConfigDict:
+  """config.extract: --mode=extract's precomputed features (VAE moments, CLIP image embedding,
+  tokens or CLIP text hidden states) for --config.data.source=features. batch_size 0: train's."""
+  return _section("extract", dict(text="tokens", shard_size=10000, batch_size=0), kw)
+
+
+def sample(**kw) -> mc.ConfigDict:
+  """config.sample: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform
+  (unidiffuser_jax/diffusion/solvers.py); tasks and inputs (unidiffuser_jax/sample.py)."""
+  return _section("sample", dict(
+      tasks=("t2i",), num=4, batch_size=4, eval_num=4,
+      steps=50, order=3, method="fast", skip_type="time_uniform",
+      guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
+      prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
+      num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,
+  ), kw)
+
+
+def train(**kw) -> mc.ConfigDict:
   """The paper's recipe: AdamW 2e-4, wd 0.03, betas (0.9, 0.9), warm-up then constant, EMA 0.9999."""
-  cfg = mc.ConfigDict(dict(
+  return _section("train", dict(
       steps=1000, batch_size=8, grad_accum=1,
       lr=2e-4, warmup_steps=5000, weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=1.0,
       ema_decay=0.9999,
@@ -37,6 +151,4 @@ def train(**overrides) -> mc.ConfigDict:
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
       eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
-  ))
-  cfg.update(overrides)
-  return cfg
+  ), kw)

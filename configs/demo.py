@@ -38,48 +38,44 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
-  """arg: the generated set ('shapes' when empty, 'glyphs')."""
+  """arg: the generated set ('shapes' when empty, 'glyphs'), or 'tiny' (the tests' and quick
+  benchmarks' variant: synthetic data, one-layer encoders, a depth-2 U-ViT, 6 steps)."""
   c = mc.ConfigDict()
   c.seed = 0
   # --mode=train runs the demo runbook (unidiffuser_jax/demo.py): make data -> caption decoder
   # -> U-ViT -> sample -> judge; --config.runbook= trains the U-ViT alone.
   c.runbook = "demo"
   c.demo = mc.ConfigDict(dict(
-      set=arg or "shapes",   # generated set, built under <workdir>/demo_data (demo_sets.py);
-                             # "" = your own config.data.shards and config.data.tokenizer
+      set="shapes" if arg in (None, "", "tiny") else arg,
+      # generated set, built under <workdir>/demo_data (demo_sets.py);
+      # "" = your own config.data.shards and config.data.tokenizer
       n_train=2048, n_heldout=64,
   ))
-  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # 0: all devices present
+  c.mesh = common.mesh()
   c.sharding = common.sharding()
 
-  c.data = mc.ConfigDict(dict(
-      source="shards",
+  c.data = common.data(
       shards="", features="", tokenizer="",   # "": the demo runbook's generated set
       resolution=16, clip_resolution=16, max_length=12, data_type=1,
       shuffle_buffer=512, interleave_cycle=4, num_workers=0, prefetch=2,
       min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0, min_aesthetic=0.0,
       min_caption_chars=1, max_caption_chars=200, max_image_pixels=4096 * 4096,
-      synthetic_vocab_size=64, synthetic_examples=1 << 30,
-  ))
+      synthetic_vocab_size=64)
 
-  c.encoders = mc.ConfigDict(dict(
+  c.encoders = common.encoders(
       # Latents at the unit scale the SD noise schedule expects (as the SD VAE's 0.18215
       # does for its latents): fitted to the training data (latent_stats.py); the fixed
-      # scale/shift/text_scale below are used only with fit_latent_stats=0.
+      # scale/shift/text_scale are used only with fit_latent_stats=0.
       autoencoder=dict(kind="pixel", factor=2, scale=1.0, shift=0.0),
-      text_scale=1.0,
       fit_latent_stats=1024,  # examples measured at the start of a run; 0 = the fixed values
       clip_image=dict(image_size=c.data.get_ref("clip_resolution"), patch_size=8, width=64,
                       num_layers=2, num_heads=4, mlp_dim=128, proj_dim=32),
-      # Vocabulary sizes and the caption decoder's <|EOS|> id: from the tokenizers (vocab.py).
       clip_text=dict(width=64, num_layers=2, num_heads=4, mlp_dim=128,
                      max_positions=c.data.get_ref("max_length")),
       captioner=dict(prefix_inner_dim=64, prefix_hidden_dim=16, n_positions=64,
                      n_embd=64, n_layer=2, n_head=4),
-      # Per-part weights: an orbax params dir; "" = random init from the seed
-      # (the demo's frozen random encoders). The captioner comes from stage 1.
-      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
-  ))
+      # weights "": the demo's frozen random encoders; the captioner comes from stage 1.
+  )
 
   c.model = mc.ConfigDict(dict(
       version="v1",
@@ -95,31 +91,32 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.train = common.train(steps=3000, batch_size=32, lr=1e-3, warmup_steps=50,
                          ema_decay=0.99, log_every=100, checkpoint_every=500, eval_every=1000,
                          clean_prob=0.5, min_snr_gamma=5.0)
-
   # Stage 1 (caption decoder), run first by the demo runbook.
-  c.captioner = mc.ConfigDict(dict(
-      tokenizer="",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
-      max_caption_tokens=12,
-      train=common.train(steps=250, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0,
-                         betas=(0.9, 0.999), ema_decay=0.0, log_every=50, checkpoint_every=250),
-  ))
-
-  # --mode=import sources (a released file, a directory or a repo id in the local hub cache;
-  # "" = skip that part): written to <workdir>/weights/<part>. See unidiffuser_jax/weight_jobs.py.
-  # resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
-  c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
-                                 captioner="", resize_pos_embed=False))
-  # --mode=extract: precomputed features (VAE moments, CLIP image embedding, tokens or CLIP text
-  # hidden states) for training with --config.data.source=features. batch_size 0: train's.
-  c.extract = mc.ConfigDict(dict(text="tokens", shard_size=10000, batch_size=0))
-
+  c.captioner = common.captioner(
+      tokenizer="", max_caption_tokens=12,
+      train=dict(steps=250, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                 ema_decay=0.0, log_every=50, checkpoint_every=250))
+  c.weights = common.weights()
+  c.extract = common.extract()
   # The runbook ends by sampling the first `num` held-out prompts (t2i) and images (i2t)
   # and judging them; eval_num of them are judged every train.eval_every steps.
-  c.sample = mc.ConfigDict(dict(
-      tasks=("t2i", "i2t"), num=64, batch_size=32, eval_num=32,
-      steps=20, order=3, method="fast", skip_type="time_uniform",
-      guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
-      prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
-      num_beams=5, max_caption_tokens=12, gibbs_rounds=3, interp_points=5,
-  ))
+  c.sample = common.sample(tasks=("t2i", "i2t"), num=64, batch_size=32, eval_num=32, steps=20,
+                           max_caption_tokens=12)
+  if arg == "tiny":
+    _tiny(c)
   return c
+
+
+def _tiny(c: mc.ConfigDict) -> None:
+  """Compiles in seconds: the U-ViT training job alone on synthetic data (tests, --quick)."""
+  c.runbook = ""
+  c.data.update(source="synthetic", max_length=6, shuffle_buffer=8, interleave_cycle=2,
+                prefetch=1)
+  c.encoders.fit_latent_stats = 0   # fixed latent scale: tests that fit it say so
+  c.encoders.clip_image.update(width=32, mlp_dim=64, num_layers=1)
+  c.encoders.clip_text.update(width=32, mlp_dim=64, num_layers=1)
+  c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32, n_layer=1,
+                              n_positions=16)
+  c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
+  c.train.update(steps=6, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=3,
+                 ema_decay=0.9)

@@ -39,35 +39,13 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c = mc.ConfigDict()
   c.seed = 0
   c.runbook = ""  # --mode=train is the U-ViT training job alone
-  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # 0: all devices present
+  c.mesh = common.mesh()
   c.sharding = common.sharding()
-
-  c.data = mc.ConfigDict(dict(
-      source="shards",
-      # tokenizer: a CLIP tokenizer dir (e.g. DIR/weights/clip_tokenizer from --mode=import) or
-      # a hub id in the local cache; see the docstring.
-      shards="", features="", tokenizer="openai/clip-vit-large-patch14",
-      resolution=512, clip_resolution=224, max_length=77, data_type=0,
-      shuffle_buffer=10000, interleave_cycle=16, num_workers=8, prefetch=4,
-      min_side=512, max_aspect=2.0, max_watermark=0.5, max_unsafe=0.5, min_aesthetic=0.0,
-      min_caption_chars=5, max_caption_chars=1000, max_image_pixels=8192 * 8192,
-      synthetic_vocab_size=49408, synthetic_examples=1 << 30,
-  ))
-
-  c.encoders = mc.ConfigDict(dict(
-      autoencoder=dict(kind="vae", factor=8, scale=0.18215, shift=0.0, block_out_channels=(128, 256, 512, 512),
-                       layers_per_block=2, latent_channels=4, norm_num_groups=32),
-      clip_image=dict(image_size=224, patch_size=32, width=768, num_layers=12, num_heads=12, mlp_dim=3072,
-                      proj_dim=512),
-      # Vocabulary sizes and the caption decoder's <|EOS|> id: from data.tokenizer (CLIP's, 49408)
-      # and captioner.tokenizer (GPT-2's + <|EOS|>, 50258; id 50257) (vocab.py).
-      clip_text=dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072, max_positions=77),
-      captioner=dict(prefix_inner_dim=768, prefix_hidden_dim=64, n_positions=1024,
-                     n_embd=768, n_layer=12, n_head=12),
-      text_scale=1.0,  # the released model feeds encode_prefix's output as it is
-      fit_latent_stats=0,  # published constants (0.18215, text as it is), not fitted
-      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""),
-  ))
+  c.data = common.data()   # LAION's filters; the tokenizer: see the docstring
+  # SD KL-f8 VAE (scale 0.18215), CLIP ViT-B/32 image, ViT-L/14 text, GPT-2 caption decoder;
+  # vocabulary sizes and <|EOS|> from data.tokenizer (CLIP's, 49408) and captioner.tokenizer
+  # (GPT-2's + <|EOS|>, 50258; id 50257) (vocab.py).
+  c.encoders = common.encoders()
 
   c.model = mc.ConfigDict(dict(
       version=version,
@@ -83,29 +61,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.train = common.train(steps=200_000, batch_size=2112, lr=2e-4, warmup_steps=5000,
                          weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=0.0,
                          ema_decay=0.9999, log_every=100, checkpoint_every=2000)
-  c.captioner = mc.ConfigDict(dict(
-      tokenizer="gpt2",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
-      max_caption_tokens=77,
-      train=common.train(steps=100_000, batch_size=768, lr=2e-5, warmup_steps=1000,
-                         weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0),
-  ))
-  # --mode=import sources (a released file, a directory or a repo id in the local hub cache;
-  # "" = skip that part): written to <workdir>/weights/<part>. See unidiffuser_jax/weight_jobs.py.
-  # resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
-  # clip_tokenizer: CLIP's BPE merges file -> the tokenizer directory <workdir>/weights/clip_tokenizer.
-  c.weights = mc.ConfigDict(dict(uvit="", autoencoder="", clip_image="", clip_text="",
-                                 captioner="", clip_tokenizer="", resize_pos_embed=False))
-  # --mode=extract: precomputed features (VAE moments, CLIP image embedding, tokens or CLIP text
-  # hidden states) for training with --config.data.source=features. batch_size 0: train's.
-  c.extract = mc.ConfigDict(dict(text="tokens", shard_size=10000, batch_size=0))
-
-  # Sampler: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform (methods in
-  # unidiffuser_jax/diffusion/solvers.py).
-  c.sample = mc.ConfigDict(dict(
-      tasks=("t2i",), num=4, batch_size=4, eval_num=4,
-      steps=50, order=3, method="fast", skip_type="time_uniform",
-      guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
-      prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
-      num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,
-  ))
+  c.captioner = common.captioner()
+  c.weights = common.weights()
+  c.extract = common.extract()
+  c.sample = common.sample()
   return c

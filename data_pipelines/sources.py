@@ -20,10 +20,10 @@ def make_train_iterator(config, train_cfg, process_index: int, process_count: in
         host_batch=host_batch, seed=config.seed, num_examples=data.synthetic_examples,
         data_type=data.data_type, num_skip_reasons=len(skip_reasons()))
   from data_pipelines import pipeline
-  if data.source == "features" and data.get("with_text", False):
+  if data.source == "features" and data.with_text:
     # Feature records hold no caption strings; a trainer that asks for them
     # (stage 1, the caption decoder) reads the raw shards the features came from.
-    if not data.get("shards", ""):
+    if not data.shards:
       raise ValueError("config.data.source='features' holds no captions, and this trainer needs "
                        "them (data.with_text); set config.data.shards to the raw shards too")
     return pipeline.make_iterator(

@@ -11,20 +11,14 @@ from unidiffuser_jax import train, vocab
 
 
 def tiny_demo_config(paths):
-  """configs/demo.py shrunk: 16x16 images, one-layer encoders, a depth-2 U-ViT."""
-  c = demo.get_config()
-  c.data.update(source="shards", resolution=16, clip_resolution=16, max_length=6,
-                shuffle_buffer=8, interleave_cycle=2, prefetch=1)
+  """configs/demo.py:tiny on the generated shards, measuring its latent scale."""
+  c = demo.get_config("tiny")
+  c.data.update(source="shards")
   c.data.shards = ",".join(paths["train_shards"])
   c.data.tokenizer = paths["tokenizer"]
-  c.encoders.clip_image.update(patch_size=8, width=32, mlp_dim=64, num_layers=1)
-  c.encoders.clip_text.update(width=32, mlp_dim=64, num_layers=1)
-  c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32, n_layer=1,
-                              n_positions=16)
-  c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
   c.encoders.fit_latent_stats = 16   # the demo measures its latent scale: 2 batches here
   c.mesh.num_devices = 2     # sharded (fsdp=2), cheaper to compile than all 8
-  c.train.update(steps=4, batch_size=8, warmup_steps=1, lr=1e-3, log_every=1, checkpoint_every=2)
+  c.train.update(steps=4, warmup_steps=1, checkpoint_every=2)
   return vocab.derive(c)   # vocabulary and <|EOS|> from the generated set's tokenizer
 
 

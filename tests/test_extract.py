@@ -17,20 +17,13 @@ N_TRAIN = 21   # not a multiple of the batch (8): the last batch is padded
 
 
 def tiny_config(data_paths, bad_shards=()):
-  c = demo.get_config()
-  c.data.update(source="shards", resolution=16, clip_resolution=16, max_length=6,
-                shuffle_buffer=4, interleave_cycle=2, prefetch=1)
+  c = demo.get_config("tiny")
+  c.data.update(source="shards", shuffle_buffer=4)
   c.data.shards = ",".join(list(data_paths["train_shards"]) + list(bad_shards))
   c.data.tokenizer = data_paths["tokenizer"]
-  c.encoders.clip_image.update(patch_size=8, width=32, mlp_dim=64, num_layers=1)
-  c.encoders.clip_text.update(width=32, mlp_dim=64, num_layers=1)
-  c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32, n_layer=1,
-                              n_positions=16)
-  c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
-  c.train.update(steps=3, batch_size=8, warmup_steps=1, lr=1e-3, log_every=1, checkpoint_every=3)
-  c.runbook = ""
-  c.extract = dict(text="both", shard_size=8)
-  c.mesh = dict(data=2, fsdp=2, tensor=2, num_devices=0)   # the batch split over data x fsdp
+  c.train.update(steps=3, warmup_steps=1)
+  c.extract.update(text="both", shard_size=8)
+  c.mesh.update(data=2, fsdp=2, tensor=2)   # the batch split over data x fsdp
   return vocab.derive(c)
 
 

@@ -10,8 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from configs import demo
 from data_pipelines import demo_data
-from tests.tiny import tiny_config
 from unidiffuser_jax import rng, sample, sharding, train, vocab
 from unidiffuser_jax.diffusion import modes
 
@@ -19,7 +19,7 @@ from unidiffuser_jax.diffusion import modes
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("sample")
-  config = tiny_config()
+  config = vocab.derive(demo.get_config("tiny"))
   config.data.tokenizer = demo_data.build_tokenizer(str(root / "tokenizer"))
   vocab.derive(config)
   config.sample.update(steps=3, order=2, guidance_scale=3.0, max_caption_tokens=5, num_beams=2,

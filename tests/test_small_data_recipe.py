@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
+from configs import demo
 from data_pipelines import demo_data, synthetic
-from tests.tiny import tiny_config
 from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import latent_stats, sample, sharding
+from unidiffuser_jax import latent_stats, sample, sharding, vocab
 from unidiffuser_jax.diffusion import objective, schedule
 from unidiffuser_jax.models import uvit
 
@@ -77,7 +77,7 @@ def test_loss_weight_tables():
 def test_latent_stats_fit_and_apply(tmp_path):
   """Fitted shift = per-channel mean, scale = 1 / overall std (numpy on the same examples);
   applying them gives unit-scale latents, and decode/caption_prefix undo them exactly."""
-  config = tiny_config()
+  config = vocab.derive(demo.get_config("tiny"))
   config.encoders.fit_latent_stats = 64
   mesh = sharding.make_mesh(config.mesh)
   enc = encoders_lib.build(config.encoders)

@@ -7,11 +7,18 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
+from configs import demo
 from data_pipelines import synthetic
 from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import sharding, train
+from unidiffuser_jax import sharding, train, vocab
 from unidiffuser_jax.diffusion import objective
-from tests.tiny import tiny_config
+
+
+def _tiny(**overrides):
+  """configs/demo.py:tiny with config.train `overrides`; vocabulary from its synthetic tokens."""
+  c = demo.get_config("tiny")
+  c.train.update(overrides)
+  return vocab.derive(c)
 
 
 def _setup(config, devices):
@@ -55,7 +62,7 @@ def _grads_and_loss(config, devices):
 # quick loop's budget; test_aot and the golden sharding tests cover layouts quickly.
 @pytest.mark.slow
 def test_sharded_step_matches_single_device():
-  config = tiny_config()
+  config = _tiny()
   single = _grads_and_loss(config, jax.devices()[:1])
   config.mesh = dict(data=2, fsdp=2, tensor=2, num_devices=0)
   multi = _grads_and_loss(config, jax.devices())
@@ -98,7 +105,7 @@ def test_timesteps_independent_and_cover_range():
 def test_overfits_fixed_batch():
   """One fixed batch with fixed timesteps and noise (the step counter is held at 0, so
   the derived key never changes): a tiny model must memorise it, loss down 10x."""
-  config = tiny_config(lr=3e-3, warmup_steps=0, grad_clip_norm=0.0)
+  config = _tiny(lr=3e-3, warmup_steps=0, grad_clip_norm=0.0)
   config.model.update(width=64, mlp_dim=256)   # enough capacity to memorise 8 examples
   mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
   batch = sharding.to_global(_host_batch(config), mesh)
@@ -120,7 +127,7 @@ def test_overfits_fixed_batch():
 
 def test_resume_is_exact(tmp_path):
   def run(workdir, steps):
-    config = tiny_config(steps=steps)
+    config = _tiny(steps=steps)
     it = synthetic.make_iterator(resolution=16, clip_resolution=16, max_length=6, vocab_size=60,
                                  host_batch=8, seed=5)
     return train.train(config, str(workdir), data_iterator=it)
@@ -138,7 +145,7 @@ def test_resume_is_exact(tmp_path):
 def test_grad_accumulation_averages_microbatch_gradients():
   """accum=2: the update uses the mean of the gradients of the two interleaved microbatches,
   each drawn with its own fold of the step key."""
-  config = tiny_config()
+  config = _tiny()
   config.train.grad_accum = 2
   mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
   host = _host_batch(config)
@@ -171,7 +178,7 @@ def test_grad_accumulation_averages_microbatch_gradients():
 
 def test_fine_tune_starts_from_given_weights(tmp_path):
   import orbax.checkpoint as ocp
-  config = tiny_config()
+  config = _tiny()
   mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
   shifted = jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(state.params))
   with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save

@@ -20,10 +20,10 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+from configs import demo
 from data_pipelines import demo_data
 from tests.refs import released
 from tests.refs import uvit as uvit_ref
-from tests.tiny import tiny_config
 from unidiffuser_jax import sample, train, vocab, weight_jobs
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.tensors import load_metadata, load_tensors
@@ -197,10 +197,10 @@ def test_files_this_uvit_cannot_hold_are_refused():
 
 
 def _parse(argv: list[str]):
-  """tiny_config() with command-line overrides, through the parser main.py uses."""
+  """vocab.derive(demo.get_config("tiny")) with command-line overrides, through the parser main.py uses."""
   fv = flags.FlagValues()
   argv = ["prog", *argv]
-  config_flags.DEFINE_config_dict("config", tiny_config(), flag_values=fv, sys_argv=argv)
+  config_flags.DEFINE_config_dict("config", vocab.derive(demo.get_config("tiny")), flag_values=fv, sys_argv=argv)
   fv(argv)
   return fv.config
 
@@ -216,12 +216,12 @@ def test_printed_flags_sample_and_export_to_strict_diffusers(latent, text, versi
                                                              tmp_path, capsys):
   """Import into the demo runbook (tiny), take the flags the import prints, sample 2 steps with
   them, export, and load the export into diffusers' UniDiffuserModel with strict=True."""
-  # Encoder-facing sizes of tiny_config: text latent 8, CLIP image 32, 12 latent channels.
+  # Encoder-facing sizes of configs/demo.py:tiny: text latent 8, CLIP image 32, 12 latent channels.
   enc = dict(text_dim=8, clip_img_dim=32, latent_channels=12)
   tensors = _released(latent, text, version, width, **enc)
   path = released.torch_save(tensors, tmp_path / f"uvit_{version}.pth")
   workdir = str(tmp_path / "w")
-  if text == 12:  # tiny_config has 6 text tokens, and 12 + (8/2)^2 rows leave 22: refused
+  if text == 12:  # demo.py:tiny has 6 text tokens, and 12 + (8/2)^2 rows leave 22: refused
     with pytest.raises(weight_jobs.WeightJobError, match="num_text_tokens"):
       weight_jobs.run_import(_parse([f"--config.weights.uvit={path}"]), workdir)
   known = [f"--config.model.num_text_tokens={text}"] if text == 12 else []

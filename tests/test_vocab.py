@@ -12,7 +12,6 @@ import transformers
 
 from configs import demo, laion
 from data_pipelines import demo_data, transforms
-from tests.tiny import tiny_config
 from unidiffuser_jax import vocab
 from unidiffuser_jax.models import captioner as captioner_lib
 from unidiffuser_jax.sharding import ConfigError
@@ -31,7 +30,7 @@ def test_no_config_sets_the_vocabulary():
 
 def test_derived_from_the_data_tokenizer(word_tok):
   tok = transforms.load_tokenizer(word_tok)
-  c = tiny_config()
+  c = vocab.derive(demo.get_config("tiny"))
   c.data.update(source="shards", tokenizer=word_tok)
   vocab.derive(c)
   assert c.encoders.clip_text.vocab_size == c.encoders.captioner.vocab_size == len(tok) != 64
@@ -39,7 +38,7 @@ def test_derived_from_the_data_tokenizer(word_tok):
 
 
 def test_synthetic_data_without_a_tokenizer():
-  c = tiny_config()
+  c = vocab.derive(demo.get_config("tiny"))
   c.data.synthetic_vocab_size = 50
   vocab.derive(c)
   assert (c.encoders.clip_text.vocab_size, c.encoders.captioner.eos_id) == (50, 49)
@@ -50,7 +49,7 @@ def test_caption_tokenizer_without_eos_is_refused(tmp_path, word_tok):
   plain = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizers.Tokenizer(model),
                                                unk_token="[UNK]")
   plain.save_pretrained(str(tmp_path / "plain"))
-  c = tiny_config()
+  c = vocab.derive(demo.get_config("tiny"))
   c.data.update(source="shards", tokenizer=word_tok)
   c.captioner.tokenizer = str(tmp_path / "plain")
   with pytest.raises(ConfigError, match=r"config.captioner.tokenizer=.*plain has no <\|EOS\|>"):
@@ -62,7 +61,7 @@ def test_caption_tokenizer_without_eos_is_refused(tmp_path, word_tok):
 
 def test_weights_with_another_vocabulary_are_refused(tmp_path, word_tok):
   n = len(transforms.load_tokenizer(word_tok))
-  c = tiny_config()   # synthetic: 64 tokens
+  c = vocab.derive(demo.get_config("tiny"))   # synthetic: 64 tokens
   cap = captioner_lib.CaptionDecoder(**c.encoders.captioner)
   params = nn.unbox(cap.init(jax.random.key(0), jnp.zeros((1, 6, 8)),
                              jnp.zeros((1, 2), jnp.int32))["params"])

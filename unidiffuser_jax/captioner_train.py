@@ -90,5 +90,5 @@ def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
   task = captioner_task(encoders, config, tokenizer)
   # init_from: fine-tune imported weights (e.g. hub GPT-2 via --mode=import).
   return train.run_loop(config, train_cfg, task, workdir, mesh, frozen, frozen_shardings,
-                        data_iterator, init_from=config.captioner.get("init_from", ""))
+                        data_iterator, init_from=train_cfg.init_from)
 

@@ -13,7 +13,7 @@ from unidiffuser_jax import sharding, train
 
 
 def describe(config, num_devices: int | None = None) -> str:
-  num_devices = num_devices or config.mesh.get("num_devices", 0) or jax.device_count()
+  num_devices = num_devices or config.mesh.num_devices or jax.device_count()
   mesh = sharding.abstract_mesh(config.mesh, num_devices)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
   rules = sharding.rules_from_config(config.sharding.rules)

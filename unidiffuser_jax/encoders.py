@@ -165,7 +165,7 @@ def build(enc_cfg, model=None) -> Encoders:
   ae_cfg = dict(enc_cfg.autoencoder)
   kind = ae_cfg.pop("kind")
   scale = float(ae_cfg.pop("scale"))
-  shift = float(ae_cfg.pop("shift", 0.0))
+  shift = float(ae_cfg.pop("shift"))
   factor = ae_cfg.pop("factor")
   if kind == "pixel":
     autoencoder = pixel_ae.PixelAutoencoder(factor=factor)
@@ -179,7 +179,7 @@ def build(enc_cfg, model=None) -> Encoders:
       autoencoder=autoencoder,
       latent_scale=scale,
       latent_shift=shift,
-      text_scale=float(enc_cfg.get("text_scale", 1.0)),
+      text_scale=float(enc_cfg.text_scale),
       text_shift=0.0,
       clip_image=clip_lib.CLIPVisionEncoder(**_module_fields(ci)),
       clip_text=clip_lib.CLIPTextEncoder(**_module_fields(ct)),

@@ -47,17 +47,11 @@ from unidiffuser_jax import sharding
 
 log = logging.getLogger(__name__)
 TEXT_MODES = ("tokens", "hidden", "both")
-_DEFAULTS = dict(text="tokens", shard_size=10000, batch_size=0)
 
 
 def extract_options(config) -> dict:
-  """config.extract completed with defaults; rejects unknown keys and text modes."""
-  given = dict(config.get("extract", None) or {})
-  unknown = set(given) - set(_DEFAULTS)
-  if unknown:
-    raise sharding.ConfigError(f"config.extract has unknown keys {sorted(unknown)}; "
-                               f"use {sorted(_DEFAULTS)}")
-  opts = {**_DEFAULTS, **given}
+  """config.extract (configs/common.extract) as a dict; rejects unknown text modes."""
+  opts = dict(config.extract)
   if opts["text"] not in TEXT_MODES:
     raise sharding.ConfigError(f"config.extract.text={opts['text']!r}; use one of {TEXT_MODES}")
   if int(opts["shard_size"]) < 1:
@@ -66,14 +60,14 @@ def extract_options(config) -> dict:
 
 
 def output_dir(config, workdir: str) -> str:
-  return config.data.get("features", None) or os.path.join(workdir, "features")
+  return config.data.features or os.path.join(workdir, "features")
 
 
 def made_with(config) -> dict:
   """What the features depend on; training from them checks it against its own config
   (data_pipelines/sources.py), so stale features stop with a clear message."""
   encoders = {k: v for k, v in config.encoders.to_dict().items() if k != "captioner"}
-  encoders["weights"] = {k: v for k, v in encoders.get("weights", {}).items() if k != "captioner"}
+  encoders["weights"] = {k: v for k, v in encoders["weights"].items() if k != "captioner"}
   made = {
       "encoders": encoders,
       "seed": int(config.seed),   # random-init encoders (the demo's) are drawn from it
@@ -147,7 +141,7 @@ def run(config, workdir: str) -> dict:
 
   opts = extract_options(config)
   text_mode = opts["text"]
-  if not config.data.get("tokenizer", ""):
+  if not config.data.tokenizer:
     raise sharding.ConfigError("extraction needs token ids: set config.data.tokenizer")
   mesh = sharding.make_mesh(config.mesh)
   global_batch = int(opts["batch_size"]) or int(config.train.batch_size)

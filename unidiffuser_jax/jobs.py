@@ -54,8 +54,7 @@ def run(mode: str, config, workdir: str | None) -> None:
 
 def _imports_text(config) -> bool:
   """An import of the CLIP text encoder or the caption decoder checks their vocabulary."""
-  weights = config.get("weights") or {}
-  return bool(weights.get("clip_text", "") or weights.get("captioner", ""))
+  return bool(config.weights.clip_text or config.weights.captioner)
 
 
 def _unlocked(config):

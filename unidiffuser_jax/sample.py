@@ -226,7 +226,7 @@ def task_inputs(task: str, inputs: dict, config) -> tuple[dict, int]:
 # ---------------------------------------------------------------- the compiled computation
 
 def load_uvit_params(config, workdir: str):
-  path = config.sample.get("checkpoint", "") or workdir
+  path = config.sample.checkpoint or workdir
   return checkpoints.load_params(path)
 
 
@@ -237,10 +237,10 @@ def _setup(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
   model = train.make_model(config.model)
-  weight_jobs.check_imported_uvit(model, s.get("checkpoint", ""), "sample.checkpoint")
+  weight_jobs.check_imported_uvit(model, s.checkpoint, "sample.checkpoint")
   encoders = encoders_lib.build(config.encoders)
   if int(config.encoders.fit_latent_stats) > 0:
-    encoders = latent_stats.apply(encoders, latent_stats.load(s.get("checkpoint", "") or workdir))
+    encoders = latent_stats.apply(encoders, latent_stats.load(s.checkpoint or workdir))
   enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed),
                                        config.sharding.rules)
   return dict(

@@ -52,7 +52,7 @@ class Task:
 
 def make_model(model_cfg) -> uvit.UViT:
   cfg = dict(model_cfg)
-  cfg["dtype"] = jnp.dtype(cfg.get("dtype", "float32"))
+  cfg["dtype"] = jnp.dtype(cfg["dtype"])
   try:
     model = uvit.UViT(**cfg)
     model._check_config()  # pylint: disable=protected-access
@@ -277,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, config.train, mesh)
   model = make_model(config.model)
-  weight_jobs.check_imported_uvit(model, config.train.get("init_from", ""), "train.init_from")
+  weight_jobs.check_imported_uvit(model, config.train.init_from, "train.init_from")
   encoders = encoders_lib.build(config.encoders)
   encoder_params, encoder_shardings = encoders.load_params(config.encoders.weights, mesh,
                                                            int(config.seed), config.sharding.rules)
@@ -288,4 +288,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
     data_iterator = make_iterator()
   task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
   return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
-                  data_iterator, init_from=config.train.get("init_from", ""), evaluate=evaluate)
+                  data_iterator, init_from=config.train.init_from, evaluate=evaluate)

@@ -38,7 +38,7 @@ def derive(config):
   config.encoders.captioner.vocab_size = cap_vocab
   config.encoders.captioner.eos_id = eos
   for part, vocab in (("clip_text", text_vocab), ("captioner", cap_vocab)):
-    check_weights(part, config.encoders.weights.get(part, ""), vocab)
+    check_weights(part, config.encoders.weights[part], vocab)
   return config
 
 

@@ -171,7 +171,7 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
   except WeightMismatchError as e:
     raise WeightJobError(f"{path}: {e}") from None
   resize_from = None
-  resize = bool(config.weights.get("resize_pos_embed", False))
+  resize = bool(config.weights.resize_pos_embed)
   if resize and need["latent_size"] != current["latent_size"]:
     if current["latent_size"] % need["patch_size"]:
       raise WeightJobError(f"{path}: resize_pos_embed: config.model.latent_size "
@@ -182,7 +182,7 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
                  f"to {need['latent_size']}x{need['latent_size']} (resize_pos_embed)")
   diffs = [(k, need[k], current[k]) for k in wuvit.geometry_diffs(need, current)]
   overrides = _model_flags(need)
-  if int(config.get("encoders", {}).get("fit_latent_stats", 0)) > 0:
+  if int(config.encoders.fit_latent_stats) > 0:
     # Released weights were trained with the published latent constants, not with statistics
     # fitted by one of our runs (latent_stats.py).
     overrides.append("--config.encoders.fit_latent_stats=0")
@@ -193,24 +193,22 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
     notes.append(f"the released {need['version']} model's config is "
                  f"configs/laion.py:{need['version']}")
   if "latent_size" in names:
-    data, ae = config.get("data", {}), config.get("encoders", {}).get("autoencoder", {})
-    factor, res = ae.get("factor"), data.get("resolution")
+    factor, res = config.encoders.autoencoder.factor, config.data.resolution
     if factor and res and res // factor == current["latent_size"]:  # resolution decides it
       overrides.append(f"--config.data.resolution={need['latent_size'] * factor}")
     if "num_text_tokens" not in names and current["latent_size"] % need["patch_size"] == 0:
       notes.append(f"to keep the config's latent_size {current['latent_size']} instead, resize "
                    f"the patch positions bilinearly: --config.weights.resize_pos_embed=True")
-  ae = config.get("encoders", {}).get("autoencoder", {})
-  ae_channels = (3 * ae["factor"] ** 2 if ae.get("kind") == "pixel" and ae.get("factor")
-                 else ae.get("latent_channels"))
-  if ae_channels is not None and ae_channels != need["latent_channels"]:
-    notes.append(f"config.encoders.autoencoder ({ae.get('kind')}) makes {ae_channels}-channel "
+  ae = config.encoders.autoencoder
+  ae_channels = 3 * ae.factor ** 2 if ae.kind == "pixel" else ae.latent_channels
+  if ae_channels != need["latent_channels"]:
+    notes.append(f"config.encoders.autoencoder ({ae.kind}) makes {ae_channels}-channel "
                  f"latents and these weights need {need['latent_channels']}: they need an "
                  f"autoencoder with {need['latent_channels']} latent channels")
-  cap = config.get("encoders", {}).get("captioner", {})
-  positions = need["num_text_tokens"] + int(config.get("sample", {}).get("max_caption_tokens", 1))
-  if cap.get("n_positions") and cap["n_positions"] < positions:
-    notes.append(f"config.encoders.captioner.n_positions {cap['n_positions']} is too short for "
+  n_positions = config.encoders.captioner.n_positions
+  positions = need["num_text_tokens"] + int(config.sample.max_caption_tokens)
+  if n_positions < positions:
+    notes.append(f"config.encoders.captioner.n_positions {n_positions} is too short for "
                  f"{need['num_text_tokens']} text tokens + config.sample.max_caption_tokens: the "
                  f"caption decoder needs at least {positions}")
   return dict(model=need, diffs=diffs, notes=notes, resize_from=resize_from, overrides=overrides)
@@ -550,8 +548,8 @@ def run_export(config, workdir: str) -> dict:
   """Writes DIR/export/uvit_<version>.safetensors and caption_decoder.safetensors (those whose
   source exists); returns {name: {path, source, tensors}}."""
   out_dir = os.path.join(workdir, "export")
-  uvit_src = config.sample.get("checkpoint", "") or workdir
-  cap_src = config.encoders.weights.get("captioner", "") or os.path.join(workdir, "captioner")
+  uvit_src = config.sample.checkpoint or workdir
+  cap_src = config.encoders.weights.captioner or os.path.join(workdir, "captioner")
   jobs = []
   if _is_params_source(uvit_src):
     name = f"uvit_{config.model.version}.safetensors"

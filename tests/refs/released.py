@@ -4,6 +4,7 @@ import ml_collections as mc
 import numpy as np
 import torch
 
+from configs import common
 from tests.refs import uvit as uvit_ref
 from tests.refs import vae as vae_ref
 
@@ -15,22 +16,24 @@ EOS = 63
 def config(**weights) -> mc.ConfigDict:
   c = mc.ConfigDict()
   c.seed = 0
-  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)
+  c.mesh = common.mesh()
   c.model = dict(version="v1", **uvit_ref.CFG, num_data_types=2, dtype="float32", remat="none")
-  c.encoders = dict(
+  c.data = common.data()
+  c.encoders = common.encoders(
       autoencoder=dict(kind="vae", factor=4, scale=0.18215, block_out_channels=vae_ref.CHANNELS,
                        layers_per_block=vae_ref.LAYERS, latent_channels=vae_ref.LATENT,
                        norm_num_groups=vae_ref.GROUPS),
       clip_image=dict(image_size=24, patch_size=8, width=32, num_layers=2, num_heads=4,
                       mlp_dim=40, proj_dim=20),
-      clip_text=dict(vocab_size=99, width=32, num_layers=2, num_heads=4, mlp_dim=40,
+      clip_text=dict(width=32, num_layers=2, num_heads=4, mlp_dim=40,
                      max_positions=12),
-      captioner=dict(**CAP, eos_id=EOS),
-      weights=dict(autoencoder="", clip_image="", clip_text="", captioner=""))
-  c.sample = dict(checkpoint="")
-  c.weights = dict(uvit="", autoencoder="", clip_image="", clip_text="", captioner="",
-                   resize_pos_embed=False)
-  c.weights.update(weights)
+      captioner={k: v for k, v in CAP.items() if k != "vocab_size"},
+  )
+  # What vocab.derive reads from the tokenizers in a job.
+  c.encoders.clip_text.vocab_size = 99
+  c.encoders.captioner.update(vocab_size=CAP["vocab_size"], eos_id=EOS)
+  c.sample = common.sample()
+  c.weights = common.weights(**weights)
   return c
 
 
