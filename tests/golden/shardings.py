@@ -12,12 +12,15 @@ Regenerate after an intended change of rules, models or configs, and review the 
 """
 import importlib
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
+import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from unidiffuser_jax import aot, sharding, train
+from data_pipelines import demo_sets
+from unidiffuser_jax import aot, sharding, train, vocab
 from unidiffuser_jax import encoders as encoders_lib
 
 # Every mesh axis but data larger than one, so each rule shows; tests/test_aot.py lowers the
@@ -70,9 +73,19 @@ def _lines(prefix: str, abstract, specs) -> list[str]:
           f"{format_spec(spec, leaf.ndim)}" for (path, leaf), spec in zip(leaves, spec_leaves)]
 
 
+def _with_vocab(config):
+  """The demo's vocabulary sizes come from its generated word-level tokenizer, as in a run
+  (vocab.derive); laion's are its released tokenizers' (the model defaults)."""
+  if not config.get("demo") or not config.demo.set:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.tokenizer = demo_sets.get(config.demo.set).build_tokenizer(tempfile.mkdtemp())
+  return vocab.derive(config)
+
+
 def dump(config_name: str) -> str:
   """The golden text of configs/<config_name>.py."""
-  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config = _with_vocab(importlib.import_module(f"configs.{config_name}").get_config())
   mesh = sharding.abstract_mesh(MESH, NUM_DEVICES)
   rules = sharding.rules_from_config(config.sharding.rules)
   state, specs = state_specs(config, mesh)
