@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_pipelines import demo_data
 from tests.tiny import tiny_config
-from unidiffuser_jax import rng, sample, sharding, train
+from unidiffuser_jax import errors, rng, sample, train
 from unidiffuser_jax.diffusion import modes
 
 
@@ -95,5 +95,5 @@ def test_bad_solver_settings_fail_before_loading(setup, tmp_path):
   config = config.copy_and_resolve_references()
   config.sample.method = "singlestep_fast"  # no longer a method name
   config.sample.checkpoint = str(tmp_path / "missing")  # never reached
-  with pytest.raises(sharding.ConfigError, match="config.sample: unknown method"):
+  with pytest.raises(errors.ConfigError, match="config.sample: unknown method"):
     sample.run(config, str(tmp_path))

@@ -43,7 +43,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unidiffuser_jax import sharding
+from unidiffuser_jax import errors, sharding
 
 log = logging.getLogger(__name__)
 TEXT_MODES = ("tokens", "hidden", "both")
@@ -55,13 +55,13 @@ def extract_options(config) -> dict:
   given = dict(config.get("extract", None) or {})
   unknown = set(given) - set(_DEFAULTS)
   if unknown:
-    raise sharding.ConfigError(f"config.extract has unknown keys {sorted(unknown)}; "
+    raise errors.ConfigError(f"config.extract has unknown keys {sorted(unknown)}; "
                                f"use {sorted(_DEFAULTS)}")
   opts = {**_DEFAULTS, **given}
   if opts["text"] not in TEXT_MODES:
-    raise sharding.ConfigError(f"config.extract.text={opts['text']!r}; use one of {TEXT_MODES}")
+    raise errors.ConfigError(f"config.extract.text={opts['text']!r}; use one of {TEXT_MODES}")
   if int(opts["shard_size"]) < 1:
-    raise sharding.ConfigError(f"config.extract.shard_size={opts['shard_size']}; use >= 1")
+    raise errors.ConfigError(f"config.extract.shard_size={opts['shard_size']}; use >= 1")
   return opts
 
 
@@ -148,7 +148,7 @@ def run(config, workdir: str) -> dict:
   opts = extract_options(config)
   text_mode = opts["text"]
   if not config.data.get("tokenizer", ""):
-    raise sharding.ConfigError("extraction needs token ids: set config.data.tokenizer")
+    raise errors.ConfigError("extraction needs token ids: set config.data.tokenizer")
   mesh = sharding.make_mesh(config.mesh)
   global_batch = int(opts["batch_size"]) or int(config.train.batch_size)
   sharding.check_batch_divisible(global_batch, mesh, what="the extraction batch size")

@@ -63,7 +63,7 @@ def _prepare_demo(config, workdir: str) -> None:
   every config whose caption decoder shares the data tokenizer (captioner.tokenizer = ""),
   reads the vocabulary size and <|EOS|> id from that tokenizer, so nobody sets them by hand."""
   from data_pipelines import demo_sets, transforms
-  from unidiffuser_jax.sharding import ConfigError
+  from unidiffuser_jax.errors import ConfigError
   if config.data.demo:
     try:
       demo_set = demo_sets.get(config.data.demo)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, latent_stats, rng, sharding, weight_jobs
+from unidiffuser_jax import checkpoints, errors, latent_stats, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -57,7 +57,7 @@ def make_model(model_cfg) -> uvit.UViT:
     model = uvit.UViT(**cfg)
     model._check_config()  # pylint: disable=protected-access
   except (TypeError, ValueError) as e:
-    raise sharding.ConfigError(f"config.model: {e}") from None
+    raise errors.ConfigError(f"config.model: {e}") from None
   return model
 
 
@@ -182,7 +182,7 @@ def compile_train_step(step_fn, mesh, state_shardings, frozen_shardings):
 def check_config(config, train_cfg, mesh) -> None:
   sharding.check_batch_divisible(train_cfg.batch_size, mesh)
   if train_cfg.batch_size % train_cfg.grad_accum:
-    raise sharding.ConfigError(
+    raise errors.ConfigError(
         f"batch_size={train_cfg.batch_size} is not divisible by grad_accum="
         f"{train_cfg.grad_accum}; make batch_size a multiple of grad_accum")
   micro = train_cfg.batch_size // train_cfg.grad_accum
@@ -195,11 +195,11 @@ def start_from(state: TrainState, state_shardings, path: str) -> TrainState:
   loaded = checkpoints.load_params(path)
   want = jax.tree_util.tree_structure(state.params)
   if jax.tree_util.tree_structure(loaded) != want:
-    raise sharding.ConfigError(f"init_from={path}: its parameter tree does not match the model "
+    raise errors.ConfigError(f"init_from={path}: its parameter tree does not match the model "
                                f"config (compare `--mode=describe` with the file)")
   for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(loaded)):
     if tuple(a.shape) != tuple(b.shape):
-      raise sharding.ConfigError(f"init_from={path}: {jax.tree_util.keystr(kp)} has shape "
+      raise errors.ConfigError(f"init_from={path}: {jax.tree_util.keystr(kp)} has shape "
                                  f"{tuple(b.shape)} but the config needs {tuple(a.shape)}")
   params = jax.device_put(jax.tree.map(lambda a, b: np.asarray(b, a.dtype), state.params, loaded),
                           state_shardings.params)

@@ -43,7 +43,7 @@ import tqdm
 from etils import epath
 
 from unidiffuser_jax import rng
-from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.errors import ConfigError
 from unidiffuser_jax.tokenizers import write_clip_tokenizer
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.convert import WeightMismatchError
