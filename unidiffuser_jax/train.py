@@ -193,14 +193,7 @@ def start_from(state: TrainState, state_shardings, path: str) -> TrainState:
   """Fine-tuning: params and EMA from `path` (an imported params dir or a workdir),
   fresh optimizer state. Every mismatch is named before anything is replaced."""
   loaded = checkpoints.load_params(path)
-  want = jax.tree_util.tree_structure(state.params)
-  if jax.tree_util.tree_structure(loaded) != want:
-    raise errors.ConfigError(f"init_from={path}: its parameter tree does not match the model "
-                               f"config (compare `--mode=describe` with the file)")
-  for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(loaded)):
-    if tuple(a.shape) != tuple(b.shape):
-      raise errors.ConfigError(f"init_from={path}: {jax.tree_util.keystr(kp)} has shape "
-                                 f"{tuple(b.shape)} but the config needs {tuple(a.shape)}")
+  checkpoints.check_params(loaded, state.params, f"init_from={path}", "the model config")
   params = jax.device_put(jax.tree.map(lambda a, b: np.asarray(b, a.dtype), state.params, loaded),
                           state_shardings.params)
   return state.replace(params=params, ema_params=params)

@@ -492,19 +492,6 @@ def _is_params_source(path: str) -> bool:
                                for n in ("checkpoints", "_CHECKPOINT_METADATA", "_METADATA"))
 
 
-def _check_tree(params, template, what: str, src: str, flag: str) -> None:
-  leaves = jax.tree_util.tree_leaves_with_path
-  want = {jax.tree_util.keystr(p): x.shape for p, x in leaves(template)}
-  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in leaves(params)}
-  problems = [f"missing {k}" for k in want if k not in got]
-  problems += [f"unexpected {k}" for k in got if k not in want]
-  problems += [f"{k}: shape {got[k]}, config.{flag} needs {want[k]}"
-               for k in want if k in got and tuple(got[k]) != tuple(want[k])]
-  if problems:
-    raise WeightJobError(f"{what} at {src} does not match config.{flag}:\n  "
-                         + "\n  ".join(problems[:20]))
-
-
 def _save_safetensors(path: str, tensors: dict, metadata: dict) -> None:
   from safetensors.numpy import save
   data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
@@ -521,8 +508,8 @@ def export_uvit_to(config, src: str, path: str) -> int:
   model = train.make_model(config.model)
   check_imported_uvit(model, src, "sample.checkpoint")
   params = checkpoints.load_params(src)
-  _check_tree(params, nn.meta.unbox(abstract_variables(model))["params"], "U-ViT params", src,
-              "model")
+  checkpoints.check_params(params, nn.meta.unbox(abstract_variables(model))["params"],
+                           "the checkpoint", "config.model")
   tensors = export_uvit(params, model)
   _save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
                                     "config": json.dumps(dict(config.model))})
@@ -538,8 +525,8 @@ def export_captioner_to(config, src: str, path: str) -> int:
   template = jax.eval_shape(cap.init, jax.random.key(0),
                             jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim)),
                             jnp.zeros((1, 2), jnp.int32))
-  _check_tree(params, nn.meta.unbox(template)["params"], "caption decoder params", src,
-              "encoders.captioner")
+  checkpoints.check_params(params, nn.meta.unbox(template)["params"],
+                           "the checkpoint", "config.encoders.captioner")
   tensors = wcap.export_caption_decoder({"params": jax.device_get(params)}, "released")
   _save_safetensors(path, tensors, {"model": "unidiffuser-caption-decoder",
                                     "config": json.dumps(dict(config.encoders.captioner))})
