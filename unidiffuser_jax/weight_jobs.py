@@ -47,6 +47,7 @@ from unidiffuser_jax.errors import ConfigError
 from unidiffuser_jax.tokenizers import write_clip_tokenizer
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.convert import WeightMismatchError
+from unidiffuser_jax.weights.tensors import load_metadata, load_tensors, save_safetensors
 
 
 PARTS = ("uvit", "autoencoder", "clip_image", "clip_text", "captioner")
@@ -220,7 +221,6 @@ def import_uvit_file(config, path: str) -> tuple[dict, dict]:
   """-> (params, plan_uvit_import's plan) for the released-layout U-ViT file at `path`."""
   from unidiffuser_jax import train
   from unidiffuser_jax.models.uvit import resize_pos_embed
-  from unidiffuser_jax.weights.tensors import load_metadata, load_tensors
   tensors = load_tensors(path)
   plan = plan_uvit_import(config, tensors, path, load_metadata(path))
   model = train.make_model(config.model).clone(**plan["model"])
@@ -337,7 +337,6 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
   """-> (params, kind): kind 'decoder' (a trained caption decoder) or 'gpt2' (fresh start)."""
   from unidiffuser_jax.weights import captioner as wcap
   from unidiffuser_jax.weights import clip as wclip
-  from unidiffuser_jax.weights.tensors import load_tensors
   enc = _encoders(config)
   cap = enc.captioner
   cfg_json = None
@@ -492,15 +491,6 @@ def _is_params_source(path: str) -> bool:
                                for n in ("checkpoints", "_CHECKPOINT_METADATA", "_METADATA"))
 
 
-def _save_safetensors(path: str, tensors: dict, metadata: dict) -> None:
-  from safetensors.numpy import save
-  data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
-              metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
-  p = epath.Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  p.write_bytes(data)  # local or remote (gs://) workdirs alike
-
-
 def export_uvit_to(config, src: str, path: str) -> int:
   from unidiffuser_jax import checkpoints, train
   from unidiffuser_jax.models.uvit import abstract_variables
@@ -511,8 +501,8 @@ def export_uvit_to(config, src: str, path: str) -> int:
   checkpoints.check_params(params, nn.meta.unbox(abstract_variables(model))["params"],
                            "the checkpoint", "config.model")
   tensors = export_uvit(params, model)
-  _save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
-                                    "config": json.dumps(dict(config.model))})
+  save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
+                                   "config": json.dumps(dict(config.model))})
   return _count(tensors)
 
 
@@ -528,8 +518,8 @@ def export_captioner_to(config, src: str, path: str) -> int:
   checkpoints.check_params(params, nn.meta.unbox(template)["params"],
                            "the checkpoint", "config.encoders.captioner")
   tensors = wcap.export_caption_decoder({"params": jax.device_get(params)}, "released")
-  _save_safetensors(path, tensors, {"model": "unidiffuser-caption-decoder",
-                                    "config": json.dumps(dict(config.encoders.captioner))})
+  save_safetensors(path, tensors, {"model": "unidiffuser-caption-decoder",
+                                   "config": json.dumps(dict(config.encoders.captioner))})
   return _count(tensors)
 
 

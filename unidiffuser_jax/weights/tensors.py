@@ -35,6 +35,7 @@ import zipfile
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 
 class UnsafeWeightsError(ValueError):
@@ -302,8 +303,16 @@ def load_metadata(path: str) -> dict[str, str]:
     return dict(f.metadata() or {})
 
 
-def save_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-  """Writes {name: array} to a .safetensors file (arrays made contiguous)."""
-  from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()},
-            os.fspath(path))
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                     metadata: Mapping[str, object] | None = None) -> None:
+  """Writes {name: array} to a .safetensors file, local or remote (gs://...); dtypes are kept.
+
+  `metadata`: header strings (values are str()-ed) besides "format": "pt", which PyTorch
+  loaders (transformers, diffusers) look for.
+  """
+  from safetensors.numpy import save  # as load_tensors: only safetensors files need it
+  data = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()},
+              metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_bytes(data)
