@@ -2,8 +2,10 @@
 
 A tiny diffusers model with every parameter randomised (LayerNorms and the
 zero-initialised data-type position token included, so a swapped or ignored
-tensor shows up) is renamed to the released thu-ml key layout, written to
-safetensors, read with our loader, imported, and run on the same inputs.
+tensor shows up) is renamed to the released thu-ml key layout (weights/uvit.py's
+diffusers table: a wrong entry shows up as a forward mismatch or a strict-load
+failure), written to safetensors, read with our loader, imported, and run on the
+same inputs.
 """
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from safetensors.numpy import save_file
 import jax.numpy as jnp
 
 from unidiffuser_jax.models.uvit import UViT, interpolate_patch_pos
+from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.convert import WeightMismatchError
 from unidiffuser_jax.weights.tensors import load_tensors
 from unidiffuser_jax.weights.uvit import export_uvit, import_uvit
@@ -54,70 +57,15 @@ def _torch_model(version: str, seed: int = 0, cfg: dict = CFG):
   return model.eval()
 
 
-# -- renaming between diffusers and the released thu-ml layout (facts from the two codebases) --
-
-def _block_renames(ours: str, theirs: str):
-  """(thu-ml suffix, diffusers suffix) pairs of one block, qkv excluded (it is split in diffusers)."""
-  return [(f'{ours}.attn.proj.weight', f'{theirs}.attn1.to_out.0.weight'),
-          (f'{ours}.attn.proj.bias', f'{theirs}.attn1.to_out.0.bias'),
-          (f'{ours}.norm2.weight', f'{theirs}.norm1.weight'),  # after attention
-          (f'{ours}.norm2.bias', f'{theirs}.norm1.bias'),
-          (f'{ours}.mlp.fc1.weight', f'{theirs}.ff.net.0.proj.weight'),
-          (f'{ours}.mlp.fc1.bias', f'{theirs}.ff.net.0.proj.bias'),
-          (f'{ours}.mlp.fc2.weight', f'{theirs}.ff.net.2.weight'),
-          (f'{ours}.mlp.fc2.bias', f'{theirs}.ff.net.2.bias'),
-          (f'{ours}.norm3.weight', f'{theirs}.norm3.weight'),
-          (f'{ours}.norm3.bias', f'{theirs}.norm3.bias')]
-
-
-def _renames(version: str, depth: int):
-  """[(thu-ml name, diffusers name)] for plain one-to-one tensors; block prefixes for qkv."""
-  pairs = [('patch_embed.proj.weight', 'vae_img_in.proj.weight'),
-           ('patch_embed.proj.bias', 'vae_img_in.proj.bias'),
-           ('text_embed.weight', 'text_in.weight'), ('text_embed.bias', 'text_in.bias'),
-           ('clip_img_embed.weight', 'clip_img_in.weight'), ('clip_img_embed.bias', 'clip_img_in.bias'),
-           ('pos_embed', 'pos_embed'),
-           ('norm.weight', 'transformer.norm_out.weight'), ('norm.bias', 'transformer.norm_out.bias'),
-           ('decoder_pred.weight', 'vae_img_out.weight'), ('decoder_pred.bias', 'vae_img_out.bias'),
-           ('clip_img_out.weight', 'clip_img_out.weight'), ('clip_img_out.bias', 'clip_img_out.bias'),
-           ('text_out.weight', 'text_out.weight'), ('text_out.bias', 'text_out.bias')]
-  if version == 'v1':
-    pairs += [('token_embedding.weight', 'data_type_token_embedding.weight'),
-              ('pos_embed_token', 'data_type_pos_embed_token')]
-  blocks = [(f'in_blocks.{i}', f'transformer.transformer_in_blocks.{i}') for i in range(depth // 2)]
-  blocks.append(('mid_block', 'transformer.transformer_mid_block'))
-  for i in range(depth // 2):
-    ours, theirs = f'out_blocks.{i}', f'transformer.transformer_out_blocks.{i}'
-    blocks.append((ours, theirs + '.block'))
-    pairs += [(f'{ours}.skip_linear.weight', f'{theirs}.skip.skip_linear.weight'),
-              (f'{ours}.skip_linear.bias', f'{theirs}.skip.skip_linear.bias'),
-              (f'{ours}.norm1.weight', f'{theirs}.skip.norm.weight'),  # the skip LayerNorm
-              (f'{ours}.norm1.bias', f'{theirs}.skip.norm.bias')]
-  for ours, theirs in blocks:
-    pairs += _block_renames(ours, theirs)
-  return pairs, blocks
-
+# -- diffusers <-> the released thu-ml layout: the library's table (weights/uvit.py), torch here --
 
 def diffusers_to_released(state: dict, version: str, depth: int = DEPTH) -> dict:
-  pairs, blocks = _renames(version, depth)
-  out = {thu: state[dif].numpy() for thu, dif in pairs}
-  for thu, dif in blocks:
-    out[f'{thu}.attn.qkv.weight'] = torch.cat(
-        [state[f'{dif}.attn1.to_{n}.weight'] for n in 'qkv'], dim=0).numpy()
-  # transformer.pos_embed.proj.* is an unused copy of the patch embedding in diffusers.
-  return out
+  return wuvit.diffusers_to_released({k: v.numpy() for k, v in state.items()}, version, depth)
 
 
 def released_to_diffusers(tensors: dict, version: str, depth: int = DEPTH) -> dict:
-  pairs, blocks = _renames(version, depth)
-  out = {dif: torch.from_numpy(np.array(tensors[thu])) for thu, dif in pairs}
-  for thu, dif in blocks:
-    q, k, v = np.split(np.array(tensors[f'{thu}.attn.qkv.weight']), 3, axis=0)
-    for n, w in zip('qkv', (q, k, v)):
-      out[f'{dif}.attn1.to_{n}.weight'] = torch.from_numpy(w)
-  out['transformer.pos_embed.proj.weight'] = out['vae_img_in.proj.weight'].clone()
-  out['transformer.pos_embed.proj.bias'] = out['vae_img_in.proj.bias'].clone()
-  return out
+  return {k: torch.from_numpy(v)
+          for k, v in wuvit.released_to_diffusers(tensors, version, depth).items()}
 
 
 # -- running both --
@@ -216,6 +164,14 @@ def test_missing_and_misshaped_tensors_are_named(setup):
   other = UViT(version='v0' if version == 'v1' else 'v1', **CFG)
   with pytest.raises(WeightMismatchError, match='token_embedding'):
     import_uvit(released, other)
+
+
+def test_diffusers_tensors_the_table_does_not_place_are_named(setup):
+  version, torch_model, _, _, _ = setup
+  state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  state['transformer.extra.weight'] = np.zeros(3, np.float32)
+  with pytest.raises(WeightMismatchError, match=r'transformer\.extra\.weight'):
+    wuvit.diffusers_to_released(state, version, DEPTH)
 
 
 @pytest.mark.parametrize('new', [(6, 6), (3, 5), (4, 4)])
