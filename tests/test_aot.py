@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from benchmarks import aot_tpu
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax import sharding, train
+from unidiffuser_jax.models import uvit
 
 MESH = dict(data=1, fsdp=4, tensor=2)
 BATCH = 8
@@ -163,7 +164,7 @@ def test_activation_constraints_reach_the_compiler():
   mesh = sharding.make_mesh(MESH)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = train.make_model(config.model)
-  args = train.dummy_latents(model, BATCH)
+  args = uvit.dummy_inputs(model, BATCH)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)["params"]))
   fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
   with sharding.tracing_context(mesh, rules):

@@ -14,6 +14,7 @@ from data_pipelines import demo_data
 from tests.tiny import tiny_config
 from unidiffuser_jax import errors, rng, sample, train
 from unidiffuser_jax.diffusion import modes
+from unidiffuser_jax.models import uvit
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def setup(tmp_path_factory):
                        prompts=("a red circle on the left", "a blue square at the top",
                                 "a green triangle on the right"))
   model = train.make_model(config.model)
-  params = nn.unbox(model.init(jax.random.key(0), *train.dummy_latents(model))["params"])
+  params = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])
   ckpt = root / "uvit"
   with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save
     ckptr.save(ckpt, {"ema_params": jax.device_get(params)})

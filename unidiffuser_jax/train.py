@@ -61,20 +61,12 @@ def make_model(model_cfg) -> uvit.UViT:
   return model
 
 
-def dummy_latents(model: uvit.UViT, batch: int = 1):
-  z = jnp.zeros((batch, model.latent_size, model.latent_size, model.latent_channels))
-  clip = jnp.zeros((batch, 1, model.clip_img_dim))
-  text = jnp.zeros((batch, model.num_text_tokens, model.text_dim))
-  t = jnp.zeros((batch,))
-  return z, clip, text, t, t, jnp.ones((batch,), jnp.int32)
-
-
 def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None = None) -> Task:
   """The UniDiffuser objective on latents from the frozen encoders; objective_kw:
   clean_prob, loss_weight, min_snr_gamma (diffusion/objective.py; empty = the paper's)."""
   objective_kw = dict(objective_kw or {})
   def init_params():
-    return model.init(rng.key_for(seed, 0, "init"), *dummy_latents(model))["params"]
+    return model.init(rng.key_for(seed, 0, "init"), *uvit.dummy_inputs(model))["params"]
 
   def loss(params, encoder_params, batch, key):
     k_enc, k_loss = jax.random.split(key)
