@@ -212,19 +212,6 @@ def forward_parity(model, params, unet, s: bench_train.Size) -> float:
 
 # ---------------------------------------------------------------- diffusers pipeline from parts
 
-def _byte_chars() -> list[str]:
-  """GPT-2/CLIP byte-to-unicode table (printable bytes map to themselves)."""
-  keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-  out, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      out[b] = chr(b)
-    else:
-      out[b] = chr(256 + extra)
-      extra += 1
-  return [out[b] for b in range(256)]
-
-
 def _write_bpe(directory: str, vocab: list[str], merges: list[str]) -> tuple[str, str]:
   os.makedirs(directory, exist_ok=True)
   vocab_path = os.path.join(directory, "vocab.json")
@@ -244,9 +231,10 @@ def make_pipeline(s: bench_train.Size, unet, run: Run, tmp: str):
                                                           UniDiffuserTextDecoder)
   from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                             CLIPVisionConfig, CLIPVisionModelWithProjection, GPT2Tokenizer)
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
 
   torch.manual_seed(0)
-  chars = _byte_chars()
+  chars = list(bytes_to_unicode().values())  # GPT-2 / CLIP's stand-in for each byte
   clip_vocab = chars + [c + "</w>" for c in chars] + ["ca", "cat</w>", "<|startoftext|>",
                                                       "<|endoftext|>"]
   clip_tok = CLIPTokenizer(*_write_bpe(os.path.join(tmp, "clip"), clip_vocab,
