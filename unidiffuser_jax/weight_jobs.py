@@ -298,22 +298,20 @@ def _check_module(module, wanted: dict, what: str, flag: str) -> None:
     raise WeightJobError(_mismatch_message(what, diffs, flag))
 
 
-def import_clip_text(config, src: str) -> dict:
+def import_clip(config, src: str, part: str) -> dict:
+  """`part` "clip_text" or "clip_image": a transformers CLIP model dir / local-cache repo id."""
   from unidiffuser_jax.weights import clip as wclip
+  what, read_config, to_params = {
+      "clip_text": ("CLIP text model", wclip.text_config_from_json,
+                    wclip.clip_text_params_from_tensors),
+      "clip_image": ("CLIP vision model", wclip.vision_config_from_json,
+                     wclip.clip_vision_params_from_tensors),
+  }[part]
   d = wclip.find_model_dir(src)
-  model = _encoders(config).clip_text
-  _check_module(model, wclip.text_config_from_json(_read_json(d, "config.json")),
-                f"CLIP text model {d}", "encoders.clip_text")
-  return wclip.clip_text_params_from_tensors(model, wclip.load_model_tensors(d))
-
-
-def import_clip_image(config, src: str) -> dict:
-  from unidiffuser_jax.weights import clip as wclip
-  d = wclip.find_model_dir(src)
-  model = _encoders(config).clip_image
-  _check_module(model, wclip.vision_config_from_json(_read_json(d, "config.json")),
-                f"CLIP vision model {d}", "encoders.clip_image")
-  return wclip.clip_vision_params_from_tensors(model, wclip.load_model_tensors(d))
+  model = getattr(_encoders(config), part)
+  _check_module(model, read_config(_read_json(d, "config.json")), f"{what} {d}",
+                f"encoders.{part}")
+  return to_params(model, wclip.load_model_tensors(d))
 
 
 # Hub ids that moved: the old name's cache folder may be missing while the new one's is there.
@@ -346,15 +344,13 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
     d = _find_model_dir(src)
     tensors = wclip.load_model_tensors(d)
     cfg_json = _read_json(d, "config.json")
-  latent = jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim))
-  ids = jnp.zeros((1, 2), jnp.int32)
   try:
     layout = wcap.detect_layout(tensors)
   except wcap.WeightMismatchError:
     layout = None
   if layout is not None:
-    template = jax.eval_shape(cap.init, jax.random.key(0), latent, ids)
-    return wcap.import_caption_decoder(tensors, template, layout)["params"], "decoder"
+    params = wcap.import_caption_decoder(tensors, _captioner_variables(enc), layout)["params"]
+    return params, "decoder"
   # A hub GPT-2: the prefix layers start fresh (seeded like the stage-1 trainer's init).
   if cfg_json is not None:
     hub = {"n_embd": cap.n_embd, "n_layer": cap.n_layer, "n_head": cap.n_head,
@@ -367,11 +363,18 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
       raise WeightJobError(_mismatch_message(f"GPT-2 {src}", diffs, "encoders.captioner"))
   # Only the prefix layers are initialised for real; GPT-2's shapes come from eval_shape.
   hidden = jnp.zeros((1, enc.text_length, cap.prefix_inner_dim))
+  latent = jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim))
   prefix = nn.meta.unbox(cap.init(rng.key_for(int(config.seed), 0, "init/captioner"), hidden,
                                   latent, method=_prefix_layers))["params"]
-  template = nn.meta.unbox(jax.eval_shape(cap.init, jax.random.key(0), latent, ids))["params"]
-  init = {"params": {**prefix, "gpt": template["gpt"]}}
+  init = {"params": {**prefix, "gpt": _captioner_variables(enc)["params"]["gpt"]}}
   return wcap.init_from_hub_gpt2(tensors, init)["params"], "gpt2"
+
+
+def _captioner_variables(enc) -> dict:
+  """The caption decoder's (unboxed) variable shapes from jax.eval_shape: nothing allocated."""
+  latent = jnp.zeros((1, enc.text_length, enc.captioner.prefix_hidden_dim))
+  return nn.meta.unbox(jax.eval_shape(enc.captioner.init, jax.random.key(0), latent,
+                                      jnp.zeros((1, 2), jnp.int32)))
 
 
 def _prefix_layers(module, hidden_bld, latent_blc):
@@ -426,10 +429,8 @@ def run_import(config, workdir: str) -> dict:
         params, plan = import_uvit_file(config, src)
       elif part == "autoencoder":
         params = import_autoencoder(config, src)
-      elif part == "clip_text":
-        params = import_clip_text(config, src)
-      elif part == "clip_image":
-        params = import_clip_image(config, src)
+      elif part in ("clip_text", "clip_image"):
+        params = import_clip(config, src, part)
       else:
         params, kind = import_captioner(config, src)
     except WeightJobError as e:
@@ -509,13 +510,8 @@ def export_uvit_to(config, src: str, path: str) -> int:
 def export_captioner_to(config, src: str, path: str) -> int:
   from unidiffuser_jax import checkpoints
   from unidiffuser_jax.weights import captioner as wcap
-  enc = _encoders(config)
-  cap = enc.captioner
   params = checkpoints.load_params(src)
-  template = jax.eval_shape(cap.init, jax.random.key(0),
-                            jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim)),
-                            jnp.zeros((1, 2), jnp.int32))
-  checkpoints.check_params(params, nn.meta.unbox(template)["params"],
+  checkpoints.check_params(params, _captioner_variables(_encoders(config))["params"],
                            "the checkpoint", "config.encoders.captioner")
   tensors = wcap.export_caption_decoder({"params": jax.device_get(params)}, "released")
   save_safetensors(path, tensors, {"model": "unidiffuser-caption-decoder",
