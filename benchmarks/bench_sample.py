@@ -110,30 +110,16 @@ def _median_time(fn, warmup: int, reps: int):
   return statistics.median(times), times, out
 
 
-def _conditions(s: bench_train.Size, seed: int = 3) -> dict:
-  """Random conditioning latents (NHWC for z), made before any timing."""
-  rng = np.random.default_rng(seed)
-  return dict(
-      text=rng.standard_normal((s.batch, s.num_text_tokens, s.text_dim), np.float32),
-      z=rng.standard_normal((s.batch, s.latent_size, s.latent_size, s.latent_channels), np.float32),
-      clip=rng.standard_normal((s.batch, 1, s.clip_img_dim), np.float32))
-
-
 # ---------------------------------------------------------------- ours (JAX)
 
 def make_ours(s: bench_train.Size):
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
 
-  from unidiffuser_jax import train
   from unidiffuser_jax.models import uvit
 
-  model = uvit.UViT(version="v1", latent_size=s.latent_size, latent_channels=s.latent_channels,
-                    patch_size=s.patch_size, width=s.width, depth=s.depth, num_heads=s.num_heads,
-                    mlp_dim=s.mlp_dim, text_dim=s.text_dim, num_text_tokens=s.num_text_tokens,
-                    clip_img_dim=s.clip_img_dim, dtype=jnp.float32, remat="none")
-  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), *train.dummy_latents(model))))()
+  model = bench_train.our_uvit(s)
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))))()
   return model, params["params"]
 
 
@@ -177,7 +163,7 @@ def time_ours(task: str, model, params, run: Run, cond: dict) -> dict:
   import jax.numpy as jnp
 
   inputs = {"t2i": {"text": cond["text"]},
-            "i2t": {"z": cond["z"], "clip": cond["clip"]}}.get(task, {})
+            "i2t": {"z": cond["z"], "clip": cond["clip_img"]}}.get(task, {})
   inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
   keys = jax.random.split(jax.random.key(11), run.size.batch)
   program = ours_program(task, model, run)
@@ -192,51 +178,16 @@ def time_ours(task: str, model, params, run: Run, cond: dict) -> dict:
 
 # ---------------------------------------------------------------- weights: ours -> diffusers
 
-def released_to_diffusers(tensors: dict, depth: int) -> dict:
-  """Released thu-ml (v1) key layout -> diffusers UniDiffuserModel state dict (torch tensors).
-
-  The table mirrors tests/test_uvit_parity.py (facts from the two codebases): diffusers
-  splits attn.qkv into to_q/to_k/to_v, names the post-attention LayerNorm norm1, keeps
-  out-blocks' skip Linear + LayerNorm under .skip, and stores an unused copy of the patch
-  embedding at transformer.pos_embed.proj.
-  """
+def make_unet(s: bench_train.Size, released: dict):
+  """diffusers' UniDiffuserModel holding the released-layout (v1) `released` weights, renamed by
+  weights/uvit.py's diffusers table."""
   import torch
 
-  t = lambda a: torch.from_numpy(np.array(a, np.float32))  # a writable copy
-  names = {"patch_embed.proj": "vae_img_in.proj", "text_embed": "text_in",
-           "clip_img_embed": "clip_img_in", "norm": "transformer.norm_out",
-           "decoder_pred": "vae_img_out", "clip_img_out": "clip_img_out", "text_out": "text_out"}
-  out = {}
-  for ours, theirs in names.items():
-    for p in ("weight", "bias"):
-      out[f"{theirs}.{p}"] = t(tensors[f"{ours}.{p}"])
-  out["pos_embed"] = t(tensors["pos_embed"])
-  out["data_type_token_embedding.weight"] = t(tensors["token_embedding.weight"])
-  out["data_type_pos_embed_token"] = t(tensors["pos_embed_token"])
-  out["transformer.pos_embed.proj.weight"] = out["vae_img_in.proj.weight"].clone()
-  out["transformer.pos_embed.proj.bias"] = out["vae_img_in.proj.bias"].clone()
-  blocks = [(f"in_blocks.{i}", f"transformer.transformer_in_blocks.{i}") for i in range(depth // 2)]
-  blocks.append(("mid_block", "transformer.transformer_mid_block"))
-  for i in range(depth // 2):
-    ours, theirs = f"out_blocks.{i}", f"transformer.transformer_out_blocks.{i}"
-    blocks.append((ours, theirs + ".block"))
-    for ours_n, theirs_n in (("skip_linear", "skip.skip_linear"), ("norm1", "skip.norm")):
-      for p in ("weight", "bias"):
-        out[f"{theirs}.{theirs_n}.{p}"] = t(tensors[f"{ours}.{ours_n}.{p}"])
-  per_block = (("attn.proj", "attn1.to_out.0"), ("norm2", "norm1"), ("mlp.fc1", "ff.net.0.proj"),
-               ("mlp.fc2", "ff.net.2"), ("norm3", "norm3"))
-  for ours, theirs in blocks:
-    for ours_n, theirs_n in per_block:
-      for p in ("weight", "bias"):
-        out[f"{theirs}.{theirs_n}.{p}"] = t(tensors[f"{ours}.{ours_n}.{p}"])
-    for name, w in zip("qkv", np.split(tensors[f"{ours}.attn.qkv.weight"], 3, axis=0)):
-      out[f"{theirs}.attn1.to_{name}.weight"] = t(w)
-  return out
+  from unidiffuser_jax.weights.uvit import released_to_diffusers
 
-
-def make_unet(s: bench_train.Size, released: dict):
   unet = bench_train.diffusers_uvit(s)
-  unet.load_state_dict(released_to_diffusers(released, s.depth), strict=True)
+  state = {k: torch.from_numpy(v) for k, v in released_to_diffusers(released, "v1", s.depth).items()}
+  unet.load_state_dict(state, strict=True)
   return unet.eval()
 
 
@@ -245,14 +196,14 @@ def forward_parity(model, params, unet, s: bench_train.Size) -> float:
   import jax.numpy as jnp
   import torch
 
-  c = _conditions(s, seed=5)
+  c = bench_train.make_batch(s, seed=5)
   t_img = np.linspace(0, 1000, s.batch).astype(np.float32)
   t_text = t_img[::-1].copy()
-  ours = model.apply({"params": params}, jnp.asarray(c["z"]), jnp.asarray(c["clip"]),
+  ours = model.apply({"params": params}, jnp.asarray(c["z"]), jnp.asarray(c["clip_img"]),
                      jnp.asarray(c["text"]), jnp.asarray(t_img), jnp.asarray(t_text),
                      jnp.ones((s.batch,), jnp.int32))
   with torch.inference_mode():
-    theirs = unet(torch.from_numpy(c["z"]).permute(0, 3, 1, 2), torch.from_numpy(c["clip"]),
+    theirs = unet(torch.from_numpy(c["z"]).permute(0, 3, 1, 2), torch.from_numpy(c["clip_img"]),
                   torch.from_numpy(c["text"]), timestep_img=torch.from_numpy(t_img),
                   timestep_text=torch.from_numpy(t_text), data_type=1)
   theirs = (theirs[0].permute(0, 2, 3, 1), theirs[1], theirs[2])
@@ -260,19 +211,6 @@ def forward_parity(model, params, unet, s: bench_train.Size) -> float:
 
 
 # ---------------------------------------------------------------- diffusers pipeline from parts
-
-def _byte_chars() -> list[str]:
-  """GPT-2/CLIP byte-to-unicode table (printable bytes map to themselves)."""
-  keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-  out, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      out[b] = chr(b)
-    else:
-      out[b] = chr(256 + extra)
-      extra += 1
-  return [out[b] for b in range(256)]
-
 
 def _write_bpe(directory: str, vocab: list[str], merges: list[str]) -> tuple[str, str]:
   os.makedirs(directory, exist_ok=True)
@@ -293,9 +231,10 @@ def make_pipeline(s: bench_train.Size, unet, run: Run, tmp: str):
                                                           UniDiffuserTextDecoder)
   from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                             CLIPVisionConfig, CLIPVisionModelWithProjection, GPT2Tokenizer)
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
 
   torch.manual_seed(0)
-  chars = _byte_chars()
+  chars = list(bytes_to_unicode().values())  # GPT-2 / CLIP's stand-in for each byte
   clip_vocab = chars + [c + "</w>" for c in chars] + ["ca", "cat</w>", "<|startoftext|>",
                                                       "<|endoftext|>"]
   clip_tok = CLIPTokenizer(*_write_bpe(os.path.join(tmp, "clip"), clip_vocab,
@@ -348,7 +287,7 @@ def diffusers_loop(pipe, task: str, run: Run, cond: dict, seed: int = 0):
   # Conditions (not generated by the loop in the pipeline either).
   text_c = torch.from_numpy(cond["text"])
   z_c = torch.from_numpy(cond["z"]).permute(0, 3, 1, 2).contiguous()
-  clip_c = torch.from_numpy(cond["clip"])
+  clip_c = torch.from_numpy(cond["clip_img"])
 
   def one():
     with torch.inference_mode():
@@ -519,7 +458,7 @@ def main() -> None:
         f"diff ours vs diffusers: {err:.1e}")
   if err > 1e-3:
     raise RuntimeError(f"weights did not transfer: forward differs by {err}")
-  cond = _conditions(s)
+  cond = bench_train.make_batch(s, seed=3)  # random conditions, made before any timing
   fwd_flops = bench_train.forward_flops(dataclasses.replace(s, batch=1))
 
   with tempfile.TemporaryDirectory() as tmp:

@@ -97,6 +97,18 @@ def diffusers_uvit(s: "Size"):
       use_timestep_embedding=False, norm_elementwise_affine=True, use_patch_pos_embed=False,
       ff_final_dropout=True, use_data_type_embedding=True)
 
+
+def our_uvit(s: "Size"):
+  """Our U-ViT (v1, float32, no remat) of size `s`: the network diffusers_uvit(s) builds."""
+  import jax.numpy as jnp
+
+  from unidiffuser_jax.models import uvit
+  return uvit.UViT(version="v1", latent_size=s.latent_size, latent_channels=s.latent_channels,
+                   patch_size=s.patch_size, width=s.width, depth=s.depth, num_heads=s.num_heads,
+                   mlp_dim=s.mlp_dim, text_dim=s.text_dim, num_text_tokens=s.num_text_tokens,
+                   clip_img_dim=s.clip_img_dim, dtype=jnp.float32, remat="none")
+
+
 def forward_flops(s: Size) -> int:
   """Multiply-add FLOPs (2 per MAC) of one forward pass: every matmul and attention product."""
   b, t, d, m = s.batch, s.num_tokens, s.width, s.mlp_dim
@@ -153,10 +165,7 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   from unidiffuser_jax.diffusion import objective
   from unidiffuser_jax.models import uvit
 
-  model = uvit.UViT(version="v1", latent_size=s.latent_size, latent_channels=s.latent_channels,
-                    patch_size=s.patch_size, width=s.width, depth=s.depth, num_heads=s.num_heads,
-                    mlp_dim=s.mlp_dim, text_dim=s.text_dim, num_text_tokens=s.num_text_tokens,
-                    clip_img_dim=s.clip_img_dim, dtype=jnp.float32, remat="none")
+  model = our_uvit(s)
 
   def loss(params, frozen, batch, key):
     del frozen  # the benchmark feeds latents: no frozen encoders
@@ -165,7 +174,7 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
                                      batch["data_type"], key)
     return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
 
-  task = train.Task("bench", lambda: model.init(jax.random.key(0), *train.dummy_latents(model))["params"],
+  task = train.Task("bench", lambda: model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"],
                     loss)
   train_cfg = mc.ConfigDict(dict(lr=1e-4, warmup_steps=0, weight_decay=0.03, betas=(0.9, 0.9),
                                  grad_clip_norm=0.0, ema_decay=0.9999, grad_accum=1))

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from configs import laion
 from tests.golden import shardings as golden
 from unidiffuser_jax import aot, sharding, train
+from unidiffuser_jax.models import uvit
 
 BATCH = 8
 
@@ -142,7 +143,7 @@ def test_activation_constraints_reach_the_compiler():
   mesh = sharding.make_mesh(golden.MESH)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = train.make_model(config.model)
-  args = train.dummy_latents(model, BATCH)
+  args = uvit.dummy_inputs(model, BATCH)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)["params"]))
   fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
   with sharding.tracing_context(mesh, rules):

@@ -12,8 +12,9 @@ from PIL import Image
 
 from configs import demo
 from data_pipelines import demo_data
-from unidiffuser_jax import rng, sample, sharding, train, vocab
+from unidiffuser_jax import errors, rng, sample, train, vocab
 from unidiffuser_jax.diffusion import modes
+from unidiffuser_jax.models import uvit
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def setup(tmp_path_factory):
                        prompts=("a red circle on the left", "a blue square at the top",
                                 "a green triangle on the right"))
   model = train.make_model(config.model)
-  params = nn.unbox(model.init(jax.random.key(0), *train.dummy_latents(model))["params"])
+  params = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])
   ckpt = root / "uvit"
   with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save
     ckptr.save(ckpt, {"ema_params": jax.device_get(params)})
@@ -90,7 +91,7 @@ def test_bad_solver_settings_fail_before_loading(setup, tmp_path):
   config = config.copy_and_resolve_references()
   config.sample.method = "singlestep_fast"  # no longer a method name
   config.sample.checkpoint = str(tmp_path / "missing")  # never reached
-  with pytest.raises(sharding.ConfigError, match="config.sample: unknown method"):
+  with pytest.raises(errors.ConfigError, match="config.sample: unknown method"):
     sample.run(config, str(tmp_path))
 
 

@@ -10,7 +10,7 @@ from scipy import stats
 from configs import demo
 from data_pipelines import synthetic
 from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import sharding, train, vocab
+from unidiffuser_jax import errors, sharding, train, vocab
 from unidiffuser_jax.diffusion import objective
 
 
@@ -190,5 +190,5 @@ def test_fine_tune_starts_from_given_weights(tmp_path):
   # A model of another width is refused, naming the first mismatching parameter.
   config.model.update(width=64, mlp_dim=128)
   mesh, model, tx, enc, enc_params, enc_sh, other, other_sh = _setup(config, jax.devices())
-  with pytest.raises(sharding.ConfigError, match="has shape"):
+  with pytest.raises(errors.ConfigError, match="has shape"):
     train.start_from(other, other_sh, str(tmp_path / "w"))

@@ -2,8 +2,10 @@
 
 A tiny diffusers model with every parameter randomised (LayerNorms and the
 zero-initialised data-type position token included, so a swapped or ignored
-tensor shows up) is renamed to the released thu-ml key layout, written to
-safetensors, read with our loader, imported, and run on the same inputs.
+tensor shows up) is renamed to the released thu-ml key layout (weights/uvit.py's
+diffusers table: a wrong entry shows up as a forward mismatch or a strict-load
+failure), written to safetensors, read with our loader, imported, and run on the
+same inputs.
 """
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from safetensors.numpy import save_file
 import jax.numpy as jnp
 
 from unidiffuser_jax.models.uvit import UViT, interpolate_patch_pos
+from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.convert import WeightMismatchError
 from unidiffuser_jax.weights.tensors import load_tensors
 from tests.refs import uvit as uvit_ref
@@ -92,6 +95,14 @@ def test_missing_and_misshaped_tensors_are_named(setup):
   other = UViT(version='v0' if version == 'v1' else 'v1', **uvit_ref.CFG)
   with pytest.raises(WeightMismatchError, match='token_embedding'):
     import_uvit(released, other)
+
+
+def test_diffusers_tensors_the_table_does_not_place_are_named(setup):
+  version, torch_model, _, _, _ = setup
+  state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  state['transformer.extra.weight'] = np.zeros(3, np.float32)
+  with pytest.raises(WeightMismatchError, match=r'transformer\.extra\.weight'):
+    wuvit.diffusers_to_released(state, version, uvit_ref.DEPTH)
 
 
 @pytest.mark.parametrize('new', [(6, 6), (3, 5), (4, 4)])

@@ -14,7 +14,7 @@ from configs import demo, laion
 from data_pipelines import demo_data, transforms
 from unidiffuser_jax import vocab
 from unidiffuser_jax.models import captioner as captioner_lib
-from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

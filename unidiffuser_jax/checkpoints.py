@@ -11,10 +11,14 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from unidiffuser_jax.errors import ConfigError
+
 STATE, DATA, CONFIG = "state", "data", "config"
+_SHOWN_PROBLEMS = 8  # check_params names this many mismatches, then counts the rest
 
 
 def manager(workdir: str, *, keep: int, async_save: bool = True,
@@ -88,3 +92,24 @@ def load_params(path: str, abstract_params=None, item: str = STATE, key: str | N
 
 def _is_train_state(tree) -> bool:
   return isinstance(tree, dict) and bool({"params", "opt_state", "step"} & set(tree))
+
+
+def check_params(params, template, what: str, needs: str) -> None:
+  """Raises ConfigError (one line) unless `params` has exactly the paths and shapes of `template`.
+
+  `template`: the tree the config builds (arrays or ShapeDtypeStructs); `what`: the loaded
+  weights (e.g. "init_from=DIR"); `needs`: what decides the template (e.g. "config.model").
+  Every missing, unexpected and mis-shaped parameter counts; the first few are named.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path
+  name = lambda p: jax.tree_util.keystr(p, simple=True, separator="/")
+  want = {name(p): tuple(np.shape(x)) for p, x in leaves(template)}
+  got = {name(p): tuple(np.shape(x)) for p, x in leaves(params)}
+  problems = [f"missing {k}" for k in want if k not in got]
+  problems += [f"unexpected {k}" for k in got if k not in want]
+  problems += [f"{k} has shape {got[k]} but {needs} needs {want[k]}"
+               for k in want if k in got and got[k] != want[k]]
+  if problems:
+    more = len(problems) - _SHOWN_PROBLEMS
+    shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; {more} more" if more > 0 else "")
+    raise ConfigError(f"{what} does not match {needs} ({len(problems)} problem(s)): {shown}")

@@ -25,7 +25,7 @@ import numpy as np
 
 from data_pipelines import demo_sets, shards
 from unidiffuser_jax import captioner_train, sample, train, vocab
-from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.errors import ConfigError
 
 JUDGED = ("t2i", "i2t")  # the tasks a generated set's judge scores
 

@@ -22,7 +22,6 @@ import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from unidiffuser_jax import rng, sharding
 from unidiffuser_jax.models import captioner as captioner_lib
@@ -84,7 +83,8 @@ class Encoders:
       if path:
         from unidiffuser_jax import checkpoints
         host = checkpoints.load_params(path)
-        _check_same_structure(part, path, nn.unbox(abstract), host)
+        checkpoints.check_params(host, nn.unbox(abstract), f"encoder weights {part} at {path}",
+                                 f"config.encoders.{part}")
         params[part] = jax.device_put(host, shardings)
         log.info("encoders: %s loaded from %s", part, path)
       else:
@@ -147,18 +147,6 @@ class Encoders:
 _DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
                   ("conv_in", None), ("conv_out", "fsdp"), ("io", None), ("norm", None),
                   ("pos", None), ("layers", None))
-
-
-def _check_same_structure(part, path, abstract, host) -> None:
-  want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(host)}
-  problems = [f"missing {k}" for k in want if k not in got]
-  problems += [f"unexpected {k}" for k in got if k not in want]
-  problems += [f"{k}: shape {got[k]} but the config needs {want[k]}"
-               for k in want if k in got and tuple(got[k]) != tuple(want[k])]
-  if problems:
-    raise ValueError(f"encoder weights for {part} at {path} do not match config.encoders.{part}:\n  "
-                     + "\n  ".join(problems[:20]))
 
 
 def build(enc_cfg, model=None) -> Encoders:

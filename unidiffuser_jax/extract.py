@@ -43,7 +43,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unidiffuser_jax import sharding
+from unidiffuser_jax import errors, sharding
 
 log = logging.getLogger(__name__)
 TEXT_MODES = ("tokens", "hidden", "both")
@@ -53,9 +53,9 @@ def extract_options(config) -> dict:
   """config.extract (configs/common.extract) as a dict; rejects unknown text modes."""
   opts = dict(config.extract)
   if opts["text"] not in TEXT_MODES:
-    raise sharding.ConfigError(f"config.extract.text={opts['text']!r}; use one of {TEXT_MODES}")
+    raise errors.ConfigError(f"config.extract.text={opts['text']!r}; use one of {TEXT_MODES}")
   if int(opts["shard_size"]) < 1:
-    raise sharding.ConfigError(f"config.extract.shard_size={opts['shard_size']}; use >= 1")
+    raise errors.ConfigError(f"config.extract.shard_size={opts['shard_size']}; use >= 1")
   return opts
 
 
@@ -142,7 +142,7 @@ def run(config, workdir: str) -> dict:
   opts = extract_options(config)
   text_mode = opts["text"]
   if not config.data.tokenizer:
-    raise sharding.ConfigError("extraction needs token ids: set config.data.tokenizer")
+    raise errors.ConfigError("extraction needs token ids: set config.data.tokenizer")
   mesh = sharding.make_mesh(config.mesh)
   global_batch = int(opts["batch_size"]) or int(config.train.batch_size)
   sharding.check_batch_divisible(global_batch, mesh, what="the extraction batch size")

@@ -10,7 +10,7 @@ import importlib
 import logging
 import os
 
-from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

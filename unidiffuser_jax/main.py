@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from unidiffuser_jax.errors import ConfigError  # noqa: E402
+
 MODES = ("train", "describe", "sample", "import", "export", "extract", "train_captioner")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (a runbook).",
@@ -42,7 +44,6 @@ def _run(argv) -> None:
 
 
 def main() -> None:
-  from unidiffuser_jax.sharding import ConfigError
   try:
     app.run(_run, flags_parser=_parse_flags)
   except ConfigError as e:

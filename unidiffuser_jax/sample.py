@@ -33,7 +33,8 @@ from PIL import Image
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, latent_stats, rng, sharding, train
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, latent_stats, rng
+from unidiffuser_jax import sharding, train
 from unidiffuser_jax import weight_jobs
 from unidiffuser_jax.diffusion import modes, solvers
 from unidiffuser_jax.models import captioner as captioner_lib
@@ -380,7 +381,7 @@ def run(config, workdir: str, inputs: dict | None = None) -> dict:
   try:  # fail on bad solver settings before loading anything
     solvers.check_args(int(s.steps), int(s.order), s.method, s.skip_type)
   except ValueError as e:
-    raise sharding.ConfigError(f"config.sample: {e}") from None
+    raise errors.ConfigError(f"config.sample: {e}") from None
   inputs = config_inputs(config) if inputs is None else inputs
   for task in s.tasks:  # fail on missing prompts/images before loading anything
     task_inputs(task, inputs, config)

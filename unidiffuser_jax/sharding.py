@@ -14,13 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from unidiffuser_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over every data-parallel axis.
 BATCH_AXES = ("data", "fsdp")
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot work; the message says what to change."""
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, latent_stats, rng, sharding, weight_jobs
+from unidiffuser_jax import checkpoints, errors, latent_stats, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -57,16 +57,8 @@ def make_model(model_cfg) -> uvit.UViT:
     model = uvit.UViT(**cfg)
     model._check_config()  # pylint: disable=protected-access
   except (TypeError, ValueError) as e:
-    raise sharding.ConfigError(f"config.model: {e}") from None
+    raise errors.ConfigError(f"config.model: {e}") from None
   return model
-
-
-def dummy_latents(model: uvit.UViT, batch: int = 1):
-  z = jnp.zeros((batch, model.latent_size, model.latent_size, model.latent_channels))
-  clip = jnp.zeros((batch, 1, model.clip_img_dim))
-  text = jnp.zeros((batch, model.num_text_tokens, model.text_dim))
-  t = jnp.zeros((batch,))
-  return z, clip, text, t, t, jnp.ones((batch,), jnp.int32)
 
 
 def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None = None) -> Task:
@@ -74,7 +66,7 @@ def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None =
   clean_prob, loss_weight, min_snr_gamma (diffusion/objective.py; empty = the paper's)."""
   objective_kw = dict(objective_kw or {})
   def init_params():
-    return model.init(rng.key_for(seed, 0, "init"), *dummy_latents(model))["params"]
+    return model.init(rng.key_for(seed, 0, "init"), *uvit.dummy_inputs(model))["params"]
 
   def loss(params, encoder_params, batch, key):
     k_enc, k_loss = jax.random.split(key)
@@ -182,7 +174,7 @@ def compile_train_step(step_fn, mesh, state_shardings, frozen_shardings):
 def check_config(config, train_cfg, mesh) -> None:
   sharding.check_batch_divisible(train_cfg.batch_size, mesh)
   if train_cfg.batch_size % train_cfg.grad_accum:
-    raise sharding.ConfigError(
+    raise errors.ConfigError(
         f"batch_size={train_cfg.batch_size} is not divisible by grad_accum="
         f"{train_cfg.grad_accum}; make batch_size a multiple of grad_accum")
   micro = train_cfg.batch_size // train_cfg.grad_accum
@@ -193,14 +185,7 @@ def start_from(state: TrainState, state_shardings, path: str) -> TrainState:
   """Fine-tuning: params and EMA from `path` (an imported params dir or a workdir),
   fresh optimizer state. Every mismatch is named before anything is replaced."""
   loaded = checkpoints.load_params(path)
-  want = jax.tree_util.tree_structure(state.params)
-  if jax.tree_util.tree_structure(loaded) != want:
-    raise sharding.ConfigError(f"init_from={path}: its parameter tree does not match the model "
-                               f"config (compare `--mode=describe` with the file)")
-  for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(loaded)):
-    if tuple(a.shape) != tuple(b.shape):
-      raise sharding.ConfigError(f"init_from={path}: {jax.tree_util.keystr(kp)} has shape "
-                                 f"{tuple(b.shape)} but the config needs {tuple(a.shape)}")
+  checkpoints.check_params(loaded, state.params, f"init_from={path}", "the model config")
   params = jax.device_put(jax.tree.map(lambda a, b: np.asarray(b, a.dtype), state.params, loaded),
                           state_shardings.params)
   return state.replace(params=params, ema_params=params)

@@ -15,7 +15,7 @@ from etils import epath
 import orbax.checkpoint as ocp
 
 from unidiffuser_jax import tokenizers
-from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.errors import ConfigError
 
 # Where each part's token embedding lives in its params tree (models/clip.py, models/gpt2.py).
 _EMBEDDING = {"clip_text": ("token_embedding", "embedding"), "captioner": ("wte", "embedding")}

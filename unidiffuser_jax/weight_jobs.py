@@ -43,10 +43,11 @@ import tqdm
 from etils import epath
 
 from unidiffuser_jax import rng
-from unidiffuser_jax.sharding import ConfigError
+from unidiffuser_jax.errors import ConfigError
 from unidiffuser_jax.tokenizers import write_clip_tokenizer
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.convert import WeightMismatchError
+from unidiffuser_jax.weights.tensors import load_metadata, load_tensors, save_safetensors
 
 
 PARTS = ("uvit", "autoencoder", "clip_image", "clip_text", "captioner")
@@ -218,7 +219,6 @@ def import_uvit_file(config, path: str) -> tuple[dict, dict]:
   """-> (params, plan_uvit_import's plan) for the released-layout U-ViT file at `path`."""
   from unidiffuser_jax import train
   from unidiffuser_jax.models.uvit import resize_pos_embed
-  from unidiffuser_jax.weights.tensors import load_metadata, load_tensors
   tensors = load_tensors(path)
   plan = plan_uvit_import(config, tensors, path, load_metadata(path))
   model = train.make_model(config.model).clone(**plan["model"])
@@ -296,22 +296,20 @@ def _check_module(module, wanted: dict, what: str, flag: str) -> None:
     raise WeightJobError(_mismatch_message(what, diffs, flag))
 
 
-def import_clip_text(config, src: str) -> dict:
+def import_clip(config, src: str, part: str) -> dict:
+  """`part` "clip_text" or "clip_image": a transformers CLIP model dir / local-cache repo id."""
   from unidiffuser_jax.weights import clip as wclip
+  what, read_config, to_params = {
+      "clip_text": ("CLIP text model", wclip.text_config_from_json,
+                    wclip.clip_text_params_from_tensors),
+      "clip_image": ("CLIP vision model", wclip.vision_config_from_json,
+                     wclip.clip_vision_params_from_tensors),
+  }[part]
   d = wclip.find_model_dir(src)
-  model = _encoders(config).clip_text
-  _check_module(model, wclip.text_config_from_json(_read_json(d, "config.json")),
-                f"CLIP text model {d}", "encoders.clip_text")
-  return wclip.clip_text_params_from_tensors(model, wclip.load_model_tensors(d))
-
-
-def import_clip_image(config, src: str) -> dict:
-  from unidiffuser_jax.weights import clip as wclip
-  d = wclip.find_model_dir(src)
-  model = _encoders(config).clip_image
-  _check_module(model, wclip.vision_config_from_json(_read_json(d, "config.json")),
-                f"CLIP vision model {d}", "encoders.clip_image")
-  return wclip.clip_vision_params_from_tensors(model, wclip.load_model_tensors(d))
+  model = getattr(_encoders(config), part)
+  _check_module(model, read_config(_read_json(d, "config.json")), f"{what} {d}",
+                f"encoders.{part}")
+  return to_params(model, wclip.load_model_tensors(d))
 
 
 # Hub ids that moved: the old name's cache folder may be missing while the new one's is there.
@@ -335,7 +333,6 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
   """-> (params, kind): kind 'decoder' (a trained caption decoder) or 'gpt2' (fresh start)."""
   from unidiffuser_jax.weights import captioner as wcap
   from unidiffuser_jax.weights import clip as wclip
-  from unidiffuser_jax.weights.tensors import load_tensors
   enc = _encoders(config)
   cap = enc.captioner
   cfg_json = None
@@ -345,15 +342,13 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
     d = _find_model_dir(src)
     tensors = wclip.load_model_tensors(d)
     cfg_json = _read_json(d, "config.json")
-  latent = jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim))
-  ids = jnp.zeros((1, 2), jnp.int32)
   try:
     layout = wcap.detect_layout(tensors)
   except wcap.WeightMismatchError:
     layout = None
   if layout is not None:
-    template = jax.eval_shape(cap.init, jax.random.key(0), latent, ids)
-    return wcap.import_caption_decoder(tensors, template, layout)["params"], "decoder"
+    params = wcap.import_caption_decoder(tensors, _captioner_variables(enc), layout)["params"]
+    return params, "decoder"
   # A hub GPT-2: the prefix layers start fresh (seeded like the stage-1 trainer's init).
   if cfg_json is not None:
     hub = {"n_embd": cap.n_embd, "n_layer": cap.n_layer, "n_head": cap.n_head,
@@ -366,11 +361,18 @@ def import_captioner(config, src: str) -> tuple[dict, str]:
       raise WeightJobError(_mismatch_message(f"GPT-2 {src}", diffs, "encoders.captioner"))
   # Only the prefix layers are initialised for real; GPT-2's shapes come from eval_shape.
   hidden = jnp.zeros((1, enc.text_length, cap.prefix_inner_dim))
+  latent = jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim))
   prefix = nn.meta.unbox(cap.init(rng.key_for(int(config.seed), 0, "init/captioner"), hidden,
                                   latent, method=_prefix_layers))["params"]
-  template = nn.meta.unbox(jax.eval_shape(cap.init, jax.random.key(0), latent, ids))["params"]
-  init = {"params": {**prefix, "gpt": template["gpt"]}}
+  init = {"params": {**prefix, "gpt": _captioner_variables(enc)["params"]["gpt"]}}
   return wcap.init_from_hub_gpt2(tensors, init)["params"], "gpt2"
+
+
+def _captioner_variables(enc) -> dict:
+  """The caption decoder's (unboxed) variable shapes from jax.eval_shape: nothing allocated."""
+  latent = jnp.zeros((1, enc.text_length, enc.captioner.prefix_hidden_dim))
+  return nn.meta.unbox(jax.eval_shape(enc.captioner.init, jax.random.key(0), latent,
+                                      jnp.zeros((1, 2), jnp.int32)))
 
 
 def _prefix_layers(module, hidden_bld, latent_blc):
@@ -425,10 +427,8 @@ def run_import(config, workdir: str) -> dict:
         params, plan = import_uvit_file(config, src)
       elif part == "autoencoder":
         params = import_autoencoder(config, src)
-      elif part == "clip_text":
-        params = import_clip_text(config, src)
-      elif part == "clip_image":
-        params = import_clip_image(config, src)
+      elif part in ("clip_text", "clip_image"):
+        params = import_clip(config, src, part)
       else:
         params, kind = import_captioner(config, src)
     except WeightJobError as e:
@@ -490,28 +490,6 @@ def _is_params_source(path: str) -> bool:
                                for n in ("checkpoints", "_CHECKPOINT_METADATA", "_METADATA"))
 
 
-def _check_tree(params, template, what: str, src: str, flag: str) -> None:
-  leaves = jax.tree_util.tree_leaves_with_path
-  want = {jax.tree_util.keystr(p): x.shape for p, x in leaves(template)}
-  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in leaves(params)}
-  problems = [f"missing {k}" for k in want if k not in got]
-  problems += [f"unexpected {k}" for k in got if k not in want]
-  problems += [f"{k}: shape {got[k]}, config.{flag} needs {want[k]}"
-               for k in want if k in got and tuple(got[k]) != tuple(want[k])]
-  if problems:
-    raise WeightJobError(f"{what} at {src} does not match config.{flag}:\n  "
-                         + "\n  ".join(problems[:20]))
-
-
-def _save_safetensors(path: str, tensors: dict, metadata: dict) -> None:
-  from safetensors.numpy import save
-  data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
-              metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
-  p = epath.Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  p.write_bytes(data)  # local or remote (gs://) workdirs alike
-
-
 def export_uvit_to(config, src: str, path: str) -> int:
   from unidiffuser_jax import checkpoints, train
   from unidiffuser_jax.models.uvit import abstract_variables
@@ -519,28 +497,23 @@ def export_uvit_to(config, src: str, path: str) -> int:
   model = train.make_model(config.model)
   check_imported_uvit(model, src, "sample.checkpoint")
   params = checkpoints.load_params(src)
-  _check_tree(params, nn.meta.unbox(abstract_variables(model))["params"], "U-ViT params", src,
-              "model")
+  checkpoints.check_params(params, nn.meta.unbox(abstract_variables(model))["params"],
+                           "the checkpoint", "config.model")
   tensors = export_uvit(params, model)
-  _save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
-                                    "config": json.dumps(dict(config.model))})
+  save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
+                                   "config": json.dumps(dict(config.model))})
   return _count(tensors)
 
 
 def export_captioner_to(config, src: str, path: str) -> int:
   from unidiffuser_jax import checkpoints
   from unidiffuser_jax.weights import captioner as wcap
-  enc = _encoders(config)
-  cap = enc.captioner
   params = checkpoints.load_params(src)
-  template = jax.eval_shape(cap.init, jax.random.key(0),
-                            jnp.zeros((1, enc.text_length, cap.prefix_hidden_dim)),
-                            jnp.zeros((1, 2), jnp.int32))
-  _check_tree(params, nn.meta.unbox(template)["params"], "caption decoder params", src,
-              "encoders.captioner")
+  checkpoints.check_params(params, _captioner_variables(_encoders(config))["params"],
+                           "the checkpoint", "config.encoders.captioner")
   tensors = wcap.export_caption_decoder({"params": jax.device_get(params)}, "released")
-  _save_safetensors(path, tensors, {"model": "unidiffuser-caption-decoder",
-                                    "config": json.dumps(dict(config.encoders.captioner))})
+  save_safetensors(path, tensors, {"model": "unidiffuser-caption-decoder",
+                                   "config": json.dumps(dict(config.encoders.captioner))})
   return _count(tensors)
 
 

@@ -4,6 +4,8 @@ import numpy as np
 import torch
 from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit
 
+from unidiffuser_jax.weights import uvit as wuvit
+
 HEADS, HEAD_DIM, DEPTH = 4, 8, 4  # depth 4: two in-blocks, so LIFO skip order is exercised
 CFG = dict(latent_size=8, latent_channels=4, patch_size=2, width=HEADS * HEAD_DIM, depth=DEPTH,
            num_heads=HEADS, mlp_dim=4 * HEADS * HEAD_DIM, text_dim=6, num_text_tokens=5,
@@ -39,70 +41,15 @@ def torch_model(version: str, seed: int = 0, cfg: dict = CFG):
   return model.eval()
 
 
-# -- renaming between diffusers and the released thu-ml layout (facts from the two codebases) --
-
-def _block_renames(ours: str, theirs: str):
-  """(thu-ml suffix, diffusers suffix) pairs of one block, qkv excluded (it is split in diffusers)."""
-  return [(f'{ours}.attn.proj.weight', f'{theirs}.attn1.to_out.0.weight'),
-          (f'{ours}.attn.proj.bias', f'{theirs}.attn1.to_out.0.bias'),
-          (f'{ours}.norm2.weight', f'{theirs}.norm1.weight'),  # after attention
-          (f'{ours}.norm2.bias', f'{theirs}.norm1.bias'),
-          (f'{ours}.mlp.fc1.weight', f'{theirs}.ff.net.0.proj.weight'),
-          (f'{ours}.mlp.fc1.bias', f'{theirs}.ff.net.0.proj.bias'),
-          (f'{ours}.mlp.fc2.weight', f'{theirs}.ff.net.2.weight'),
-          (f'{ours}.mlp.fc2.bias', f'{theirs}.ff.net.2.bias'),
-          (f'{ours}.norm3.weight', f'{theirs}.norm3.weight'),
-          (f'{ours}.norm3.bias', f'{theirs}.norm3.bias')]
-
-
-def _renames(version: str, depth: int):
-  """[(thu-ml name, diffusers name)] for plain one-to-one tensors; block prefixes for qkv."""
-  pairs = [('patch_embed.proj.weight', 'vae_img_in.proj.weight'),
-           ('patch_embed.proj.bias', 'vae_img_in.proj.bias'),
-           ('text_embed.weight', 'text_in.weight'), ('text_embed.bias', 'text_in.bias'),
-           ('clip_img_embed.weight', 'clip_img_in.weight'), ('clip_img_embed.bias', 'clip_img_in.bias'),
-           ('pos_embed', 'pos_embed'),
-           ('norm.weight', 'transformer.norm_out.weight'), ('norm.bias', 'transformer.norm_out.bias'),
-           ('decoder_pred.weight', 'vae_img_out.weight'), ('decoder_pred.bias', 'vae_img_out.bias'),
-           ('clip_img_out.weight', 'clip_img_out.weight'), ('clip_img_out.bias', 'clip_img_out.bias'),
-           ('text_out.weight', 'text_out.weight'), ('text_out.bias', 'text_out.bias')]
-  if version == 'v1':
-    pairs += [('token_embedding.weight', 'data_type_token_embedding.weight'),
-              ('pos_embed_token', 'data_type_pos_embed_token')]
-  blocks = [(f'in_blocks.{i}', f'transformer.transformer_in_blocks.{i}') for i in range(depth // 2)]
-  blocks.append(('mid_block', 'transformer.transformer_mid_block'))
-  for i in range(depth // 2):
-    ours, theirs = f'out_blocks.{i}', f'transformer.transformer_out_blocks.{i}'
-    blocks.append((ours, theirs + '.block'))
-    pairs += [(f'{ours}.skip_linear.weight', f'{theirs}.skip.skip_linear.weight'),
-              (f'{ours}.skip_linear.bias', f'{theirs}.skip.skip_linear.bias'),
-              (f'{ours}.norm1.weight', f'{theirs}.skip.norm.weight'),  # the skip LayerNorm
-              (f'{ours}.norm1.bias', f'{theirs}.skip.norm.bias')]
-  for ours, theirs in blocks:
-    pairs += _block_renames(ours, theirs)
-  return pairs, blocks
-
+# -- diffusers <-> the released thu-ml layout: the library's table (weights/uvit.py), torch here --
 
 def diffusers_to_released(state: dict, version: str, depth: int = DEPTH) -> dict:
-  pairs, blocks = _renames(version, depth)
-  out = {thu: state[dif].numpy() for thu, dif in pairs}
-  for thu, dif in blocks:
-    out[f'{thu}.attn.qkv.weight'] = torch.cat(
-        [state[f'{dif}.attn1.to_{n}.weight'] for n in 'qkv'], dim=0).numpy()
-  # transformer.pos_embed.proj.* is an unused copy of the patch embedding in diffusers.
-  return out
+  return wuvit.diffusers_to_released({k: v.numpy() for k, v in state.items()}, version, depth)
 
 
 def released_to_diffusers(tensors: dict, version: str, depth: int = DEPTH) -> dict:
-  pairs, blocks = _renames(version, depth)
-  out = {dif: torch.from_numpy(np.array(tensors[thu])) for thu, dif in pairs}
-  for thu, dif in blocks:
-    q, k, v = np.split(np.array(tensors[f'{thu}.attn.qkv.weight']), 3, axis=0)
-    for n, w in zip('qkv', (q, k, v)):
-      out[f'{dif}.attn1.to_{n}.weight'] = torch.from_numpy(w)
-  out['transformer.pos_embed.proj.weight'] = out['vae_img_in.proj.weight'].clone()
-  out['transformer.pos_embed.proj.bias'] = out['vae_img_in.proj.bias'].clone()
-  return out
+  return {k: torch.from_numpy(np.array(v))
+          for k, v in wuvit.released_to_diffusers(tensors, version, depth).items()}
 
 
 # -- running both --

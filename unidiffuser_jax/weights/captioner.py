@@ -137,7 +137,7 @@ def export_caption_decoder(params: Mapping, layout: str = 'released') -> dict[st
   out = convert.export(params, entries)
   top, gpt = LAYOUTS[layout]
   out[lm_head_name(layout)] = out[top + gpt + 'transformer.wte.weight'].copy()
-  return out
+  return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
 def _hub_prefix(tensors: Mapping[str, np.ndarray]) -> str:

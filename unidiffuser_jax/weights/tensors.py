@@ -35,6 +35,7 @@ import zipfile
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 
 class UnsafeWeightsError(ValueError):
@@ -72,32 +73,34 @@ _TORCH_DTYPES = {
 }
 
 
-class _StorageType:
-  """Stands in for ``torch.FloatStorage`` & co. inside the pickle.
+class _DtypeName:
+  """Stands in for a torch global that names a dtype, inside the pickle.
 
-  Only the name is kept; the dtype is looked up again at use time so that a
-  BUILD opcode aimed at this object cannot smuggle in another dtype.
+  Only the name is kept; the dtype is looked up again at use time in the
+  subclass's class-level table, so that a BUILD opcode aimed at this object
+  cannot smuggle in another dtype (no __dict__, and the table is no slot).
   """
   __slots__ = ("name",)
+  _DTYPES: dict[str, np.dtype] = {}
 
   def __init__(self, name: str):
     self.name = name
 
   @property
   def dtype(self) -> np.dtype:
-    return _STORAGE_DTYPES[str(self.name)]
+    return self._DTYPES[str(self.name)]
 
 
-class _TorchDtype:
-  """Stands in for ``torch.float32`` & co. (same idea as _StorageType)."""
-  __slots__ = ("name",)
+class _StorageType(_DtypeName):
+  """``torch.FloatStorage`` & co."""
+  __slots__ = ()
+  _DTYPES = _STORAGE_DTYPES
 
-  def __init__(self, name: str):
-    self.name = name
 
-  @property
-  def dtype(self) -> np.dtype:
-    return _TORCH_DTYPES[str(self.name)]
+class _TorchDtype(_DtypeName):
+  """``torch.float32`` & co. (only _rebuild_tensor_v3 passes one)."""
+  __slots__ = ()
+  _DTYPES = _TORCH_DTYPES
 
 
 class _Storage:
@@ -302,8 +305,16 @@ def load_metadata(path: str) -> dict[str, str]:
     return dict(f.metadata() or {})
 
 
-def save_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-  """Writes {name: array} to a .safetensors file (arrays made contiguous)."""
-  from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()},
-            os.fspath(path))
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                     metadata: Mapping[str, object] | None = None) -> None:
+  """Writes {name: array} to a .safetensors file, local or remote (gs://...); dtypes are kept.
+
+  `metadata`: header strings (values are str()-ed) besides "format": "pt", which PyTorch
+  loaders (transformers, diffusers) look for.
+  """
+  from safetensors.numpy import save  # as load_tensors: only safetensors files need it
+  data = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()},
+              metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_bytes(data)

@@ -9,6 +9,11 @@ Released key layout (torch shapes; W = width, F = mlp_dim, p = patch, C = channe
   norm, decoder_pred, clip_img_out, text_out
 Our module names mirror these (dots in ModuleList indices become underscores).
 
+diffusers' port (UniDiffuserModel) names the same tensors otherwise (diffusers_names): it splits
+attn.qkv into attn1.to_q / to_k / to_v, calls the post-attention LayerNorm norm1, keeps the
+out-blocks' skip Linear + LayerNorm under .skip, and stores an unused copy of the patch embedding
+at transformer.pos_embed.proj.
+
 What a file determines (infer_uvit_config): version (v1 has token_embedding / pos_embed_token),
 num_data_types, width, latent_channels and patch_size (patch_embed's kernel), depth (the in/out
 block count k; depth d builds d//2 in-blocks, so any d with d//2 == k fits), mlp_dim, text_dim,
@@ -32,7 +37,8 @@ from unidiffuser_jax.weights import convert
 from unidiffuser_jax.weights.convert import Entry, WeightMismatchError
 
 __all__ = ['uvit_entries', 'import_uvit', 'export_uvit', 'WeightMismatchError', 'GEOMETRY',
-           'infer_uvit_config', 'pos_table_splits', 'split_pos_table', 'geometry_diffs']
+           'infer_uvit_config', 'pos_table_splits', 'split_pos_table', 'geometry_diffs',
+           'diffusers_names', 'released_to_diffusers', 'diffusers_to_released']
 
 # The UViT fields that decide the parameter shapes or their layout (num_heads: the qkv order).
 GEOMETRY = ('version', 'latent_size', 'latent_channels', 'patch_size', 'width', 'depth',
@@ -278,3 +284,72 @@ def geometry_diffs(a: Mapping, b: Mapping) -> list[str]:
     elif a.get(k) != b.get(k):
       diff.append(k)
   return diff
+
+
+# ----------------------------------------------------------------------------- diffusers' names
+
+# diffusers tensors that copy another one and are never used: {copy: original}.
+_DIFFUSERS_COPIES = {'transformer.pos_embed.proj.weight': 'vae_img_in.proj.weight',
+                     'transformer.pos_embed.proj.bias': 'vae_img_in.proj.bias'}
+
+
+def diffusers_names(version: str, depth: int) -> tuple[list[tuple[str, str]],
+                                                          list[tuple[str, str]]]:
+  """([(released name, diffusers UniDiffuserModel name)] of the tensors that only change name,
+  [(released block, diffusers block)] whose attn.qkv.weight diffusers splits into
+  attn1.to_q / to_k / to_v) for a U-ViT of `version` and `depth` (depth // 2 in/out blocks)."""
+  pairs = [(f'{ours}.{p}', f'{theirs}.{p}')
+           for ours, theirs in (('patch_embed.proj', 'vae_img_in.proj'), ('text_embed', 'text_in'),
+                                ('clip_img_embed', 'clip_img_in'), ('norm', 'transformer.norm_out'),
+                                ('decoder_pred', 'vae_img_out'), ('clip_img_out', 'clip_img_out'),
+                                ('text_out', 'text_out'))
+           for p in ('weight', 'bias')]
+  pairs.append(('pos_embed', 'pos_embed'))
+  if version == 'v1':
+    pairs += [('token_embedding.weight', 'data_type_token_embedding.weight'),
+              ('pos_embed_token', 'data_type_pos_embed_token')]
+  blocks = [(f'in_blocks.{i}', f'transformer.transformer_in_blocks.{i}')
+            for i in range(depth // 2)]
+  blocks.append(('mid_block', 'transformer.transformer_mid_block'))
+  for i in range(depth // 2):
+    ours, theirs = f'out_blocks.{i}', f'transformer.transformer_out_blocks.{i}'
+    blocks.append((ours, f'{theirs}.block'))
+    pairs += [(f'{ours}.{o}.{p}', f'{theirs}.skip.{t}.{p}')
+              for o, t in (('skip_linear', 'skip_linear'), ('norm1', 'norm'))
+              for p in ('weight', 'bias')]
+  per_block = (('attn.proj', 'attn1.to_out.0'), ('norm2', 'norm1'), ('mlp.fc1', 'ff.net.0.proj'),
+               ('mlp.fc2', 'ff.net.2'), ('norm3', 'norm3'))
+  pairs += [(f'{ours}.{o}.{p}', f'{theirs}.{t}.{p}') for ours, theirs in blocks
+            for o, t in per_block for p in ('weight', 'bias')]
+  return pairs, blocks
+
+
+def released_to_diffusers(tensors: Mapping[str, np.ndarray], version: str,
+                          depth: int) -> dict[str, np.ndarray]:
+  """Released-layout tensors -> a diffusers UniDiffuserModel state dict (numpy copies)."""
+  pairs, blocks = diffusers_names(version, depth)
+  out = {theirs: np.array(tensors[ours]) for ours, theirs in pairs}
+  for ours, theirs in blocks:
+    for n, w in zip('qkv', np.split(np.asarray(tensors[f'{ours}.attn.qkv.weight']), 3, axis=0)):
+      out[f'{theirs}.attn1.to_{n}.weight'] = np.array(w)
+  for copy, original in _DIFFUSERS_COPIES.items():
+    out[copy] = out[original].copy()
+  return out
+
+
+def diffusers_to_released(state: Mapping[str, np.ndarray], version: str,
+                          depth: int) -> dict[str, np.ndarray]:
+  """A diffusers UniDiffuserModel state dict (numpy arrays) -> released-layout tensors.
+  Raises WeightMismatchError naming any tensor the table does not place."""
+  pairs, blocks = diffusers_names(version, depth)
+  out = {ours: np.asarray(state[theirs]) for ours, theirs in pairs}
+  for ours, theirs in blocks:
+    out[f'{ours}.attn.qkv.weight'] = np.concatenate(
+        [np.asarray(state[f'{theirs}.attn1.to_{n}.weight']) for n in 'qkv'], axis=0)
+  placed = {theirs for _, theirs in pairs} | set(_DIFFUSERS_COPIES) | {
+      f'{theirs}.attn1.to_{n}.weight' for _, theirs in blocks for n in 'qkv'}
+  unplaced = sorted(set(state) - placed)
+  if unplaced:
+    raise WeightMismatchError(f'{len(unplaced)} diffusers tensor(s) with no released name: '
+                              f'{", ".join(unplaced[:5])}')
+  return out
