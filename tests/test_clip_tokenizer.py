@@ -15,12 +15,13 @@ import random
 import subprocess
 import sys
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import laion
-from data_pipelines import make_shards, pipeline, transforms
+from data_pipelines import features, make_shards, transforms
 from unidiffuser_jax import tokenizers, weight_jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,10 +291,10 @@ def test_laion_extract_then_train_with_the_imported_tokenizer(imported, laion_sh
   summary = json.load(open(glob.glob(str(out / "extract-*.json"))[0]))
   assert summary["records"] == N_RECORDS, summary
   keys = open(glob.glob(str(out / "keys-*.txt"))[0]).read().split()
-  src = pipeline.grain.sources.ArrayRecordDataSource(pipeline.expand_feature_shards(str(out)))
+  src = grain.sources.ArrayRecordDataSource(features.expand_feature_shards(str(out)))
   assert len(src) == len(keys) == N_RECORDS
   for i, key in enumerate(keys):
-    tokens = pipeline.deserialize_features(src[i])["tokens"]
+    tokens = features.deserialize_features(src[i])["tokens"]
     ref = open_clip_tok.tokenize([transforms.clean_caption(by_key[key])])[0].numpy()
     n = int((ref != 0).sum())
     assert tokens.shape == (77,) and tokens.dtype == np.int32

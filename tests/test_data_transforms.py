@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import data_config
 from data_pipelines import filters
-from data_pipelines import pipeline
 from data_pipelines import transforms
 
 
@@ -124,7 +124,7 @@ def test_tokenize_with_demo_tokenizer(tmp_path):
 
 
 def test_filters_thresholds_and_missing_fields():
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   assert filters.metadata_reason({}, cfg) is None  # all off by default
   cfg.min_side = 512
   cfg.max_aspect = 2.0
