@@ -17,10 +17,10 @@ per wall second.
 The second part (--what wait) is the fraction of step time spent waiting for
 data in a demo training run: configs/demo.py as it is (its generated shards,
 its model and batch), the train loop's own pieces (train.uvit_task,
-compile_train_step, sources.make_train_iterator), iterated as run_loop does
+compile_train_step, input_pipeline.make_train_iterator), iterated as run_loop does
 (next batch -> to_global -> async step). After --warmup steps (compilation,
 worker start-up, prefetch fill) it times --steps steps with
-pipeline.DataWaitTimer: wait = time blocked in next(data_iterator), total =
+iterators.DataWaitTimer: wait = time blocked in next(data_iterator), total =
 wall time of those steps (the device is synchronised at the end; with --sync
 after every step, so no data time hides behind device time). Reported for
 --workers (default 0 and 2 grain worker processes).
@@ -43,8 +43,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
+from data_pipelines import data_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_pipelines import iterators  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import make_shards  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -93,13 +94,13 @@ def _plain_record(rec, res, with_clip):
 
 
 def pipeline_loop(shard_dir, res):
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.shards = shard_dir
   cfg.resolution = res
   cfg.num_workers = 0
   cfg.prefetch = 0
   cfg.drop_remainder = False
-  it = pipeline.make_iterator(cfg, global_batch_size=8, process_index=0,
+  it = iterators.make_iterator(cfg, global_batch_size=8, process_index=0,
                               process_count=1, seed=0, num_epochs=1)
   n = sum(b['image'].shape[0] for b in it if 'image' in b)
   it.close()
@@ -130,9 +131,9 @@ def demo_config(quick: bool):
 def data_wait(config, shard_dir, n_train, workers, steps, warmup, sync):
   """Rows (workers, timer summary, step seconds) for each grain worker count."""
   import jax  # pylint: disable=g-import-not-at-top
-  from data_pipelines import demo_data, sources  # pylint: disable=g-import-not-at-top
+  from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
   from unidiffuser_jax import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
-  from unidiffuser_jax import sharding, train, vocab  # pylint: disable=g-import-not-at-top
+  from unidiffuser_jax import input_pipeline, sharding, train, vocab  # pylint: disable=g-import-not-at-top
 
   paths = demo_data.build_demo(shard_dir, n_train=n_train, n_heldout=2,
                                size=config.data.resolution, seed=0,
@@ -158,12 +159,12 @@ def data_wait(config, shard_dir, n_train, workers, steps, warmup, sync):
   with mesh:
     for nw in workers:
       config.data.num_workers = nw
-      it = sources.make_train_iterator(config, config.train, 0, 1)
+      it = input_pipeline.make_train_iterator(config, config.train, 0, 1)
       timer = None
       for i in range(warmup + steps):
         if i == warmup:
           jax.block_until_ready(state)
-          timer = pipeline.DataWaitTimer()
+          timer = iterators.DataWaitTimer()
         batch = dict(timer.next(it) if timer else next(it))
         batch.pop('skipped', None)
         state, m = step_fn(state, frozen, sharding.to_global(batch, mesh))

@@ -1,7 +1,11 @@
 """Host input pipelines: webdataset tar shards or precomputed features -> batches.
 
-Modules: shards (tar reading), transforms (images, CLIP input, captions,
-tokens), filters (metadata filters, SKIP_REASONS), pipeline (grain iterators,
-feature shards, default_data_config), make_shards and check (command-line
-tools), demo_data (offline demo set and its judge).
+A leaf package: it imports nothing from unidiffuser_jax (tests/test_layering.py).
+Modules: shards (tar reading), transforms (images, the host CLIP preprocessing,
+captions, tokens, the tokenizer loader), hub_cache (the local Hugging Face cache),
+filters (metadata filters, SKIP_REASONS), records (entries -> examples),
+iterators (grain datasets -> per-host batches), features (precomputed feature
+shards), data_config (the data config's fields), synthetic (random batches),
+make_shards, make_tokenizer and check (command-line tools), demo_sets with
+demo_data and glyph_data (offline demo sets and their judges).
 """

@@ -3,7 +3,7 @@
   python -m data_pipelines.check 'data/train/*.tar' --min_side 256 \\
       --max_watermark 0.5
 
-Every field of pipeline.default_data_config() is a flag (--resolution,
+Every field of data_config.default_data_config() is a flag (--resolution,
 --min_side, --max_aspect, ...; 'none' clears a threshold). By default images
 are decoded and checked but not resized (--transform also runs the crops and
 CLIP preprocessing, i.e. everything the pipeline does except tokenising).
@@ -16,7 +16,8 @@ import argparse
 import collections
 import sys
 
-from data_pipelines import pipeline
+from data_pipelines import data_config
+from data_pipelines import records
 from data_pipelines import shards as shards_lib
 from data_pipelines.filters import SKIP_REASONS
 
@@ -40,7 +41,7 @@ def _parse_value(text, default):
 def scan(paths, cfg, *, transform=False, progress=True):
   """Counts per outcome: {'ok': n, reason: n, ...} over all entries."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  proc = pipeline.RecordProcessor(cfg, None, transform_images=transform)
+  proc = records.RecordProcessor(cfg, None, transform_images=transform)
   counts = collections.Counter()
   with tqdm(desc='check', unit='rec', file=sys.stderr,
             disable=not progress) as bar:
@@ -53,7 +54,7 @@ def scan(paths, cfg, *, transform=False, progress=True):
 
 
 def main(argv=None):
-  defaults = pipeline.default_data_config()
+  defaults = data_config.default_data_config()
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('paths', nargs='+', help='shard files, dirs, globs')
   ap.add_argument('--transform', action='store_true')
@@ -63,7 +64,7 @@ def main(argv=None):
       continue
     ap.add_argument(f'--{name}', default=None, metavar='V')
   a = ap.parse_args(argv)
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   for name in cfg:
     v = getattr(a, name, None)
     if v is not None:

@@ -2,7 +2,7 @@
 
 Every record of a shard is either yielded or counted under exactly one reason
 of SKIP_REASONS (the first that applies, in the order checked by
-pipeline.RecordProcessor). Metadata fields that are absent never filter: a
+records.RecordProcessor). Metadata fields that are absent never filter: a
 shard without `punsafe` passes the unsafe filter.
 """
 from __future__ import annotations

@@ -20,9 +20,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from data_pipelines import shards as shards_lib
+from data_pipelines import transforms
 
 SPECIALS = ("<|endoftext|>", "[UNK]")
-EOS = "<|EOS|>"
 
 
 def split_words(text: str) -> list[str]:
@@ -41,7 +41,7 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str) -> str:
   fast = PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token="<|endoftext|>",
       eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="[UNK]")
-  fast.add_tokens([EOS], special_tokens=True)
+  fast.add_tokens([transforms.EOS_TOKEN], special_tokens=True)
   fast.save_pretrained(out_dir)
   return out_dir
 

@@ -245,7 +245,8 @@ def expand_shards(spec) -> list[str]:
 
   A directory means all `*.tar` in it. Globs are resolved with epath (works
   for gs://). Order: sorted within each item, items in the given order, no
-  duplicates. Raises ValueError if nothing matches, naming the spec.
+  duplicates. Raises ValueError, naming the spec, if nothing matches or none
+  of the paths exists (some missing ones are 'bad_shard' skips).
   """
   if spec is None:
     raise ValueError('no shards given (data.shards is empty)')
@@ -267,7 +268,7 @@ def expand_shards(spec) -> list[str]:
         if p.is_dir():
           out.extend(sorted(str(q) for q in p.glob('*.tar')))
         else:
-          out.append(pat)  # A missing file becomes a 'bad_shard' skip later.
+          out.append(pat)  # A missing file becomes a 'bad_shard' skip later...
   seen, uniq = set(), []
   for p in out:
     if p not in seen:
@@ -275,4 +276,9 @@ def expand_shards(spec) -> list[str]:
       uniq.append(p)
   if not uniq:
     raise ValueError(f'no shards match {spec!r}')
+  # ...but if none exists (a missing directory, a typo), an endless reader
+  # would only count skips. Stops at the first shard that exists.
+  if not any(epath.Path(p).exists() for p in uniq):
+    raise ValueError(f'no shards found: {spec!r} names {len(uniq)} path(s), none of '
+                     f'which exists (first: {uniq[0]})')
   return uniq

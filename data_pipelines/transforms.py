@@ -1,6 +1,8 @@
 """Per-record transforms: image decoding, crops, CLIP preprocessing, captions, tokens.
 
-Everything here runs on the host in numpy/PIL and is deterministic.
+Everything here runs on the host in numpy/PIL and is deterministic. The CLIP
+image preprocessing and constants here are the only ones in the repo (models/clip.py's
+on-device variant uses the same constants); load_tokenizer is the only tokenizer loader.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import warnings
 import ftfy
 import numpy as np
 from PIL import Image
+
+from data_pipelines import hub_cache
 
 # CLIP's image normalisation (openai/clip, also HF CLIPImageProcessor).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -99,11 +103,13 @@ def image_to_array(img: Image.Image, resolution: int) -> np.ndarray:
   return x / 127.5 - 1.0
 
 
-def _clip_preprocess_pil(img: Image.Image, size: int) -> np.ndarray:
-  """CLIP preprocessing of one RGB image -> float32 [size, size, 3].
+def clip_image(img: Image.Image, size: int) -> np.ndarray:
+  """CLIP input for one RGB image -> float32 [size, size, 3].
 
-  As CLIPImageProcessor: bicubic resize of the short side to `size` (long side
-  int(size * long / short)), centre crop size x size, /255, mean/std.
+  The host CLIP preprocessing (training, extraction and sampling all use it):
+  as transformers' CLIPImageProcessor (PIL backend), bicubic resize of the
+  short side to `size` (long side int(size * long / short)), centre crop
+  size x size, /255, CLIP_MEAN / CLIP_STD; channels last.
   """
   w, h = img.size
   if w <= h:
@@ -119,38 +125,15 @@ def _clip_preprocess_pil(img: Image.Image, size: int) -> np.ndarray:
 
 
 def clip_preprocess_np(images: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [B, H, W, 3] -> float32 [B, size, size, 3] (CLIP's preprocessing)."""
+  """uint8 [B, H, W, 3] -> float32 [B, size, size, 3]: clip_image of each image."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise ValueError(f'expected uint8 [B, H, W, 3], got {images.dtype} '
+    raise ValueError(f'expected uint8 images [B, H, W, 3], got {images.dtype} '
                      f'{images.shape}')
-  return np.stack([_clip_preprocess_pil(Image.fromarray(im), size)
-                   for im in images])
-
-
-def clip_image(img: Image.Image, size: int) -> np.ndarray:
-  """CLIP input for one decoded RGB image -> float32 [size, size, 3].
-
-  Prefers the models package's clip_preprocess_np (the one the samplers use)
-  so that training and sampling see identical pixels; ours is equivalent.
-  """
-  fn = _models_clip_preprocess()
-  if fn is None:
-    return _clip_preprocess_pil(img, size)
-  return fn(np.asarray(img, np.uint8)[None], size)[0].astype(np.float32)
-
-
-_MODELS_FN = []
-
-
-def _models_clip_preprocess():
-  if not _MODELS_FN:
-    try:
-      from unidiffuser_jax.models.clip import clip_preprocess_np as fn  # pylint: disable=g-import-not-at-top
-    except Exception:  # pylint: disable=broad-except  # not written yet
-      fn = None
-    _MODELS_FN.append(fn)
-  return _MODELS_FN[0]
+  out = np.empty((images.shape[0], size, size, 3), np.float32)
+  for i, im in enumerate(images):
+    out[i] = clip_image(Image.fromarray(im), size)
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -199,25 +182,60 @@ def clean_caption(text: str) -> str:
 # Tokens.
 
 
-def load_tokenizer(spec: str):
-  """AutoTokenizer from a local directory, or a hub name from the local cache.
+# The caption decoder's end marker: GPT-2's vocabulary plus this one token.
+EOS_TOKEN = '<|EOS|>'
+_TOKENIZER_FILES = (('vocab.json', 'merges.txt'), ('tokenizer.json',))
 
-  Never downloads: a hub name is looked up with local_files_only=True.
+
+def _has_tokenizer_files(directory: str) -> bool:
+  return any(all(os.path.isfile(os.path.join(directory, f)) for f in files)
+             for files in _TOKENIZER_FILES)
+
+
+def tokenizer_dir(spec: str) -> str:
+  """The local folder with the tokenizer files of a directory or a hub id.
+
+  A hub id is looked up in the local hub cache only (hub_cache.snapshot_dirs);
+  in either, a `tokenizer/` subfolder (diffusers pipelines) is accepted too.
   """
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   if not spec:
-    raise ValueError('data.tokenizer is empty: give a tokenizer directory')
-  if os.path.isdir(spec):
-    return AutoTokenizer.from_pretrained(spec)
-  try:
-    return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    hint = (' For CLIP\'s tokenizer without a hub, --mode=import --config.weights.'
-            'clip_tokenizer=bpe_simple_vocab_16e6.txt.gz writes a directory.'
-            if 'clip' in spec.lower() else '')
-    raise ValueError(
-        f'tokenizer {spec!r} is neither a local directory nor in the local '
-        f'hub cache ({e}).{hint}') from None
+    raise ValueError('the tokenizer is empty: give a tokenizer directory')
+  roots = [spec] if os.path.isdir(spec) else hub_cache.snapshot_dirs(spec)
+  for root in roots:
+    for d in (root, os.path.join(root, 'tokenizer')):
+      if os.path.isdir(d) and _has_tokenizer_files(d):
+        return d
+  hint = (' For CLIP\'s tokenizer without a hub, --mode=import --config.weights.'
+          'clip_tokenizer=bpe_simple_vocab_16e6.txt.gz writes a directory.'
+          if 'clip' in spec.lower() else '')
+  where = (f'the directory {spec} has no vocab.json + merges.txt or tokenizer.json'
+           if os.path.isdir(spec) else
+           f'{spec!r} is neither a local directory nor in the local hub cache '
+           f'({hub_cache.repo_dir(spec)})')
+  raise ValueError(f'tokenizer: {where}; nothing is downloaded.{hint}')
+
+
+def load_tokenizer(spec: str):
+  """The one tokenizer loader: a local directory, or a hub id from the local cache.
+
+  AutoTokenizer on tokenizer_dir(spec), never downloading. A CLIP tokenizer
+  without a pad token pads with its end token (as CLIP does); a GPT-2
+  tokenizer without EOS_TOKEN gets it as the id right after its base
+  vocabulary (50257 for `gpt2`), the row the caption decoder adds.
+  """
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  # heavy
+  tok = AutoTokenizer.from_pretrained(tokenizer_dir(spec), local_files_only=True)
+  if _is_clip(tok) and tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+  if _is_gpt2(tok) and EOS_TOKEN not in tok.get_vocab():
+    base = tok.vocab_size  # the BPE vocabulary without added tokens
+    tok.add_special_tokens({'pad_token': EOS_TOKEN})
+    if tok.convert_tokens_to_ids(EOS_TOKEN) != base:
+      raise ValueError(
+          f'tokenizer {spec!r}: {EOS_TOKEN} would get id '
+          f'{tok.convert_tokens_to_ids(EOS_TOKEN)}, but the caption decoder needs it '
+          f'right after the {base}-token base vocabulary; other added tokens come first')
+  return tok
 
 
 def clip_text_clean(text: str) -> str:
@@ -231,6 +249,11 @@ def clip_text_clean(text: str) -> str:
 def _is_clip(tokenizer) -> bool:
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top  # heavy; loaded with the tokenizer
   return isinstance(tokenizer, CLIPTokenizer)
+
+
+def _is_gpt2(tokenizer) -> bool:
+  from transformers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top  # heavy; loaded with the tokenizer
+  return isinstance(tokenizer, GPT2Tokenizer)
 
 
 def tokenize(tokenizer, texts, max_length: int) -> np.ndarray:

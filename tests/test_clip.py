@@ -1,4 +1,4 @@
-"""Flax CLIP towers vs transformers (tiny random models), loading path, preprocessing."""
+"""Flax CLIP towers vs transformers (tiny random models), loading path, on-device preprocessing."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from tests.refs import clip as clip_ref
+from data_pipelines import transforms
 from unidiffuser_jax.models import clip
 from unidiffuser_jax.weights import clip as clip_weights
 from unidiffuser_jax.weights.convert import WeightMismatchError, flatten
@@ -97,21 +98,6 @@ def test_missing_tensor_is_named():
     clip_weights.clip_text_params_from_tensors(model, tensors)
 
 
-def test_preprocess_np_matches_clip_image_processor():
-  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-  size = 24
-  proc = CLIPImageProcessorPil(size={"shortest_edge": size},
-                               crop_size={"height": size, "width": size})
-  rng = np.random.default_rng(0)
-  for h, w in [(37, 61), (80, 29), (24, 24), (13, 18), (25, 24)]:
-    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    want = proc(images=img, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
-    got = clip.clip_preprocess_np(img[None], size)
-    assert got.shape == (1, size, size, 3) and got.dtype == np.float32
-    # Same PIL resize and crop; only float32 rounding of the normalisation differs.
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-
-
 def test_preprocess_on_device_close_to_host():
   """jax bicubic on floats vs PIL bicubic on uint8: differ by ~ the uint8 step."""
   size = 24
@@ -120,7 +106,7 @@ def test_preprocess_on_device_close_to_host():
     # Smooth images (upsampled noise): resampling differences stay small, as on photos.
     small = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3)).astype(np.float32)
     img = np.asarray(jax.image.resize(small, (h, w, 3), "linear")).round().astype(np.uint8)
-    want = clip.clip_preprocess_np(img[None], size)
+    want = transforms.clip_preprocess_np(img[None], size)  # the host preprocessing
     got = np.asarray(clip.clip_preprocess(jnp.asarray(img[None] / 127.5 - 1.0), size))
     assert got.shape == want.shape
     err = np.abs(got - want)

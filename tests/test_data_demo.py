@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import demo_data as demo
-from data_pipelines import pipeline
+from data_pipelines import data_config
+from data_pipelines import iterators
 
 
 @pytest.mark.parametrize('size', [32, 64])
@@ -57,14 +58,14 @@ def test_build_demo_round_trip(tmp_path):
   assert demo.build_demo(out, n_train=40, n_heldout=12, size=32, seed=0,
                          shard_size=16) == p  # idempotent: nothing rewritten
   assert os.path.getmtime(p['train_shards'][0]) == mtime
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.shards = p['heldout']
   cfg.resolution = 32
   cfg.clip_resolution = 16
   cfg.tokenizer = p['tokenizer']
   cfg.with_text = True
   cfg.drop_remainder = False
-  it = pipeline.make_iterator(cfg, global_batch_size=12, process_index=0,
+  it = iterators.make_iterator(cfg, global_batch_size=12, process_index=0,
                               process_count=1, seed=0, num_epochs=1)
   b = next(it)
   it.close()

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from data_pipelines import check
+from data_pipelines import data_config
+from data_pipelines import features
+from data_pipelines import iterators
 from data_pipelines import make_shards
-from data_pipelines import pipeline
 from data_pipelines.filters import SKIP_REASONS
 
 N_IMAGES = 45
@@ -42,7 +44,7 @@ def shard_dir(tmp_path_factory):
 
 
 def _cfg(shards, **kw):
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.shards = shards
   cfg.resolution = 16
   cfg.clip_resolution = 12
@@ -73,7 +75,7 @@ def _all_keys():
 
 def test_round_trip_exactly_once_and_seeded(shard_dir):
   cfg = _cfg(shard_dir)
-  mk = lambda seed, epochs=1: pipeline.make_iterator(
+  mk = lambda seed, epochs=1: iterators.make_iterator(
       cfg, global_batch_size=4, process_index=0, process_count=1, seed=seed,
       num_epochs=epochs)
   a = _keys(mk(0))
@@ -90,7 +92,7 @@ def test_batch_contents(shard_dir, tmp_path):
   tok_dir = demo_data.build_tokenizer(str(tmp_path / 'tok'))
   cfg = _cfg(shard_dir, with_text=False, tokenizer=tok_dir, max_length=9,
              data_type=1)
-  it = pipeline.make_iterator(cfg, global_batch_size=8, process_index=0,
+  it = iterators.make_iterator(cfg, global_batch_size=8, process_index=0,
                               process_count=2, seed=3, num_epochs=1)
   b = next(it)
   it.close()
@@ -111,7 +113,7 @@ def test_four_processes_partition(shard_dir):
   cfg = _cfg(shard_dir)
   per = []
   for p in range(4):
-    per.append(_keys(pipeline.make_iterator(
+    per.append(_keys(iterators.make_iterator(
         cfg, global_batch_size=8, process_index=p, process_count=4, seed=5,
         num_epochs=1)))
   union = [k for ks in per for k in ks]
@@ -126,7 +128,7 @@ def test_four_processes_partition(shard_dir):
 
 def test_resume_from_state_matches_unbroken_run(shard_dir):
   cfg = _cfg(shard_dir, drop_remainder=True)
-  mk = lambda: pipeline.make_iterator(cfg, global_batch_size=3,
+  mk = lambda: iterators.make_iterator(cfg, global_batch_size=3,
                                       process_index=0, process_count=1,
                                       seed=11, num_epochs=None)
   full = mk()
@@ -149,7 +151,7 @@ def test_resume_from_state_matches_unbroken_run(shard_dir):
 def test_resume_through_orbax_checkpoint(shard_dir, tmp_path):
   import orbax.checkpoint as ocp
   cfg = _cfg(shard_dir, drop_remainder=True, shuffle_buffer=5)
-  mk = lambda: pipeline.make_iterator(cfg, global_batch_size=4,
+  mk = lambda: iterators.make_iterator(cfg, global_batch_size=4,
                                       process_index=0, process_count=1,
                                       seed=2, num_epochs=None)
   full = mk()
@@ -178,7 +180,7 @@ def test_resume_through_orbax_checkpoint(shard_dir, tmp_path):
 
 def test_worker_processes_exactly_once(shard_dir):
   cfg = _cfg(shard_dir, num_workers=2)
-  keys = _keys(pipeline.make_iterator(cfg, global_batch_size=4,
+  keys = _keys(iterators.make_iterator(cfg, global_batch_size=4,
                                       process_index=0, process_count=1,
                                       seed=0, num_epochs=1))
   assert sorted(keys) == sorted(_all_keys())
@@ -199,7 +201,7 @@ def test_check_tool_last_line(shard_dir, capsys):
 def test_feature_shards_round_trip(tmp_path):
   rng = np.random.default_rng(0)
   recs = []
-  with pipeline.FeatureWriter(str(tmp_path / 'feat'), shard_size=7) as w:
+  with features.FeatureWriter(str(tmp_path / 'feat'), shard_size=7) as w:
     for i in range(20):
       r = {'moments': rng.normal(size=(2, 2, 8)).astype(np.float32),
            'clip_img': rng.normal(size=(1, 5)).astype(np.float32),
@@ -207,12 +209,12 @@ def test_feature_shards_round_trip(tmp_path):
       recs.append(r)
       w.write(r)
   assert len(w.paths) == 3
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.features = str(tmp_path / 'feat')
   cfg.prefetch = 1
   seen = []
   for p in range(2):
-    it = pipeline.make_feature_iterator(cfg, global_batch_size=4,
+    it = features.make_feature_iterator(cfg, global_batch_size=4,
                                         process_index=p, process_count=2,
                                         seed=0, num_epochs=1)
     for b in it:
@@ -226,7 +228,7 @@ def test_feature_shards_round_trip(tmp_path):
         seen.append(i)
   assert sorted(seen) == list(range(20))  # 10 per process, batches of 2
   # Resume.
-  mk = lambda: pipeline.make_feature_iterator(
+  mk = lambda: features.make_feature_iterator(
       cfg, global_batch_size=2, process_index=0, process_count=1, seed=4)
   it = mk()
   ref = [next(it)['tokens'][:, 0].tolist() for _ in range(15)]
@@ -240,7 +242,7 @@ def test_feature_shards_round_trip(tmp_path):
 
 
 def test_wait_timer():
-  t = pipeline.DataWaitTimer()
+  t = iterators.DataWaitTimer()
   it = iter([1, 2, 3])
   assert [t.next(it) for _ in range(3)] == [1, 2, 3]
   s = t.summary()
@@ -286,7 +288,7 @@ def test_config_with_only_some_fields(shard_dir):
       min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0,
       min_aesthetic=0.0, min_caption_chars=1, max_caption_chars=200,
       max_image_pixels=4096 * 4096))
-  it = pipeline.make_iterator(cfg, global_batch_size=4, process_index=0,
+  it = iterators.make_iterator(cfg, global_batch_size=4, process_index=0,
                               process_count=1, seed=0)
   b = next(it)
   it.close()

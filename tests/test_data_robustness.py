@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from data_pipelines import check
+from data_pipelines import data_config
+from data_pipelines import iterators
 from data_pipelines import make_shards
-from data_pipelines import pipeline
+from data_pipelines import records
 from data_pipelines import shards as shards_lib
 from data_pipelines.filters import SKIP_REASONS
 
@@ -93,7 +95,7 @@ RECORD_KINDS = [r for r in SKIP_REASONS if r not in ('bad_shard',
 
 
 def _cfg(shards):
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.shards = shards
   cfg.resolution = 8
   cfg.clip_resolution = 8
@@ -159,9 +161,9 @@ def fuzz(tmp_path_factory):
 
 def test_fuzz_counts_and_no_good_record_lost(fuzz, caplog):
   paths, planted, good = fuzz
-  pipeline._warned.clear()
+  records._warned.clear()
   caplog.set_level(logging.WARNING)
-  it = pipeline.make_iterator(_cfg(','.join(paths)), global_batch_size=5,
+  it = iterators.make_iterator(_cfg(','.join(paths)), global_batch_size=5,
                               process_index=0, process_count=1, seed=0,
                               num_epochs=1)
   keys, skipped = [], np.zeros(len(SKIP_REASONS), np.int64)
@@ -215,12 +217,28 @@ def test_expand_shards(tmp_path):
   assert shards_lib.expand_shards(f'{want[2]},{want[0]}') == [want[2], want[0]]
   with pytest.raises(ValueError, match='no shards'):
     shards_lib.expand_shards(f'{d}/*.nothing')
+  # A missing file among existing ones is a 'bad_shard' skip later (the fuzz set).
+  assert shards_lib.expand_shards(f'{want[0]},{d}/gone.tar') == [want[0], f'{d}/gone.tar']
+
+
+@pytest.mark.parametrize('spec', ['missing_dir', 'missing_dir/*.tar',
+                                  'missing_dir/{00000..00002}.tar', 'a.tar,b.tar'])
+def test_missing_shards_fail_at_once_with_one_line(tmp_path, spec):
+  """Shards that all do not exist used to make an endless reader count 'bad_shard'
+  skips forever; now building the iterator stops with one line naming the spec."""
+  spec = ','.join(str(tmp_path / s) for s in spec.split(','))
+  with pytest.raises(ValueError, match='no shards') as e:
+    shards_lib.expand_shards(spec)
+  assert '\n' not in str(e.value) and repr(spec) in str(e.value)
+  with pytest.raises(ValueError, match='no shards'):  # raises before any batch is read
+    iterators.make_iterator(_cfg(spec), global_batch_size=2, process_index=0,
+                            process_count=1, seed=0)
 
 
 def test_fuzz_counts_survive_resume(fuzz):
   """Skip counts summed before a checkpoint and after restoring it add up."""
   paths, planted, good = fuzz
-  mk = lambda: pipeline.make_iterator(_cfg(','.join(paths)),
+  mk = lambda: iterators.make_iterator(_cfg(','.join(paths)),
                                       global_batch_size=6, process_index=0,
                                       process_count=1, seed=9, num_epochs=1)
   it = mk()

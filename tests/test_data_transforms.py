@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import data_config
 from data_pipelines import filters
-from data_pipelines import pipeline
 from data_pipelines import transforms
 
 
@@ -40,7 +40,8 @@ def test_clip_preprocess_matches_transformers():
   rng = np.random.default_rng(0)
   proc = CLIPImageProcessorPil(size={'shortest_edge': 24},
                                crop_size={'height': 24, 'width': 24})
-  for h, w in [(50, 70), (70, 41), (24, 24), (17, 30)]:
+  for h, w in [(50, 70), (70, 41), (24, 24), (17, 30), (37, 61), (80, 29), (13, 18),
+               (25, 24)]:
     x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     ref = proc(images=x, return_tensors='np')['pixel_values']  # [1, 3, S, S]
     ours = transforms.clip_preprocess_np(x[None], 24)
@@ -123,7 +124,7 @@ def test_tokenize_with_demo_tokenizer(tmp_path):
 
 
 def test_filters_thresholds_and_missing_fields():
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   assert filters.metadata_reason({}, cfg) is None  # all off by default
   cfg.min_side = 512
   cfg.max_aspect = 2.0

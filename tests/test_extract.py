@@ -4,14 +4,15 @@ import glob
 import json
 import os
 
+import grain
 import jax
 import numpy as np
 import pytest
 
 from configs import demo
-from data_pipelines import demo_data, make_shards, pipeline
+from data_pipelines import demo_data, features, iterators, make_shards
 from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import checkpoints, extract, jobs, rng, sharding, train, vocab
+from unidiffuser_jax import checkpoints, extract, input_pipeline, jobs, rng, sharding, train, vocab
 
 N_TRAIN = 21   # not a multiple of the batch (8): the last batch is padded
 
@@ -45,7 +46,7 @@ def extracted(tmp_path_factory):
 
 def _raw_records(config):
   """Every record the pipeline yields from the raw shards, by key (one ordered pass)."""
-  it = pipeline.make_iterator(extract._reader_config(config), global_batch_size=8,
+  it = iterators.make_iterator(extract._reader_config(config), global_batch_size=8,
                               process_index=0, process_count=1, seed=0, num_epochs=1)
   recs = {}
   for batch in it:
@@ -95,10 +96,10 @@ def test_extract_writes_every_record_once_with_encoder_outputs(extracted, single
   # The files in write order, against the keys file: each record is its own source record's.
   keys = open(glob.glob(os.path.join(out, "keys-*.txt"))[0]).read().split()
   assert sorted(keys) == sorted(expected)
-  src = pipeline.grain.sources.ArrayRecordDataSource(pipeline.expand_feature_shards(out))
+  src = grain.sources.ArrayRecordDataSource(features.expand_feature_shards(out))
   assert len(src) == N_TRAIN
   for i, key in enumerate(keys):
-    got = pipeline.deserialize_features(src[i])
+    got = features.deserialize_features(src[i])
     assert sorted(got) == ["clip_img", "moments", "text_hidden", "tokens"]
     for name, want in expected[key].items():
       assert got[name].shape == want.shape and got[name].dtype == want.dtype, name
@@ -108,7 +109,7 @@ def test_extract_writes_every_record_once_with_encoder_outputs(extracted, single
   data = config.data.copy_and_resolve_references()
   data.features = out
   seen = []
-  for batch in pipeline.make_feature_iterator(data, global_batch_size=1, process_index=0,
+  for batch in features.make_feature_iterator(data, global_batch_size=1, process_index=0,
                                               process_count=1, seed=0, num_epochs=1):
     diffs = {k: np.abs(batch["moments"][0] - e["moments"]).max() for k, e in expected.items()}
     key = min(diffs, key=diffs.get)
@@ -146,9 +147,9 @@ def test_feature_batch_loss_matches_raw_batch_loss(extracted, single, trained):
   enc, enc_params = single
   recs = _raw_records(config)
   keys = open(glob.glob(os.path.join(workdir, "features", "keys-*.txt"))[0]).read().split()[:8]
-  src = pipeline.grain.sources.ArrayRecordDataSource(
-      pipeline.expand_feature_shards(os.path.join(workdir, "features")))
-  feats = [pipeline.deserialize_features(src[i]) for i in range(8)]
+  src = grain.sources.ArrayRecordDataSource(
+      features.expand_feature_shards(os.path.join(workdir, "features")))
+  feats = [features.deserialize_features(src[i]) for i in range(8)]
   raw = {k: np.stack([recs[key][k] for key in keys]) for k in ("image", "clip_image", "tokens")}
   feature = {k: np.stack([f[k] for f in feats]) for k in ("moments", "clip_img", "text_hidden")}
   raw["data_type"] = feature["data_type"] = np.zeros((8,), np.int32)
@@ -167,14 +168,13 @@ def test_feature_batch_loss_matches_raw_batch_loss(extracted, single, trained):
 
 
 def test_stale_features_stop_with_a_clear_message(extracted):
-  from data_pipelines import sources
   config, workdir = extracted
   config = config.copy_and_resolve_references()
   config.data.source = "features"
   config.data.features = os.path.join(workdir, "features")
   config.encoders.clip_image.proj_dim = 16          # other encoders than the extraction's
   with pytest.raises(ValueError, match=r"encoders differ.*re-run --mode=extract"):
-    sources.make_train_iterator(config, config.train, 0, 1)
+    input_pipeline.make_train_iterator(config, config.train, 0, 1)
   config.encoders.clip_image.proj_dim = 32
   config.data.data_type = 1                         # reading options are free to change
-  assert "moments" in next(sources.make_train_iterator(config, config.train, 0, 1))
+  assert "moments" in next(input_pipeline.make_train_iterator(config, config.train, 0, 1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data_pipelines import demo_data, glyph_data as glyph, pipeline
+from data_pipelines import data_config, demo_data, glyph_data as glyph, iterators
 
 
 def test_same_public_interface_as_shapes():
@@ -153,14 +153,14 @@ def test_build_demo_round_trip(tmp_path):
   assert glyph.build_demo(out, n_train=40, n_heldout=12, size=16, seed=0,
                           shard_size=16) == p  # idempotent: nothing rewritten
   assert os.path.getmtime(p['train_shards'][0]) == mtime
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.shards = p['heldout']
   cfg.resolution = 16
   cfg.clip_resolution = 16
   cfg.tokenizer = p['tokenizer']
   cfg.with_text = True
   cfg.drop_remainder = False
-  it = pipeline.make_iterator(cfg, global_batch_size=12, process_index=0,
+  it = iterators.make_iterator(cfg, global_batch_size=12, process_index=0,
                               process_count=1, seed=0, num_epochs=1)
   b = next(it)
   it.close()

@@ -1,5 +1,5 @@
-"""Local CLIP / GPT-2 tokenizers: tiny BPE files written here, loaded from a directory or
-a fake hub cache, never downloaded."""
+"""transforms.load_tokenizer on CLIP / GPT-2 tokenizers: tiny BPE files written here, loaded
+from a directory or a fake hub cache, never downloaded."""
 import json
 import os
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from data_pipelines import transforms
-from unidiffuser_jax import tokenizers
 
 
 def _byte_chars() -> list[str]:
@@ -24,8 +23,10 @@ def _byte_chars() -> list[str]:
   return [out[b] for b in range(256)]
 
 
-def _write(directory, vocab: list[str], merges: list[str]):
+def _write(directory, vocab: list[str], merges: list[str], tokenizer_class: str):
   os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": tokenizer_class}, f)
   with open(os.path.join(directory, "vocab.json"), "w") as f:
     json.dump({t: i for i, t in enumerate(vocab)}, f)
   with open(os.path.join(directory, "merges.txt"), "w") as f:
@@ -39,7 +40,7 @@ def _clip_files(directory):
   merges = ["c a", "ca t</w>", "d o", "do g</w>"]
   merged = ["ca", "cat</w>", "do", "dog</w>"]
   vocab = chars + [c + "</w>" for c in chars] + merged + ["<|startoftext|>", "<|endoftext|>"]
-  return _write(directory, vocab, merges), {t: i for i, t in enumerate(vocab)}
+  return _write(directory, vocab, merges, "CLIPTokenizer"), {t: i for i, t in enumerate(vocab)}
 
 
 def _gpt2_files(directory):
@@ -48,12 +49,12 @@ def _gpt2_files(directory):
   merges = ["Ġ c", "Ġc a", "Ġca t", "c a", "ca t", "Ġ d", "Ġd o", "Ġdo g", "d o", "do g"]
   merged = ["Ġc", "Ġca", "Ġcat", "ca", "cat", "Ġd", "Ġdo", "Ġdog", "do", "dog"]
   vocab = chars + merged + ["<|endoftext|>"]
-  return _write(directory, vocab, merges), {t: i for i, t in enumerate(vocab)}
+  return _write(directory, vocab, merges, "GPT2Tokenizer"), {t: i for i, t in enumerate(vocab)}
 
 
 def test_clip_tokenizer_ids_and_padding(tmp_path):
   path, vocab = _clip_files(tmp_path / "clip")
-  tok = tokenizers.clip_tokenizer(path)
+  tok = transforms.load_tokenizer(path)
   ids = transforms.tokenize(tok, ["A cat", "dog  CAT dog"], 77)
   assert ids.shape == (2, 77) and ids.dtype == np.int32
   sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
@@ -72,19 +73,19 @@ def test_clip_tokenizer_ids_and_padding(tmp_path):
 
 def test_gpt2_tokenizer_adds_eos_after_base_vocab(tmp_path):
   path, vocab = _gpt2_files(tmp_path / "gpt2")
-  tok = tokenizers.gpt2_tokenizer(path)
+  tok = transforms.load_tokenizer(path)
   base = len(vocab)
-  assert tokenizers.eos_id(tok) == base  # right after <|endoftext|> (50257 for real GPT-2)
+  assert tok.convert_tokens_to_ids(transforms.EOS_TOKEN) == base  # right after <|endoftext|> (50257 for real GPT-2)
   assert len(tok) == base + 1
   ids = tok("cat dog", add_special_tokens=False)["input_ids"]
   assert ids == [vocab["cat"], vocab["Ġdog"]]  # byte-level: the space joins the next word
-  both = tok("a dog" + tokenizers.EOS_TOKEN)["input_ids"]
+  both = tok("a dog" + transforms.EOS_TOKEN)["input_ids"]
   assert both[-1] == base and both[:-1] == [vocab["a"], vocab["Ġdog"]]
   assert tok.decode([vocab["cat"], vocab["Ġdog"], base], skip_special_tokens=True) == "cat dog"
   # A directory that already has <|EOS|> (e.g. a saved caption tokenizer) keeps its id.
   tok.save_pretrained(tmp_path / "saved")
-  again = tokenizers.gpt2_tokenizer(str(tmp_path / "saved"))
-  assert tokenizers.eos_id(again) == base
+  again = transforms.load_tokenizer(str(tmp_path / "saved"))
+  assert again.convert_tokens_to_ids(transforms.EOS_TOKEN) == base and len(again) == base + 1
 
 
 def test_hub_cache_lookup_is_local(tmp_path, monkeypatch):
@@ -94,7 +95,8 @@ def test_hub_cache_lookup_is_local(tmp_path, monkeypatch):
   (cache / "models--openai--clip-vit-large-patch14" / "refs").mkdir()
   (cache / "models--openai--clip-vit-large-patch14" / "refs" / "main").write_text("abc123")
   monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-  tok = tokenizers.clip_tokenizer()  # the default repo id, found in the cache
+  (cache / "models--openai--clip-vit-large-patch14" / "snapshots" / "old").mkdir()  # not refs/main
+  tok = transforms.load_tokenizer("openai/clip-vit-large-patch14")  # found in the cache
   assert transforms.tokenize(tok, "cat", 77)[0, 1] == vocab["cat</w>"]
 
 
@@ -102,13 +104,16 @@ def test_gpt2_found_under_its_new_hub_name(tmp_path, monkeypatch):
   cache = tmp_path / "hub"
   _, vocab = _gpt2_files(cache / "models--openai-community--gpt2" / "snapshots" / "x")
   monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-  assert tokenizers.eos_id(tokenizers.gpt2_tokenizer("gpt2")) == len(vocab)
+  tok = transforms.load_tokenizer("gpt2")
+  assert tok.convert_tokens_to_ids(transforms.EOS_TOKEN) == len(vocab)
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-  with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
-    tokenizers.gpt2_tokenizer("gpt2")
+  with pytest.raises(ValueError, match="nor in the local hub cache.*nothing is downloaded"):
+    transforms.load_tokenizer("gpt2")
   (tmp_path / "nothing").mkdir()
-  with pytest.raises(FileNotFoundError, match=r"vocab\.json.*Nothing is downloaded"):
-    tokenizers.clip_tokenizer(str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match=r"no vocab\.json.*nothing is downloaded"):
+    transforms.load_tokenizer(str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match="empty"):
+    transforms.load_tokenizer("")

@@ -66,8 +66,9 @@ def captioner_task(encoders, config, tokenizer) -> train.Task:
 
 def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
   """Runs stage 1 into `workdir` (its own checkpoints; resumable like the U-ViT)."""
-  from data_pipelines import sources, transforms
+  from data_pipelines import transforms
   from unidiffuser_jax import encoders as encoders_lib
+  from unidiffuser_jax import input_pipeline
 
   train_cfg = config.captioner.train
   mesh = sharding.make_mesh(config.mesh)
@@ -85,8 +86,8 @@ def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
     cfg = config.copy_and_resolve_references()
     cfg.unlock()
     cfg.data = data_cfg
-    data_iterator = sources.make_train_iterator(cfg, train_cfg, jax.process_index(),
-                                                jax.process_count())
+    data_iterator = input_pipeline.make_train_iterator(cfg, train_cfg, jax.process_index(),
+                                                       jax.process_count())
   task = captioner_task(encoders, config, tokenizer)
   # init_from: fine-tune imported weights (e.g. hub GPT-2 via --mode=import).
   return train.run_loop(config, train_cfg, task, workdir, mesh, frozen, frozen_shardings,

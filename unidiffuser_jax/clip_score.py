@@ -14,8 +14,8 @@ Cosines are computed on the host in float64 from the float32 embeddings;
 ``ClipScoreStats`` accumulates (sum, sum of clamped, n) so batches and hosts
 combine exactly.
 
-Image preprocessing is models/clip.py's (``clip_preprocess_np`` on the host
-equals transformers' CLIPImageProcessor; torchmetrics runs that processor).
+Image preprocessing is the host one, ``data_pipelines.transforms.clip_preprocess_np`` (equal
+to transformers' CLIPImageProcessor; torchmetrics runs that processor).
 """
 import numpy as np
 

@@ -5,7 +5,7 @@
 Reads config.data.shards with the training pipeline (same decoding, filters and
 transforms; one pass, no record shuffle), runs the autoencoder and the CLIP
 encoders on the mesh (batch split over (data, fsdp), one jitted step) and
-writes ArrayRecord feature shards (data_pipelines.pipeline.FeatureWriter)
+writes ArrayRecord feature shards (data_pipelines.features.FeatureWriter)
 into config.data.features, or DIR/features when that is empty. One record:
 
   moments      float32 [h, w, 2C]   autoencoder posterior (mean || logvar)
@@ -43,6 +43,9 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from data_pipelines import features
+from data_pipelines import iterators
+from data_pipelines.filters import SKIP_REASONS
 from unidiffuser_jax import errors, sharding
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ def output_dir(config, workdir: str) -> str:
 
 def made_with(config) -> dict:
   """What the features depend on; training from them checks it against its own config
-  (data_pipelines/sources.py), so stale features stop with a clear message."""
+  (input_pipeline.check_features_match), so stale features stop with a clear message."""
   encoders = {k: v for k, v in config.encoders.to_dict().items() if k != "captioner"}
   encoders["weights"] = {k: v for k, v in encoders["weights"].items() if k != "captioner"}
   made = {
@@ -136,7 +139,6 @@ def _any_process(flag: bool) -> bool:
 
 def run(config, workdir: str) -> dict:
   """Extracts features for this process's shards; returns this process's summary."""
-  from data_pipelines import pipeline
   from unidiffuser_jax import encoders as encoders_lib
 
   opts = extract_options(config)
@@ -157,17 +159,17 @@ def run(config, workdir: str) -> dict:
   encode = make_encode_step(encoders, text_mode, mesh, param_shardings)
   rows = P(sharding.BATCH_AXES)
 
-  data_iter = pipeline.make_iterator(_reader_config(config), global_batch_size=global_batch,
-                                     process_index=pi, process_count=pc, seed=int(config.seed),
-                                     num_epochs=1)
+  data_iter = iterators.make_iterator(_reader_config(config), global_batch_size=global_batch,
+                                      process_index=pi, process_count=pc, seed=int(config.seed),
+                                      num_epochs=1)
   out_dir = output_dir(config, workdir)
   tag = file_tag(pi, pc)
   _remove_own_files(out_dir, tag)
-  skipped = np.zeros((len(pipeline.SKIP_REASONS),), np.int64)
+  skipped = np.zeros((len(SKIP_REASONS),), np.int64)
   keys: list[str] = []
   bar = tqdm.tqdm(desc=f"extract {tag}", unit="rec", file=sys.stderr, dynamic_ncols=True,
                   mininterval=1.0, disable=pi != 0)
-  writer = pipeline.FeatureWriter(out_dir, shard_size=int(opts["shard_size"]),
+  writer = features.FeatureWriter(out_dir, shard_size=int(opts["shard_size"]),
                                   prefix=f"features-{tag}")
   with mesh, writer:
     while True:
@@ -200,7 +202,7 @@ def run(config, workdir: str) -> dict:
       "records": len(keys),
       "files": [os.path.basename(p) for p in writer.paths],
       "text": text_mode,
-      "skipped": {r: int(c) for r, c in zip(pipeline.SKIP_REASONS, skipped) if c},
+      "skipped": {r: int(c) for r, c in zip(SKIP_REASONS, skipped) if c},
       "shards": config.data.shards,
       "made_with": made_with(config),
   }

@@ -1,22 +1,14 @@
-"""The two real tokenizers, from local files only (never downloading), and CLIP's from its BPE file.
+"""CLIP's text tokenizer from its BPE merges file, with no hub.
 
-* CLIP text tokenizer (``openai/clip-vit-large-patch14`` layout: byte-level BPE
-  with ``</w>`` word ends, ``<|startoftext|>`` ... ``<|endoftext|>``, padded with
-  ``<|endoftext|>`` to 77 tokens): what the U-ViT's text condition is built from.
-  ``write_clip_tokenizer`` makes that directory from the merges file CLIP ships
-  (``bpe_simple_vocab_16e6.txt.gz``, also inside the ``open-clip-torch`` wheel),
-  so no hub is needed; ``--mode=import --config.weights.clip_tokenizer=FILE``
-  runs it. The text cleaning CLIP applies before BPE is
-  ``data_pipelines.transforms.clip_text_clean`` (``transforms.tokenize`` applies it).
-* GPT-2 tokenizer plus one added special token ``"<|EOS|>"`` for the caption
-  decoder; it gets the id right after the base vocabulary (50257 for ``gpt2``),
-  the row the caption decoder's embedding adds.
-
-A name is a local directory holding ``vocab.json`` and ``merges.txt`` (or a
-``tokenizer.json``), or a hub repo id found in the local Hugging Face cache
-(``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``).
+``write_clip_tokenizer`` turns the merges file CLIP ships (``bpe_simple_vocab_16e6.txt.gz``,
+also inside the ``open-clip-torch`` wheel) into a transformers CLIPTokenizer directory with the
+``openai/clip-vit-large-patch14`` layout (byte-level BPE with ``</w>`` word ends,
+``<|startoftext|>`` ... ``<|endoftext|>``, padded with ``<|endoftext|>`` to 77 tokens): what the
+U-ViT's text condition is built from. ``--mode=import --config.weights.clip_tokenizer=FILE``
+runs it. Loading any tokenizer (this directory, a hub id in the local cache) is
+``data_pipelines.transforms.load_tokenizer``; the text cleaning CLIP applies before BPE is
+``transforms.clip_text_clean`` (``transforms.tokenize`` applies it).
 """
-import glob
 import gzip
 import json
 import os
@@ -24,9 +16,6 @@ import tempfile
 
 from etils import epath
 
-CLIP_TEXT_REPO = "openai/clip-vit-large-patch14"
-GPT2_REPO = "gpt2"
-EOS_TOKEN = "<|EOS|>"
 MAX_LENGTH = 77
 CLIP_SOT, CLIP_EOT = "<|startoftext|>", "<|endoftext|>"
 # CLIP's BPE file holds ~262K merges after a '#version' line; CLIP uses the first
@@ -34,63 +23,6 @@ CLIP_SOT, CLIP_EOT = "<|startoftext|>", "<|endoftext|>"
 # '</w>', one token per merge, 2 specials) has 49408 entries.
 CLIP_NUM_MERGES = 49152 - 256 - 2
 CLIP_VOCAB_SIZE = 2 * 256 + CLIP_NUM_MERGES + 2
-
-# Hub ids that moved (the cache may hold either name).
-_HUB_ALIASES = {"gpt2": ("openai-community/gpt2",)}
-_FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
-
-
-def _has_tokenizer_files(directory: str) -> bool:
-  return any(all(os.path.isfile(os.path.join(directory, f)) for f in files)
-             for files in _FILE_SETS)
-
-
-def _hub_cache_dir() -> str:
-  if os.environ.get("HF_HUB_CACHE"):
-    return os.environ["HF_HUB_CACHE"]
-  if os.environ.get("HF_HOME"):
-    return os.path.join(os.environ["HF_HOME"], "hub")
-  return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
-
-
-def find_tokenizer_dir(name_or_path: str) -> str:
-  """A local directory with tokenizer files for a path or a hub repo id (local cache only).
-
-  For a repo id, the snapshot that refs/main names is preferred, then any other
-  snapshot; a ``tokenizer/`` subfolder (diffusers pipelines) is accepted too.
-  """
-  name_or_path = os.fspath(name_or_path)
-  candidates = []
-  if os.path.isdir(name_or_path):
-    candidates = [name_or_path, os.path.join(name_or_path, "tokenizer")]
-  else:
-    for repo_id in (name_or_path,) + _HUB_ALIASES.get(name_or_path, ()):
-      repo = os.path.join(_hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
-      ref = os.path.join(repo, "refs", "main")
-      if os.path.isfile(ref):
-        with open(ref) as f:
-          candidates.append(os.path.join(repo, "snapshots", f.read().strip()))
-      candidates += sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
-  for c in candidates:
-    if os.path.isdir(c) and _has_tokenizer_files(c):
-      return c
-  where = (f"the directory {name_or_path}" if os.path.isdir(name_or_path) else
-           f"the local Hugging Face cache ({_hub_cache_dir()}/models--"
-           f"{name_or_path.replace('/', '--')}/snapshots/*)")
-  raise FileNotFoundError(
-      f"tokenizer {name_or_path!r}: no vocab.json + merges.txt (or tokenizer.json) in {where}. "
-      f"Nothing is downloaded: fetch it first (e.g. `huggingface-cli download {name_or_path}`) "
-      f"or pass a local directory.")
-
-
-def clip_tokenizer(name_or_path: str = CLIP_TEXT_REPO, max_length: int = MAX_LENGTH):
-  """transformers.CLIPTokenizer from local files; pads with <|endoftext|> to `max_length`."""
-  from transformers import CLIPTokenizer
-  tok = CLIPTokenizer.from_pretrained(find_tokenizer_dir(name_or_path), local_files_only=True)
-  tok.model_max_length = max_length
-  if tok.pad_token is None:  # a bare vocab.json/merges.txt: CLIP pads with the end token
-    tok.pad_token = tok.eos_token
-  return tok
 
 
 def read_clip_merges(path: str) -> list[tuple[str, str]]:
@@ -164,26 +96,3 @@ def write_clip_tokenizer(bpe_path: str, out_dir: str) -> str:
                      ("special_tokens_map.json", json.dumps(specials, indent=1))):
     (out / name).write_bytes(text.encode("utf-8"))
   return str(out_dir)
-
-
-def gpt2_tokenizer(name_or_path: str = GPT2_REPO):
-  """transformers.GPT2Tokenizer from local files with "<|EOS|>" added right after the base
-  vocabulary (also set as the pad token), as the caption decoder expects."""
-  from transformers import GPT2Tokenizer
-  tok = GPT2Tokenizer.from_pretrained(find_tokenizer_dir(name_or_path), local_files_only=True)
-  base = tok.vocab_size  # the BPE vocabulary without added tokens
-  if EOS_TOKEN not in tok.get_vocab():
-    tok.add_special_tokens({"pad_token": EOS_TOKEN})
-  elif tok.pad_token is None:
-    tok.pad_token = EOS_TOKEN
-  got = tok.convert_tokens_to_ids(EOS_TOKEN)
-  if got != base:
-    raise ValueError(
-        f"tokenizer {name_or_path!r}: {EOS_TOKEN} has id {got}, but the caption decoder needs it "
-        f"right after the {base}-token base vocabulary (id {base}); other added tokens come first")
-  return tok
-
-
-def eos_id(tok) -> int:
-  """The caption decoder's stop token id in `tok`."""
-  return int(tok.convert_tokens_to_ids(EOS_TOKEN))

@@ -198,7 +198,7 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   evaluate(step, state) -> {name: scalar}, if given, runs every train_cfg.eval_every
   steps (and at the last step); its scalars and the seconds it took go to TensorBoard.
   """
-  from data_pipelines import sources
+  from unidiffuser_jax import input_pipeline
   from unidiffuser_jax import metrics  # TensorBoard (TensorFlow) only when training
 
   tx = make_optimizer(train_cfg)
@@ -234,7 +234,7 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
     with sharding.tracing_context(mesh, rules):
       state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
     due = step % train_cfg.log_every == 0
-    last = logger.step(step, step_metrics, sources.skip_metrics(skipped_total) if due else None) or last
+    last = logger.step(step, step_metrics, input_pipeline.skip_metrics(skipped_total) if due else None) or last
     if step % train_cfg.checkpoint_every == 0 or step == total:
       checkpoints.save(mngr, step, state, data_iterator, config_dict)
     every = int(train_cfg.eval_every)
@@ -242,7 +242,7 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
       t0 = time.perf_counter()
       scalars = evaluate(step, state)
       logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
-  last = logger.flush(total, sources.skip_metrics(skipped_total)) or last
+  last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
   logger.close()
   mngr.wait_until_finished()
   mngr.close()
@@ -256,7 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   Returns the last logged scalars. `data_iterator` overrides the configured
   data (tests use this); it must be a grain DatasetIterator of host batches.
   """
-  from data_pipelines import sources  # data and encoders are only needed by training
+  from unidiffuser_jax import input_pipeline  # data and encoders are only needed by training
   from unidiffuser_jax import encoders as encoders_lib
 
   mesh = sharding.make_mesh(config.mesh)
@@ -266,8 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   encoders = encoders_lib.build(config.encoders)
   encoder_params, encoder_shardings = encoders.load_params(config.encoders.weights, mesh,
                                                            int(config.seed), config.sharding.rules)
-  make_iterator = lambda: sources.make_train_iterator(config, config.train, jax.process_index(),
-                                                     jax.process_count())
+  make_iterator = lambda: input_pipeline.make_train_iterator(
+      config, config.train, jax.process_index(), jax.process_count())
   encoders = latent_stats.fit_or_load(config, encoders, encoder_params, make_iterator, mesh, workdir)
   if data_iterator is None:
     data_iterator = make_iterator()

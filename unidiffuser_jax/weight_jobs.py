@@ -42,6 +42,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from data_pipelines import hub_cache
 from unidiffuser_jax import rng
 from unidiffuser_jax.errors import ConfigError
 from unidiffuser_jax.tokenizers import write_clip_tokenizer
@@ -84,16 +85,7 @@ def _abs(path: str) -> str:
 
 def _hub_dir(repo_id: str, names: tuple[str, ...], subfolders=("",)) -> str | None:
   """A snapshot dir of `repo_id` in the local hub cache holding one of `names` (no download)."""
-  from unidiffuser_jax.weights.clip import hub_cache_dir
-  import glob
-  repo = os.path.join(hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
-  snaps = []
-  ref = os.path.join(repo, "refs", "main")
-  if os.path.isfile(ref):
-    with open(ref) as f:
-      snaps.append(os.path.join(repo, "snapshots", f.read().strip()))
-  snaps += sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
-  for snap in snaps:
+  for snap in hub_cache.snapshot_dirs(repo_id):
     for sub in subfolders:
       d = os.path.join(snap, sub)
       if any(os.path.isfile(os.path.join(d, n)) for n in names):

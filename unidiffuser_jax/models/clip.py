@@ -13,9 +13,9 @@ Both compute what Hugging Face transformers' CLIP does:
   ``pre_layrnorm``, transformer (no mask), ``post_layernorm`` on the class
   token, bias-free ``visual_projection`` -> ``[B, proj_dim]``. NOT normalised.
 
-Preprocessing: ``clip_preprocess_np`` (host, PIL; equal to transformers'
-CLIPImageProcessor) and ``clip_preprocess`` (on device, jax.image.resize; close
-to it but not bit-equal, see its docstring).
+Preprocessing: ``clip_preprocess`` (on device, jax.image.resize), close to but not
+bit-equal with the host one, ``data_pipelines.transforms.clip_image`` (equal to
+transformers' CLIPImageProcessor), whose mean/std it uses.
 
 Parameter names mirror transformers' so the key table stays readable:
 layers_{i}/{layer_norm1, self_attn/{q,k,v,out}_proj, layer_norm2, mlp/{fc1, fc2}}.
@@ -23,11 +23,8 @@ layers_{i}/{layer_norm1, self_attn/{q,k,v,out}_proj, layer_norm2, mlp/{fc1, fc2}
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from data_pipelines import transforms
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -228,35 +225,10 @@ def _resized_size(h: int, w: int, size: int) -> tuple[int, int]:
   return size, int(size * w / h)
 
 
-def clip_preprocess_np(images: np.ndarray, size: int = 224) -> np.ndarray:
-  """uint8 [B, H, W, 3] -> float32 [B, size, size, 3], on the host.
-
-  Bicubic (PIL) resize of the short side to `size`, centre crop, /255, CLIP
-  mean/std: the same numbers as transformers' CLIPImageProcessor (PIL
-  backend), transposed to NHWC.
-  """
-  images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {images.shape}")
-  mean = np.asarray(CLIP_MEAN, np.float32)
-  std = np.asarray(CLIP_STD, np.float32)
-  out = np.empty((images.shape[0], size, size, 3), np.float32)
-  for i, im in enumerate(images):
-    h, w = im.shape[:2]
-    nh, nw = _resized_size(h, w, size)
-    pil = Image.fromarray(im)
-    if (nh, nw) != (h, w):
-      pil = pil.resize((nw, nh), Image.Resampling.BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = np.asarray(pil, np.float32)[top:top + size, left:left + size] / 255.0
-    out[i] = (x - mean) / std
-  return out
-
-
 def clip_preprocess(images_bhwc: jax.Array, size: int = 224) -> jax.Array:
   """Images in [-1, 1] [B, H, W, 3] -> CLIP input [B, size, size, 3], jittable (size static).
 
-  Same geometry as clip_preprocess_np (short side to `size`, centre crop), but
+  Same geometry as the host transforms.clip_image (short side to `size`, centre crop), but
   the resize is jax.image.resize's antialiased bicubic (Keys a = -0.5, as PIL)
   on floats, with no rounding to uint8 between resize and normalisation. The
   result therefore differs from the host path by about the uint8 quantisation
@@ -272,6 +244,6 @@ def clip_preprocess(images_bhwc: jax.Array, size: int = 224) -> jax.Array:
     x = jax.image.resize(x, (b, nh, nw, c), method="bicubic", antialias=True)
   top, left = (nh - size) // 2, (nw - size) // 2
   x = jnp.clip(x[:, top:top + size, left:left + size], 0.0, 1.0)
-  mean = jnp.asarray(CLIP_MEAN, jnp.float32)
-  std = jnp.asarray(CLIP_STD, jnp.float32)
+  mean = jnp.asarray(transforms.CLIP_MEAN, jnp.float32)
+  std = jnp.asarray(transforms.CLIP_STD, jnp.float32)
   return (x - mean) / std

@@ -10,13 +10,11 @@ CLIP score only, into models/clip.py's ``CLIPTextProjection``
 (``load_clip_text_projection``).
 
 Files are found in a local directory or in the local Hugging Face hub cache
-(``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``,
-``models--{org}--{name}/snapshots/*/``), preferring ``model.safetensors`` over
+(``data_pipelines.hub_cache``), preferring ``model.safetensors`` over
 ``pytorch_model.bin`` (read by the safe loader). The module config comes from
 the directory's ``config.json``.
 """
 from collections.abc import Mapping
-import glob
 import json
 import os
 
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import hub_cache
 from unidiffuser_jax.models.clip import CLIPTextEncoder, CLIPTextProjection, CLIPVisionEncoder
 from unidiffuser_jax.weights import convert
 from unidiffuser_jax.weights.tensors import load_tensors
@@ -209,14 +208,6 @@ def export_clip_vision(params: Mapping, model: CLIPVisionEncoder) -> dict[str, n
 
 # ----------------------------------------------------------------------------- finding files
 
-def hub_cache_dir() -> str:
-  if os.environ.get("HF_HUB_CACHE"):
-    return os.environ["HF_HUB_CACHE"]
-  if os.environ.get("HF_HOME"):
-    return os.path.join(os.environ["HF_HOME"], "hub")
-  return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
-
-
 def _weight_file(directory: str) -> str | None:
   for name in _WEIGHT_FILES:
     path = os.path.join(directory, name)
@@ -235,20 +226,13 @@ def find_model_dir(name_or_path: str) -> str:
   name_or_path = os.fspath(name_or_path)
   if os.path.isdir(name_or_path):
     return name_or_path
-  repo_dir = os.path.join(hub_cache_dir(), "models--" + name_or_path.replace("/", "--"))
-  snapshots = []
-  ref = os.path.join(repo_dir, "refs", "main")
-  if os.path.isfile(ref):
-    with open(ref) as f:
-      snapshots.append(os.path.join(repo_dir, "snapshots", f.read().strip()))
-  snapshots += sorted(glob.glob(os.path.join(repo_dir, "snapshots", "*")))
-  for snap in snapshots:
-    if os.path.isdir(snap) and _weight_file(snap) and os.path.isfile(
-        os.path.join(snap, "config.json")):
+  for snap in hub_cache.snapshot_dirs(name_or_path):
+    if _weight_file(snap) and os.path.isfile(os.path.join(snap, "config.json")):
       return snap
   raise FileNotFoundError(
       f"{name_or_path!r} is neither a local directory nor in the local Hugging Face cache "
-      f"(looked for config.json and one of {_WEIGHT_FILES} under {repo_dir}/snapshots/*). "
+      f"(looked for config.json and one of {_WEIGHT_FILES} under "
+      f"{hub_cache.repo_dir(name_or_path)}/snapshots/*). "
       f"Nothing is downloaded: fetch it yourself, e.g. `huggingface-cli download {name_or_path}`, "
       f"or pass a directory.")
 
