@@ -38,7 +38,7 @@ def _module_fields(cfg, drop=()) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Encoders:
-  autoencoder: object            # pixel_ae.PixelAutoencoder | vae.AutoencoderKL
+  autoencoder: nn.Module         # pixel_ae.PixelAutoencoder | vae.AutoencoderKL (same interface)
   latent_scale: float
   latent_shift: float | tuple[float, ...]   # scalar or per latent channel
   text_scale: float
@@ -53,11 +53,9 @@ class Encoders:
 
   def _init_part(self, part: str, key):
     if part == "autoencoder":
-      if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
-        return {}
-      s = 2 ** len(self.autoencoder.block_out_channels)  # any size the encoder can halve
-      x = jnp.zeros((1, s, s, 3))
-      return self.autoencoder.init(key, x)["params"]
+      s = 2 * self.autoencoder.downsample_factor  # any size the encoder can halve
+      x = jnp.zeros((1, s, s, self.autoencoder.in_channels))
+      return self.autoencoder.init(key, x).get("params", {})  # the pixel AE has none
     if part == "clip_image":
       s = self.clip_image_size
       return self.clip_image.init(key, jnp.zeros((1, s, s, 3)))["params"]
@@ -95,10 +93,7 @@ class Encoders:
   # ------------------------------------------------------------ forward maps
 
   def image_moments(self, params, image_bhwc):
-    if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
-      return self.autoencoder.encode(image_bhwc)
-    return self.autoencoder.apply({"params": params["autoencoder"]}, image_bhwc,
-                                  method=vae.AutoencoderKL.encode)
+    return self.autoencoder.apply({"params": params["autoencoder"]}, image_bhwc, method="encode")
 
   def latent_from_moments(self, moments, key):
     shift = jnp.asarray(self.latent_shift, jnp.float32)
@@ -106,10 +101,7 @@ class Encoders:
 
   def decode_latent(self, params, z_bhwc):
     z = z_bhwc / self.latent_scale + jnp.asarray(self.latent_shift, jnp.float32)
-    if isinstance(self.autoencoder, pixel_ae.PixelAutoencoder):
-      return self.autoencoder.decode(z)
-    return self.autoencoder.apply({"params": params["autoencoder"]}, z,
-                                  method=vae.AutoencoderKL.decode)
+    return self.autoencoder.apply({"params": params["autoencoder"]}, z, method="decode")
 
   def clip_embedding(self, params, clip_image_bssc):
     emb_bd = self.clip_image.apply({"params": params["clip_image"]}, clip_image_bssc)
@@ -161,6 +153,9 @@ def build(enc_cfg, model=None) -> Encoders:
     autoencoder = vae.AutoencoderKL(**_module_fields(ae_cfg))
   else:
     raise ValueError(f"config.encoders.autoencoder.kind={kind!r}; use 'pixel' or 'vae'")
+  if autoencoder.downsample_factor != factor:
+    raise ValueError(f"config.encoders.autoencoder.factor={factor} but the {kind} autoencoder "
+                     f"downsamples by {autoencoder.downsample_factor}")
   ci = dict(enc_cfg.clip_image)
   ct = dict(enc_cfg.clip_text)
   return Encoders(

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unidiffuser_jax.models import layers
 from unidiffuser_jax.models.gpt2 import GPT2, init_kv_cache
 
 GPT2_VOCAB = 50257
@@ -44,10 +45,8 @@ class CaptionDecoder(nn.Module):
       raise ValueError(f'eos_id={self.eos_id} outside the vocabulary of {self.vocab_size}')
     def dense(features, names):
       # torch nn.Linear's default init differs; these layers are trained or imported.
-      return nn.Dense(
-          features, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+      return layers.dense(features, names, kernel_init=nn.initializers.normal(0.02),
+                          dtype=self.dtype, param_dtype=self.param_dtype)
     self.prefix_encoder = dense(self.prefix_hidden_dim, ('embed', 'io'))
     self.prefix_decoder = dense(self.n_embd, ('io', 'embed'))
     self.gpt = GPT2(**gpt_kwargs(self))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from data_pipelines import transforms
+from unidiffuser_jax.models import layers
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -33,19 +34,12 @@ _ACTIVATIONS = {
 
 
 def _dense(features: int, names, dtype, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)),
-      name=name)
+  return layers.dense(features, names, kernel_init=nn.initializers.normal(0.02), dtype=dtype,
+                      name=name, use_bias=use_bias)
 
 
 def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-      name=name)
+  return layers.layer_norm(eps, dtype=dtype, name=name)
 
 
 class CLIPAttention(nn.Module):
@@ -64,15 +58,10 @@ class CLIPAttention(nn.Module):
       return _dense(self.width, ("embed", "heads"), self.dtype, name)(x_bld).reshape(b, l, h, d)
 
     q_blhd, k_blhd, v_blhd = heads("q_proj"), heads("k_proj"), heads("v_proj")
-    # Logits and softmax in float32 whatever the compute dtype.
-    logits_bhlm = jnp.einsum("blhd,bmhd->bhlm", q_blhd.astype(jnp.float32),
-                             k_blhd.astype(jnp.float32)) * (d ** -0.5)
-    if self.causal:
-      allowed_lm = jnp.tril(jnp.ones((l, l), bool))
-      logits_bhlm = jnp.where(allowed_lm, logits_bhlm, jnp.finfo(jnp.float32).min)
-    probs_bhlm = jax.nn.softmax(logits_bhlm, axis=-1).astype(v_blhd.dtype)
-    out_bld = jnp.einsum("bhlm,bmhd->blhd", probs_bhlm, v_blhd).reshape(b, l, self.width)
-    return _dense(self.width, ("heads", "embed"), self.dtype, "out_proj")(out_bld)
+    mask_lm = jnp.tril(jnp.ones((l, l), bool)) if self.causal else None
+    out_blhd = layers.attention(q_blhd, k_blhd, v_blhd, mask_lm=mask_lm)
+    return _dense(self.width, ("heads", "embed"), self.dtype, "out_proj")(
+        out_blhd.reshape(b, l, self.width))
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unidiffuser_jax.models import layers
+
 Dtype = jnp.dtype
 
 _ACTIVATIONS = {
@@ -32,23 +34,12 @@ _ACTIVATIONS = {
 
 
 def _dense(features: int, names: tuple[str, str], std: float, dtype, param_dtype, name: str):
-  return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)),
-      name=name)
+  return layers.dense(features, names, kernel_init=nn.initializers.normal(std), dtype=dtype,
+                      param_dtype=param_dtype, name=name)
 
 
-def _layer_norm(eps: float, dtype, param_dtype, name: str):
-  return nn.LayerNorm(
-      epsilon=eps,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)),
-      name=name)
+def _layer_norm(eps: float, dtype, param_dtype, name: str | None):
+  return layers.layer_norm(eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class GPT2Attention(nn.Module):
@@ -79,13 +70,9 @@ class GPT2Attention(nn.Module):
       # causal mask below also hides them.
       key_pos = jnp.arange(ck_bshd.shape[1])
       new_kv = (k_all, v_all)
-    logits_bhqk = jnp.einsum('bqhd,bkhd->bhqk', q_bthd.astype(jnp.float32),
-                             k_all.astype(jnp.float32)) / math.sqrt(d)
     causal_qk = key_pos[None, :] <= positions_t[:, None]
-    logits_bhqk = jnp.where(causal_qk[None, None], logits_bhqk, jnp.finfo(jnp.float32).min)
-    probs_bhqk = jax.nn.softmax(logits_bhqk, axis=-1)
-    out_bthd = jnp.einsum('bhqk,bkhd->bqhd', probs_bhqk.astype(self.dtype),
-                          v_all.astype(self.dtype))
+    out_bthd = layers.attention(q_bthd, k_all.astype(self.dtype), v_all.astype(self.dtype),
+                                mask_lm=causal_qk)
     out = _dense(e, ('heads', 'embed'), self.proj_std, self.dtype, self.param_dtype,
                  'c_proj')(out_bthd.reshape(b, t, e))
     return out, new_kv

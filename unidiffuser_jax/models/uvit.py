@@ -24,12 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unidiffuser_jax.models import layers
+
 LN_EPS = 1e-5
 REMAT_POLICIES = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
-# 'einsum': explicit float32 logits/softmax (default, every backend). 'xla' / 'cudnn':
-# jax.nn.dot_product_attention with that implementation ('cudnn' = fused flash
-# attention on NVIDIA GPUs, bf16/fp16 only); both also keep logits and softmax float32.
-ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
 
 
 # ----------------------------------------------------------------------------- initialisers
@@ -94,13 +92,8 @@ def _part(init, names):
 
 
 def _dense(features: int, in_name, out_name, dtype, name: str, use_bias: bool = True) -> nn.Dense:
-  # [B, L, D] stays 3-D: merging B and L into one axis first made XLA:CPU's weight-gradient
-  # dots ~6% faster on the demo, but under FSDP on TPU it raised per-chip temporaries 20%
-  # and code size 4x (benchmarks/aot_tpu.py, v5e-256).
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=_part(_torch_trunc_normal(0.02), (in_name, out_name)),
-      bias_init=_part(nn.initializers.zeros_init(), (out_name,)), name=name)
+  return layers.dense(features, (in_name, out_name), kernel_init=_torch_trunc_normal(0.02),
+                      dtype=dtype, name=name, use_bias=use_bias)
 
 
 ACT_AXES = ('act_batch', 'act_length', 'act_embed')
@@ -122,10 +115,7 @@ def constrain_activation(x_btd: jax.Array) -> jax.Array:
 def _layer_norm(name: str) -> nn.LayerNorm:
   # Always float32, like torch autocast: the residual stream between LayerNorms then
   # stays float32 and only the matmuls run in the compute dtype.
-  return nn.LayerNorm(
-      epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
-      scale_init=_part(nn.initializers.ones_init(), ('norm',)),
-      bias_init=_part(nn.initializers.zeros_init(), ('norm',)), name=name)
+  return layers.layer_norm(LN_EPS, dtype=jnp.float32, name=name)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -178,27 +168,9 @@ class Attention(nn.Module):
     # axis for tensor parallelism keeps each head's q, k, v on one device. The
     # released checkpoints use (3, heads, head_dim); weights/uvit.py permutes.
     qkv_blh3d = qkv.reshape(b, l, h, 3, dh)
-    if self.impl in ('xla', 'cudnn'):
-      q_blhd, k_blhd, v_blhd = (qkv_blh3d[:, :, :, i] for i in range(3))
-      out_blhd = jax.nn.dot_product_attention(q_blhd, k_blhd, v_blhd, implementation=self.impl)
-      return _dense(self.width, 'heads', 'embed', self.dtype, 'proj')(
-          out_blhd.reshape(b, l, self.width).astype(self.dtype))
-    if self.impl != 'einsum':
-      raise ValueError(f'attention must be one of {ATTENTION_IMPLS}, got {self.impl!r}')
-    # Heads-major [B, H, L, D] once, so both products are plain batched matmuls: with the
-    # [B, L, H, D] einsums XLA:CPU fused transposes and the softmax into one slow XNNPACK
-    # kernel (16 GFLOP/s; the 44.8M benchmark forward went 1763 -> 1377 ms with this layout).
-    qkv_3bhld = qkv_blh3d.transpose(3, 0, 2, 1, 4)
-    q_bhld, k_bhld, v_bhld = qkv_3bhld[0], qkv_3bhld[1], qkv_3bhld[2]
-    # Logits and softmax in float32 whatever the compute dtype: post-LN U-ViT was
-    # chosen because attention overflowed in half precision.
-    logits_bhlm = jnp.einsum('bhld,bhmd->bhlm', q_bhld, k_bhld,
-                             preferred_element_type=jnp.float32) * (dh ** -0.5)
-    probs_bhlm = jax.nn.softmax(logits_bhlm.astype(jnp.float32), axis=-1)
-    out_bhld = jnp.einsum('bhlm,bhmd->bhld', probs_bhlm.astype(v_bhld.dtype), v_bhld,
-                          preferred_element_type=jnp.float32).astype(self.dtype)
-    out_bld = out_bhld.transpose(0, 2, 1, 3).reshape(b, l, self.width)
-    return _dense(self.width, 'heads', 'embed', self.dtype, 'proj')(out_bld)
+    q_blhd, k_blhd, v_blhd = (qkv_blh3d[:, :, :, i] for i in range(3))
+    out_blhd = layers.attention(q_blhd, k_blhd, v_blhd, impl=self.impl)
+    return _dense(self.width, 'heads', 'embed', self.dtype, 'proj')(out_blhd.reshape(b, l, self.width))
 
 
 class Mlp(nn.Module):
@@ -264,7 +236,7 @@ class UViT(nn.Module):
   num_data_types: int = 2
   dtype: Any = jnp.float32
   remat: str = 'none'
-  attention: str = 'einsum'  # see ATTENTION_IMPLS
+  attention: str = 'einsum'  # see layers.ATTENTION_IMPLS
   pos_init: str = 'normal'   # see _pos_table_init; only affects a fresh initialisation
 
   @property

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unidiffuser_jax.models import layers
+
 _CONV_NAMES = (None, None, "conv_in", "conv_out")
 
 
@@ -70,20 +72,12 @@ class SpatialSelfAttention(nn.Module):
     b, hh, ww, c = x_bhwc.shape
 
     def dense(name):
-      return nn.Dense(
-          c, dtype=self.dtype, param_dtype=jnp.float32,
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.lecun_normal(), ("conv_in", "conv_out")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-          name=name)
+      return layers.dense(c, ("conv_in", "conv_out"), kernel_init=nn.initializers.lecun_normal(),
+                          dtype=self.dtype, name=name)
 
     h_bnc = _group_norm(self.groups, self.dtype, "norm")(x_bhwc).reshape(b, hh * ww, c)
-    q_bnc, k_bnc, v_bnc = dense("q")(h_bnc), dense("k")(h_bnc), dense("v")(h_bnc)
-    # Logits and softmax in float32 whatever the compute dtype.
-    logits_bnm = jnp.einsum("bnc,bmc->bnm", q_bnc.astype(jnp.float32),
-                            k_bnc.astype(jnp.float32)) * (c ** -0.5)
-    probs_bnm = jax.nn.softmax(logits_bnm, axis=-1).astype(v_bnc.dtype)
-    out_bnc = jnp.einsum("bnm,bmc->bnc", probs_bnm, v_bnc)
+    q_bn1c, k_bn1c, v_bn1c = (dense(n)(h_bnc)[:, :, None] for n in ("q", "k", "v"))
+    out_bnc = layers.attention(q_bn1c, k_bn1c, v_bn1c)[:, :, 0]
     out_bnc = dense("proj")(out_bnc)
     return x_bhwc + out_bnc.reshape(b, hh, ww, c).astype(x_bhwc.dtype)
 
