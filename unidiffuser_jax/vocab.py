@@ -6,7 +6,7 @@
 
 The caption tokenizer is config.captioner.tokenizer, or data.tokenizer when that is "".
 A GPT-2 tokenizer without <|EOS|> (the hub's "gpt2") gets it added right after its base
-vocabulary, as the caption decoder expects (tokenizers.gpt2_tokenizer). Synthetic data
+vocabulary, as the caption decoder expects (transforms.load_tokenizer). Synthetic data
 without a tokenizer uses data.synthetic_vocab_size, its last id standing for <|EOS|>.
 Weights named in config.encoders.weights must have the same vocabulary: a mismatch stops
 with one line, it never resizes anything.
@@ -14,7 +14,7 @@ with one line, it never resizes anything.
 from etils import epath
 import orbax.checkpoint as ocp
 
-from unidiffuser_jax import tokenizers
+from data_pipelines import transforms
 from unidiffuser_jax.errors import ConfigError
 
 # Where each part's token embedding lives in its params tree (models/clip.py, models/gpt2.py).
@@ -33,7 +33,7 @@ def derive(config):
     cap_spec = config.captioner.tokenizer or data.tokenizer
     flag = "config.captioner.tokenizer" if config.captioner.tokenizer else "config.data.tokenizer"
     cap_tok = _caption_tokenizer(cap_spec, flag)
-    cap_vocab, eos = len(cap_tok), tokenizers.eos_id(cap_tok)
+    cap_vocab, eos = len(cap_tok), cap_tok.convert_tokens_to_ids(transforms.EOS_TOKEN)
   config.encoders.clip_text.vocab_size = text_vocab
   config.encoders.captioner.vocab_size = cap_vocab
   config.encoders.captioner.eos_id = eos
@@ -83,7 +83,6 @@ def _leaves(tree, names=()):
 
 
 def _load(spec: str, flag: str):
-  from data_pipelines import transforms  # pylint: disable=g-import-not-at-top  # transformers: heavy
   if not spec:
     raise ConfigError(f"{flag} is empty: the encoders' vocabulary comes from a tokenizer; give "
                       f"its directory")
@@ -95,10 +94,8 @@ def _load(spec: str, flag: str):
 
 def _caption_tokenizer(spec: str, flag: str):
   tok = _load(spec, flag)
-  if tokenizers.EOS_TOKEN in tok.get_vocab():
+  if transforms.EOS_TOKEN in tok.get_vocab():   # the loader adds it to a GPT-2 tokenizer
     return tok
-  if type(tok).__name__.startswith("GPT2"):
-    return tokenizers.gpt2_tokenizer(spec)
-  raise ConfigError(f"{flag}={spec} has no {tokenizers.EOS_TOKEN} token, which the caption "
+  raise ConfigError(f"{flag}={spec} has no {transforms.EOS_TOKEN} token, which the caption "
                     f"decoder needs; build one with python -m data_pipelines.make_tokenizer, or "
                     f"set config.captioner.tokenizer")
