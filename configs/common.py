@@ -53,7 +53,7 @@ def mesh(**kw) -> mc.ConfigDict:
 
 
 def data(**kw) -> mc.ConfigDict:
-  """config.data: the reader (data_pipelines/pipeline.py documents each field); LAION's values."""
+  """config.data: the reader (data_pipelines/data_config.py documents each field); LAION's values."""
   return _section("data", dict(
       source="shards",   # "shards" | "features" (--mode=extract's) | "synthetic"
       # tokenizer: a CLIP tokenizer dir or a hub id in the local cache (configs/laion.py).

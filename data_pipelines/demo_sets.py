@@ -1,4 +1,4 @@
-"""The generated demo data sets by name (config.data.demo): each module writes its shards
+"""The generated demo data sets by name (config.demo.set): each module writes its shards
 and word-level tokenizer (build_demo) and judges samples (score_t2i, score_i2t,
 parse_caption), with the same interface.
 
@@ -14,6 +14,6 @@ SETS = {"shapes": demo_data, "glyphs": glyph_data}
 
 def get(name: str) -> ModuleType:
   if name not in SETS:
-    raise ValueError(f"config.data.demo={name!r}; use one of {sorted(SETS)} (or '' for your own "
+    raise ValueError(f"config.demo.set={name!r}; use one of {sorted(SETS)} (or '' for your own "
                      f"data in config.data.shards)")
   return SETS[name]
