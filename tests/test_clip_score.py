@@ -108,7 +108,7 @@ def test_pair_scores_and_metric_match_torchmetrics():
   print(f"CLIPScore ours {stats.compute()} torchmetrics {want_metric}")
   assert abs(stats.compute() - want_metric) <= 1e-4
   mean = float(np.mean(got_pairs))
-  assert stats.compute() == max(mean, 0.0)
+  assert abs(stats.compute() - max(mean, 0.0)) < 1e-9  # merged sums vs one mean: rounding
   assert abs(stats.compute(clamp_each=True) - np.mean(np.maximum(got_pairs, 0))) < 1e-9
 
 
