@@ -79,8 +79,9 @@ def _with_vocab(config):
   if not config.get("demo") or not config.demo.set:
     return config
   config = ml_collections.ConfigDict(config.to_dict())
-  config.data.tokenizer = demo_sets.get(config.demo.set).build_tokenizer(tempfile.mkdtemp())
-  return vocab.derive(config)
+  with tempfile.TemporaryDirectory() as tmp:  # derive reads the sizes; nothing is kept
+    config.data.tokenizer = demo_sets.get(config.demo.set).build_tokenizer(tmp)
+    return vocab.derive(config)
 
 
 def dump(config_name: str) -> str:
