@@ -75,6 +75,9 @@ _AUTOENCODERS = {
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                 norm_num_groups=32),
     "pixel": dict(kind="pixel", factor=2, scale=1.0, shift=0.0),
+    # Principal components of factor x factor patches, fitted to fit_examples training
+    # examples by unidiffuser_jax/autoencoder_fit.py (the demo runbook runs it).
+    "pca": dict(kind="pca", factor=4, channels=16, fit_examples=2048, scale=1.0, shift=0.0),
 }
 
 
@@ -143,7 +146,9 @@ def train(**kw) -> mc.ConfigDict:
   """The paper's recipe: AdamW 2e-4, wd 0.03, betas (0.9, 0.9), warm-up then constant, EMA 0.9999."""
   return _section("train", dict(
       steps=1000, batch_size=8, grad_accum=1,
-      lr=2e-4, warmup_steps=5000, weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=1.0,
+      lr=2e-4, warmup_steps=5000,
+      lr_decay="constant",  # after warm-up: "constant" (paper) or "cosine" (to 0 at `steps`)
+      weight_decay=0.03, betas=(0.9, 0.9), grad_clip_norm=1.0,
       ema_decay=0.9999,
       clean_prob=0.0,  # fraction of samples with one modality clean (objective.py); paper: 0
       loss_weight="eps",  # "eps" (paper) or "v": per-timestep loss weight (objective.py)

@@ -192,3 +192,21 @@ def test_fine_tune_starts_from_given_weights(tmp_path):
   mesh, model, tx, enc, enc_params, enc_sh, other, other_sh = _setup(config, jax.devices())
   with pytest.raises(errors.ConfigError, match="has shape"):
     train.start_from(other, other_sh, str(tmp_path / "w"))
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+  """Warm-up is linear from 0; 'constant' holds lr after it, 'cosine' falls to 0 at train.steps
+  (half of lr half-way through the decay); an unknown name is one ConfigError."""
+  cfg = demo.get_config("tiny").train
+  cfg.update(steps=110, warmup_steps=10, lr=2e-3)
+  const = train.lr_schedule(cfg)
+  np.testing.assert_allclose([const(0), const(5), const(10), const(109)], [0, 1e-3, 2e-3, 2e-3],
+                             rtol=1e-6)
+  cfg.lr_decay = "cosine"
+  cos = train.lr_schedule(cfg)
+  np.testing.assert_allclose([cos(5), cos(10), cos(60), cos(110)], [1e-3, 2e-3, 1e-3, 0.0],
+                             rtol=1e-5, atol=1e-9)
+  assert all(float(cos(s)) >= float(cos(s + 1)) for s in range(10, 110))
+  cfg.lr_decay = "linear"
+  with pytest.raises(errors.ConfigError, match="lr_decay"):
+    train.lr_schedule(cfg)

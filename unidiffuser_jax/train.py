@@ -87,14 +87,23 @@ def objective_kwargs(train_cfg) -> dict:
 
 # ---------------------------------------------------------------- optimiser and state
 
+LR_DECAYS = ("constant", "cosine")
+
+
 def lr_schedule(train_cfg) -> optax.Schedule:
-  """Linear warm-up from 0 to lr over warmup_steps, then constant (U-ViT's recipe)."""
+  """Linear warm-up from 0 to lr over warmup_steps, then constant (U-ViT's recipe) or, with
+  lr_decay="cosine", a half cosine from lr down to 0 at train.steps."""
   warm = max(0, int(train_cfg.warmup_steps))
+  decay = train_cfg.lr_decay
+  if decay == "constant":
+    after = optax.constant_schedule(train_cfg.lr)
+  elif decay == "cosine":
+    after = optax.cosine_decay_schedule(train_cfg.lr, max(1, int(train_cfg.steps) - warm))
+  else:
+    raise errors.ConfigError(f"config.train.lr_decay={decay!r}; use one of {LR_DECAYS}")
   if warm == 0:
-    return optax.constant_schedule(train_cfg.lr)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, train_cfg.lr, warm), optax.constant_schedule(train_cfg.lr)],
-      [warm])
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, train_cfg.lr, warm), after], [warm])
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
