@@ -16,6 +16,8 @@ import argparse
 import collections
 import sys
 
+from tqdm import tqdm
+
 from data_pipelines import data_config
 from data_pipelines import records
 from data_pipelines import shards as shards_lib
@@ -40,7 +42,6 @@ def _parse_value(text, default):
 
 def scan(paths, cfg, *, transform=False, progress=True):
   """Counts per outcome: {'ok': n, reason: n, ...} over all entries."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   proc = records.RecordProcessor(cfg, None, transform_images=transform)
   counts = collections.Counter()
   with tqdm(desc='check', unit='rec', file=sys.stderr,
