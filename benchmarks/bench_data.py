@@ -43,7 +43,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
-from data_pipelines import data_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import iterators  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import make_shards  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -94,12 +94,9 @@ def _plain_record(rec, res, with_clip):
 
 
 def pipeline_loop(shard_dir, res):
-  cfg = data_config.default_data_config()
-  cfg.shards = shard_dir
-  cfg.resolution = res
-  cfg.num_workers = 0
-  cfg.prefetch = 0
-  cfg.drop_remainder = False
+  # LAION's filters but min_side (the generated images are --src sized), no tokenizer.
+  cfg = common.data(shards=shard_dir, tokenizer='', resolution=res, num_workers=0, prefetch=0,
+                    drop_remainder=False, shuffle_buffer=1000, interleave_cycle=4, min_side=0)
   it = iterators.make_iterator(cfg, global_batch_size=8, process_index=0,
                               process_count=1, seed=0, num_epochs=1)
   n = sum(b['image'].shape[0] for b in it if 'image' in b)

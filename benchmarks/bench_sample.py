@@ -2,7 +2,7 @@
 
   python benchmarks/bench_sample.py            # 44.8M-parameter U-ViT (bench_train's), 16x16
                                                # latent, 77 text tokens, batch 2, 10 steps
-  python benchmarks/bench_sample.py --quick    # tiny model, 3 steps: a sanity run only
+  python benchmarks/bench_sample.py --quick    # configs/demo.py:tiny, 3 steps: sanity only
   python benchmarks/bench_sample.py --modes t2i joint --steps 50 --batch 8
 
 Same weights, sizes, solver, steps and guidance on both sides, float32, one
@@ -94,8 +94,8 @@ class Run:
 
 FULL = Run(size=dataclasses.replace(bench_train.FULL, batch=2), steps=10, order=3, guidance=7.0,
            warmup=1, reps=3)
-QUICK = Run(size=dataclasses.replace(bench_train.QUICK, batch=2), steps=3, order=3, guidance=7.0,
-            warmup=1, reps=2)
+QUICK = Run(size=dataclasses.replace(bench_train.quick_size(), batch=2), steps=3, order=3,
+            guidance=7.0, warmup=1, reps=2)
 
 
 def _median_time(fn, warmup: int, reps: int):
@@ -396,7 +396,8 @@ def time_diffusers_e2e(pipe, task: str, run: Run) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny model, 3 steps (sanity only)")
+  parser.add_argument("--quick", action="store_true",
+                      help="configs/demo.py:tiny's U-ViT, 3 steps (sanity only)")
   parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
   parser.add_argument("--batch", type=int, default=0)
   parser.add_argument("--steps", type=int, default=0)

@@ -1,7 +1,7 @@
 """U-ViT training step and sampling forward: ours (JAX, jitted) vs diffusers' UniDiffuserModel.
 
   python benchmarks/bench_train.py                 # 44.8M-parameter U-ViT, batch 16, float32
-  python benchmarks/bench_train.py --quick         # tiny model, few steps: a sanity run only
+  python benchmarks/bench_train.py --quick         # configs/demo.py:tiny, few steps: sanity only
   taskset -c 1 python benchmarks/bench_train.py --size=demo --threads=1   # configs/demo.py's
                                                    # U-ViT and batch, both sides on one core
   python benchmarks/bench_train.py --hlo_dir=HLO_DIR   # also write our optimised HLO + op census
@@ -65,13 +65,12 @@ class Size:
 
 
 FULL = Size()
-QUICK = Size(width=64, depth=3, num_heads=2, mlp_dim=256, latent_size=8, num_text_tokens=8,
-             clip_img_dim=32, text_dim=16, batch=2)
 
 
-def demo_size() -> Size:
-  """configs/demo.py's U-ViT and training batch (read from the config, not copied)."""
-  c = demo_config.get_config()
+def demo_size(arg: str | None = None) -> Size:
+  """configs/demo.py's U-ViT and training batch (read from the config, not copied); arg as
+  its get_config's ("tiny": the tests' depth-2 U-ViT, --quick's size)."""
+  c = demo_config.get_config(arg)
   m = c.model
   return Size(width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
               latent_size=m.latent_size, latent_channels=m.latent_channels,
@@ -79,7 +78,14 @@ def demo_size() -> Size:
               clip_img_dim=m.clip_img_dim, batch=c.train.batch_size)
 
 
-SIZES = {"full": lambda: FULL, "demo": demo_size, "quick": lambda: QUICK}
+def quick_size() -> Size:
+  """--quick: configs/demo.py:tiny's U-ViT and batch, the MLP at 4 x width (diffusers' fixed
+  ratio; tiny's is 2)."""
+  s = demo_size("tiny")
+  return dataclasses.replace(s, mlp_dim=4 * s.width)
+
+
+SIZES = {"full": lambda: FULL, "demo": demo_size, "quick": quick_size}
 
 
 # ---------------------------------------------------------------- analytic FLOPs
@@ -88,6 +94,9 @@ SIZES = {"full": lambda: FULL, "demo": demo_size, "quick": lambda: QUICK}
 def diffusers_uvit(s: "Size"):
   """diffusers' UniDiffuserModel configured as the released post-LN U-ViT of size `s`."""
   from diffusers.pipelines.deprecated.unidiffuser import modeling_uvit
+  if s.mlp_dim != 4 * s.width:
+    raise ValueError(f"mlp_dim {s.mlp_dim}: diffusers' UniDiffuserModel fixes it at 4 x width "
+                     f"({4 * s.width})")
   return modeling_uvit.UniDiffuserModel(
       text_dim=s.text_dim, clip_img_dim=s.clip_img_dim, num_text_tokens=s.num_text_tokens,
       num_attention_heads=s.num_heads, attention_head_dim=s.width // s.num_heads,
@@ -307,7 +316,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", choices=sorted(SIZES), default="full",
                       help="full: 44.8M params, batch 16; demo: configs/demo.py's U-ViT and batch; "
-                           "quick: tiny sanity run")
+                           "quick: configs/demo.py:tiny's, MLP 4x (a sanity run)")
   parser.add_argument("--quick", action="store_true", help="same as --size=quick, fewer steps")
   parser.add_argument("--threads", type=int, default=0,
                       help="CPU threads for both sides (0: every core). 1 sets torch.set_num_threads(1) "
@@ -342,8 +351,9 @@ def main() -> None:
         f"{torch.get_num_threads()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax "
         f"{jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"torch {torch.__version__}")
-  print(f"config ({args.size}): {dataclasses.asdict(size)} -> {size.num_tokens} tokens "
-        f"({size.num_patches} image + {size.num_text_tokens} text + 3 + 1), float32, v1")
+  print(f"config ({'quick' if args.quick else args.size}): {dataclasses.asdict(size)} -> "
+        f"{size.num_tokens} tokens ({size.num_patches} image + {size.num_text_tokens} text "
+        f"+ 3 + 1), float32, v1")
   if args.compile_only:
     r = jax_side(size, args.hlo_dir or None, compile_only=True)
     print(f"params {r['n_params']:,}; compiled in {r['compile_s']:.1f} s; FLOPs/step analytic "

@@ -53,9 +53,36 @@ def mesh(**kw) -> mc.ConfigDict:
 
 
 def data(**kw) -> mc.ConfigDict:
-  """config.data: the reader (data_pipelines/data_config.py documents each field); LAION's values."""
+  """config.data: the reader (data_pipelines; it adds no defaults of its own); LAION's values.
+
+  source             "shards" (tar shards) | "features" (--mode=extract's) | "synthetic".
+  shards             shard tars: comma list of files, directories (all *.tar), globs,
+                     '{00000..00099}' ranges; any epath path (local, gs://).
+  features           precomputed ArrayRecord feature shards (same syntax; directories mean
+                     *.array_record); features.make_feature_iterator.
+  tokenizer          a tokenizer directory or a hub id in the local cache
+                     (transforms.load_tokenizer); "" = no tokens (batches carry `caption`).
+  resolution         image side after centre square crop + LANCZOS.
+  clip_resolution    CLIP image input side.
+  max_length         token ids padded/truncated to this length.
+  data_type          the batches' `data_type` field (0 web, 1 clean).
+  shuffle_buffer     window-shuffle window in records (0/1 = off).
+  interleave_cycle   shards read concurrently per host (or per worker).
+  num_workers        grain worker processes (0 = in-process).
+  prefetch           batches buffered ahead (per worker with workers).
+  min_side           minimum original short side (0 = off).
+  max_aspect         maximum long/short side ratio (None or 0 = off).
+  max_watermark, max_unsafe   maximum pwatermark / punsafe (None = off).
+  min_aesthetic      minimum aesthetic score (None = off).
+  min_caption_chars  minimum cleaned caption length (0 = off).
+  max_caption_chars  maximum cleaned caption length (None or 0 = off).
+  max_image_pixels   header pixel limit checked before decoding.
+  synthetic_vocab_size, synthetic_examples   the synthetic source's token range and length.
+  drop_remainder     drop the last partial batch of a finite run.
+  with_text          batches also carry `key` and `caption` string arrays.
+  """
   return _section("data", dict(
-      source="shards",   # "shards" | "features" (--mode=extract's) | "synthetic"
+      source="shards",
       # tokenizer: a CLIP tokenizer dir or a hub id in the local cache (configs/laion.py).
       shards="", features="", tokenizer="openai/clip-vit-large-patch14",
       resolution=512, clip_resolution=224, max_length=77, data_type=0,
@@ -64,7 +91,7 @@ def data(**kw) -> mc.ConfigDict:
       min_caption_chars=5, max_caption_chars=1000, max_image_pixels=8192 * 8192,
       synthetic_vocab_size=49408, synthetic_examples=1 << 30,
       drop_remainder=True,   # a finite run (extract) keeps its last partial batch with False
-      with_text=False,       # batches also carry `key` and `caption` strings (stage 1, extract)
+      with_text=False,       # stage 1 and extract set it
   ), kw)
 
 

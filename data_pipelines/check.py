@@ -3,44 +3,51 @@
   python -m data_pipelines.check 'data/train/*.tar' --min_side 256 \\
       --max_watermark 0.5
 
-Every field of data_config.default_data_config() is a flag (--resolution,
---min_side, --max_aspect, ...; 'none' clears a threshold). By default images
-are decoded and checked but not resized (--transform also runs the crops and
-CLIP preprocessing, i.e. everything the pipeline does except tokenising).
-Prints one line per skip reason, and as the last line
-`records: N ok, M skipped`.
+The flags are config.data's filter and image keys (configs/common.py's data()
+documents them); each filter is off unless given ('none' turns one off), the
+pixel limit is PIL's own unless --max_image_pixels is given. Images are decoded
+and checked but not resized unless --transform (with --resolution and
+--clip_resolution) also runs the crops and CLIP preprocessing, i.e. everything
+the pipeline does except tokenising. Prints one line per skip reason, and as
+the last line `records: N ok, M skipped`.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import sys
+import types
 
-from data_pipelines import data_config
+from PIL import Image
+from tqdm import tqdm
+
 from data_pipelines import records
 from data_pipelines import shards as shards_lib
 from data_pipelines.filters import SKIP_REASONS
 
 
-def _parse_value(text, default):
+def number_or_none(text: str) -> int | float | None:
   if text.lower() in ('none', 'null', ''):
     return None
-  if isinstance(default, bool):
-    return text.lower() in ('1', 'true', 'yes')
-  if isinstance(default, int):
-    return int(text)
   try:
     return int(text)
   except ValueError:
-    try:
-      return float(text)
-    except ValueError:
-      return text
+    return float(text)
+
+
+# The config.data keys RecordProcessor reads without a tokenizer -> (default, type): the filters
+# off, PIL's own pixel limit, no resizing.
+FLAGS = {
+    **{k: (None, number_or_none) for k in ('max_aspect', 'max_watermark', 'max_unsafe',
+                                            'min_aesthetic', 'max_caption_chars')},
+    'min_side': (0, number_or_none), 'min_caption_chars': (0, number_or_none),
+    'max_image_pixels': (Image.MAX_IMAGE_PIXELS, int), 'resolution': (0, int),
+    'clip_resolution': (0, int),
+}
 
 
 def scan(paths, cfg, *, transform=False, progress=True):
   """Counts per outcome: {'ok': n, reason: n, ...} over all entries."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   proc = records.RecordProcessor(cfg, None, transform_images=transform)
   counts = collections.Counter()
   with tqdm(desc='check', unit='rec', file=sys.stderr,
@@ -54,21 +61,16 @@ def scan(paths, cfg, *, transform=False, progress=True):
 
 
 def main(argv=None):
-  defaults = data_config.default_data_config()
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('paths', nargs='+', help='shard files, dirs, globs')
   ap.add_argument('--transform', action='store_true')
   ap.add_argument('--no-progress', action='store_true')
-  for name in defaults:
-    if name in ('shards', 'features'):
-      continue
-    ap.add_argument(f'--{name}', default=None, metavar='V')
+  for name, (default, kind) in FLAGS.items():
+    ap.add_argument(f'--{name}', type=kind, default=default, metavar='V')
   a = ap.parse_args(argv)
-  cfg = data_config.default_data_config()
-  for name in cfg:
-    v = getattr(a, name, None)
-    if v is not None:
-      cfg[name] = _parse_value(v, cfg[name])
+  cfg = types.SimpleNamespace(**{name: getattr(a, name) for name in FLAGS})
+  if a.transform and not (cfg.resolution and cfg.clip_resolution):
+    ap.error('--transform needs --resolution and --clip_resolution')
   paths = shards_lib.expand_shards(','.join(a.paths))
   counts = scan(paths, cfg, transform=a.transform,
                 progress=not a.no_progress)

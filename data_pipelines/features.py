@@ -17,7 +17,6 @@ import numpy as np
 
 from data_pipelines import iterators
 from data_pipelines import shards as shards_lib
-from data_pipelines.data_config import with_defaults
 from data_pipelines.filters import SKIP_REASONS
 
 _R = len(SKIP_REASONS)
@@ -115,7 +114,6 @@ def make_feature_iterator(data_cfg, *, global_batch_size: int,
   """
   iterators.check_process(process_index, process_count)
   b = iterators.per_host_batch(global_batch_size, process_count)
-  data_cfg = with_defaults(data_cfg)
   if not data_cfg.features:
     raise ValueError('data.features is empty')
   src = grain.sources.ArrayRecordDataSource(

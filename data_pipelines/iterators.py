@@ -5,7 +5,7 @@ Batches (dicts of numpy, leading axis b = global_batch_size // process_count):
   tokens int32 [b, L]; data_type int32 [b]; skipped int32 [len(SKIP_REASONS)]
   (records skipped, per reason, since the previous batch of the same worker:
   summing it over batches counts every skip exactly once, also across resume).
-The config fields are data_config.py's.
+data_cfg is config.data: configs/common.py's data() declares and documents its keys.
 
 Order and resumption. Each process reads the shards `shards[i::n]`; they are
 shuffled with `seed` (differently every epoch), `interleave_cycle` of them are
@@ -40,7 +40,6 @@ from data_pipelines import filters
 from data_pipelines import records
 from data_pipelines import shards as shards_lib
 from data_pipelines import transforms
-from data_pipelines.data_config import with_defaults
 from data_pipelines.filters import SKIP_REASONS
 
 _R = len(SKIP_REASONS)
@@ -182,7 +181,6 @@ def make_record_dataset(data_cfg, *, process_index: int, process_count: int,
                         transform_images=True) -> grain.IterDataset:
   """Unbatched grain IterDataset of examples and {'skip': reason} markers."""
   check_process(process_index, process_count)
-  data_cfg = with_defaults(data_cfg)
   paths = shards_lib.expand_shards(data_cfg.shards)
   mine = paths[process_index::process_count]
   if not mine:
@@ -206,7 +204,6 @@ def make_iterator(data_cfg, *, global_batch_size: int, process_index: int,
                   num_epochs=None) -> grain.DatasetIterator:
   """The per-host batch iterator over tar shards (see the module doc)."""
   b = per_host_batch(global_batch_size, process_count)
-  data_cfg = with_defaults(data_cfg)
   ds = make_record_dataset(data_cfg, process_index=process_index,
                            process_count=process_count, seed=seed,
                            tokenizer=tokenizer, num_epochs=num_epochs)

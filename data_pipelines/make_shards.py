@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 from etils import epath
 from PIL import Image
+from tqdm import tqdm
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
 
@@ -52,8 +53,8 @@ def write_tar(path, members: Iterable[tuple[str, bytes]]):
 
 def _write_parquet(path, rows):
   try:
-    import pyarrow as pa  # pylint: disable=g-import-not-at-top
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow as pa  # local: optional (not in requirements.txt); no parquet without it
+    import pyarrow.parquet as pq  # local: as pyarrow above
   except ImportError:
     return False
   cols = sorted({k for r in rows for k in r})
@@ -188,7 +189,6 @@ def list_images(inp: str) -> list[str]:
 def make_shards(inp: str, captions: str, out: str, shard_size: int = 10000,
                 progress: bool = True) -> dict[str, Any]:
   """Library form of the CLI; returns {'shards': [...], 'written', 'missing_caption', 'unreadable'}."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   caps = read_captions(captions)
   images = list_images(inp)
   stats = {'written': 0, 'missing_caption': 0, 'unreadable': 0}

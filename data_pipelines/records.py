@@ -17,7 +17,6 @@ from typing import Any
 from data_pipelines import filters
 from data_pipelines import shards as shards_lib
 from data_pipelines import transforms
-from data_pipelines.data_config import with_defaults
 
 _WARN_FIRST = 5
 _warned = collections.Counter()
@@ -49,7 +48,7 @@ class RecordProcessor:
   """
 
   def __init__(self, cfg, tokenizer=None, *, transform_images=True):
-    self.cfg = with_defaults(cfg)
+    self.cfg = cfg  # config.data (configs/common.py's data() declares its keys)
     self.tokenizer = tokenizer
     self.transform_images = transform_images
 

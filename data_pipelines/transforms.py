@@ -223,7 +223,7 @@ def load_tokenizer(spec: str):
   tokenizer without EOS_TOKEN gets it as the id right after its base
   vocabulary (50257 for `gpt2`), the row the caption decoder adds.
   """
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  # heavy
+  from transformers import AutoTokenizer  # local: imports torch (and transformers, ~2 s)
   tok = AutoTokenizer.from_pretrained(tokenizer_dir(spec), local_files_only=True)
   if _is_clip(tok) and tok.pad_token is None:
     tok.pad_token = tok.eos_token
@@ -247,12 +247,12 @@ def clip_text_clean(text: str) -> str:
 
 
 def _is_clip(tokenizer) -> bool:
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top  # heavy; loaded with the tokenizer
+  from transformers import CLIPTokenizer  # local: transformers takes ~2 s to import
   return isinstance(tokenizer, CLIPTokenizer)
 
 
 def _is_gpt2(tokenizer) -> bool:
-  from transformers import GPT2Tokenizer  # pylint: disable=g-import-not-at-top  # heavy; loaded with the tokenizer
+  from transformers import GPT2Tokenizer  # local: transformers takes ~2 s to import
   return isinstance(tokenizer, GPT2Tokenizer)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from data_pipelines import check
-from data_pipelines import data_config
 from data_pipelines import features
 from data_pipelines import iterators
 from data_pipelines import make_shards
@@ -43,19 +43,16 @@ def shard_dir(tmp_path_factory):
   return str(root / 'shards')
 
 
+# The filters off: every record of the small shards is kept.
+FILTERS_OFF = dict(min_side=0, max_aspect=None, max_watermark=None, max_unsafe=None,
+                   min_aesthetic=None, min_caption_chars=1, max_caption_chars=None)
+
+
 def _cfg(shards, **kw):
-  cfg = data_config.default_data_config()
-  cfg.shards = shards
-  cfg.resolution = 16
-  cfg.clip_resolution = 12
-  cfg.with_text = True
-  cfg.shuffle_buffer = 7
-  cfg.interleave_cycle = 3
-  cfg.drop_remainder = False
-  cfg.prefetch = 2
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
+  return common.data(**{**FILTERS_OFF, **dict(
+      shards=shards, tokenizer='', resolution=16, clip_resolution=12, with_text=True,
+      shuffle_buffer=7, interleave_cycle=3, drop_remainder=False, num_workers=0,
+      prefetch=2), **kw})
 
 
 def _keys(it, limit=None):
@@ -209,9 +206,8 @@ def test_feature_shards_round_trip(tmp_path):
       recs.append(r)
       w.write(r)
   assert len(w.paths) == 3
-  cfg = data_config.default_data_config()
-  cfg.features = str(tmp_path / 'feat')
-  cfg.prefetch = 1
+  cfg = common.data(features=str(tmp_path / 'feat'), prefetch=1, num_workers=0,
+                    interleave_cycle=4)
   seen = []
   for p in range(2):
     it = features.make_feature_iterator(cfg, global_batch_size=4,
@@ -278,16 +274,14 @@ def test_make_shards_cli_jsonl(tmp_path, capsys):
   assert entries[3]['files']['png'] == (img_dir / 'p3.png').read_bytes()
 
 
-def test_config_with_only_some_fields(shard_dir):
-  """A config.data lacking optional fields (and with extra ones) works."""
-  import ml_collections
-  cfg = ml_collections.ConfigDict(dict(
-      source='shards', demo=False, shards=shard_dir, features='', tokenizer='',
-      resolution=8, clip_resolution=8, max_length=7, data_type=0,
+def test_reads_config_data_as_declared(shard_dir):
+  """The reader takes configs/common.py's data() as it is: no defaults of its own."""
+  cfg = common.data(
+      shards=shard_dir, tokenizer='', resolution=8, clip_resolution=8, max_length=7,
       shuffle_buffer=4, interleave_cycle=2, num_workers=0, prefetch=1,
       min_side=0, max_aspect=10.0, max_watermark=1.0, max_unsafe=1.0,
       min_aesthetic=0.0, min_caption_chars=1, max_caption_chars=200,
-      max_image_pixels=4096 * 4096))
+      max_image_pixels=4096 * 4096)
   it = iterators.make_iterator(cfg, global_batch_size=4, process_index=0,
                               process_count=1, seed=0)
   b = next(it)

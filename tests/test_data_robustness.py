@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from data_pipelines import check
-from data_pipelines import data_config
 from data_pipelines import iterators
 from data_pipelines import make_shards
 from data_pipelines import records
@@ -95,22 +95,11 @@ RECORD_KINDS = [r for r in SKIP_REASONS if r not in ('bad_shard',
 
 
 def _cfg(shards):
-  cfg = data_config.default_data_config()
-  cfg.shards = shards
-  cfg.resolution = 8
-  cfg.clip_resolution = 8
-  cfg.with_text = True
-  cfg.drop_remainder = False
-  cfg.shuffle_buffer = 16
-  cfg.interleave_cycle = 3
-  cfg.min_side = 256
-  cfg.max_aspect = 3.0
-  cfg.max_watermark = 0.5
-  cfg.max_unsafe = 0.5
-  cfg.min_aesthetic = 5.0
-  cfg.min_caption_chars = 3
-  cfg.max_caption_chars = 200
-  return cfg
+  return common.data(
+      shards=shards, tokenizer='', resolution=8, clip_resolution=8, with_text=True,
+      drop_remainder=False, shuffle_buffer=16, interleave_cycle=3, num_workers=0, prefetch=2,
+      min_side=256, max_aspect=3.0, max_watermark=0.5, max_unsafe=0.5, min_aesthetic=5.0,
+      min_caption_chars=3, max_caption_chars=200, max_image_pixels=64_000_000)
 
 
 @pytest.fixture(scope='module')
@@ -185,7 +174,8 @@ def test_check_tool_counts_match(fuzz, capsys):
   paths, planted, good = fuzz
   flags = ['--no-progress', '--min_side', '256', '--max_aspect', '3',
            '--max_watermark', '0.5', '--max_unsafe', '0.5', '--min_aesthetic',
-           '5', '--min_caption_chars', '3', '--max_caption_chars', '200']
+           '5', '--min_caption_chars', '3', '--max_caption_chars', '200',
+           '--max_image_pixels', '64000000']
   check.main(paths + flags)
   out = capsys.readouterr().out.strip().splitlines()
   assert out[-1] == (f'records: {len(good)} ok, '

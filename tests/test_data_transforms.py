@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import data_config
+from configs import common
 from data_pipelines import filters
 from data_pipelines import transforms
 
@@ -124,13 +124,12 @@ def test_tokenize_with_demo_tokenizer(tmp_path):
 
 
 def test_filters_thresholds_and_missing_fields():
-  cfg = data_config.default_data_config()
-  assert filters.metadata_reason({}, cfg) is None  # all off by default
-  cfg.min_side = 512
-  cfg.max_aspect = 2.0
-  cfg.max_watermark = 0.5
-  cfg.max_unsafe = 0.5
-  cfg.min_aesthetic = 5.0
+  off = common.data(min_side=0, max_aspect=None, max_watermark=None, max_unsafe=None,
+                    min_aesthetic=None)
+  bad = {'width': 10, 'height': 900, 'pwatermark': 1.0, 'punsafe': 1.0, 'aesthetic': 0.0}
+  assert filters.metadata_reason(bad, off) is None  # None (min_side 0) turns a filter off
+  cfg = common.data(min_side=512, max_aspect=2.0, max_watermark=0.5, max_unsafe=0.5,
+                    min_aesthetic=5.0)
   ok = {'width': 600, 'height': 800, 'pwatermark': 0.4, 'punsafe': 0.1,
         'aesthetic': 5.5}
   assert filters.metadata_reason(ok, cfg) is None

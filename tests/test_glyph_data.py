@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data_pipelines import data_config, demo_data, glyph_data as glyph, iterators
+from configs import common
+from data_pipelines import demo_data, glyph_data as glyph, iterators
 
 
 def test_same_public_interface_as_shapes():
@@ -153,13 +154,11 @@ def test_build_demo_round_trip(tmp_path):
   assert glyph.build_demo(out, n_train=40, n_heldout=12, size=16, seed=0,
                           shard_size=16) == p  # idempotent: nothing rewritten
   assert os.path.getmtime(p['train_shards'][0]) == mtime
-  cfg = data_config.default_data_config()
-  cfg.shards = p['heldout']
-  cfg.resolution = 16
-  cfg.clip_resolution = 16
-  cfg.tokenizer = p['tokenizer']
-  cfg.with_text = True
-  cfg.drop_remainder = False
+  cfg = common.data(
+      shards=p['heldout'], resolution=16, clip_resolution=16, tokenizer=p['tokenizer'],
+      with_text=True, drop_remainder=False, shuffle_buffer=1000, interleave_cycle=4,
+      num_workers=0, prefetch=2, min_side=0, max_aspect=None, max_watermark=None,
+      max_unsafe=None, min_aesthetic=None, min_caption_chars=1, max_caption_chars=None)
   it = iterators.make_iterator(cfg, global_batch_size=12, process_index=0,
                               process_count=1, seed=0, num_epochs=1)
   b = next(it)

@@ -1,12 +1,17 @@
 """Layering: the library and the tests never import benchmarks/ (scripts that measure, never
-imported); what they share lives in unidiffuser_jax/ (e.g. aot.py under benchmarks/aot_tpu.py)."""
+imported); what they share lives in unidiffuser_jax/ (e.g. aot.py under benchmarks/aot_tpu.py).
+Imports sit at the top of the library's files; one inside a function says why on its line
+(`# local: <reason>`: an optional or heavy dependency such as torch or TensorFlow)."""
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("unidiffuser_jax", "data_pipelines", "configs", "tests")
+LIBRARY = ("unidiffuser_jax", "data_pipelines")
 
 
 def benchmark_imports(source: str) -> list[str]:
@@ -23,8 +28,22 @@ def benchmark_imports(source: str) -> list[str]:
   return found
 
 
-def _python_files():
-  for package in PACKAGES:
+def unexplained_local_imports(source: str) -> list[str]:
+  """The import statements inside a function of `source` without `# local:` on their line."""
+  lines = source.splitlines()
+  found = []
+  for fn in ast.walk(ast.parse(source)):
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      continue
+    for node in ast.walk(fn):
+      if isinstance(node, (ast.Import, ast.ImportFrom)) and \
+          "# local:" not in lines[node.lineno - 1]:
+        found.append(f"line {node.lineno}: {lines[node.lineno - 1].strip()}")
+  return sorted(set(found))  # nested functions are walked twice
+
+
+def _python_files(packages=PACKAGES):
+  for package in packages:
     for root, _, files in os.walk(os.path.join(REPO, package)):
       for name in sorted(files):
         if name.endswith(".py"):
@@ -52,3 +71,38 @@ def test_no_library_or_test_module_imports_benchmarks():
     if hits:
       bad[os.path.relpath(path, REPO)] = hits
   assert not bad, f"modules importing benchmarks/ (move what they need into the package): {bad}"
+
+
+@pytest.mark.parametrize("source, hits", [
+    ("import os\ndef f():\n  return os\n", 0),
+    ("def f():\n  import torch\n", 1),
+    ("def f():\n  import torch  # local: optional heavy dependency\n", 0),
+    ("class A:\n  def f(self):\n    def g():\n      from a import b\n", 1),
+    ("def f():\n  try:\n    import pyarrow  # local: optional\n  except ImportError:\n"
+     "    from x import y\n", 1),
+    ("try:\n  import pyarrow\nexcept ImportError:\n  pyarrow = None\n", 0),
+])
+def test_scan_finds_function_local_imports(source, hits):
+  assert len(unexplained_local_imports(source)) == hits
+
+
+def test_library_imports_are_at_the_top_or_say_why():
+  files = list(_python_files(LIBRARY))
+  assert any(f.endswith(os.path.join("unidiffuser_jax", "train.py")) for f in files)
+  bad = {}
+  for path in files:
+    with open(path, encoding="utf-8") as f:
+      hits = unexplained_local_imports(f.read())
+    if hits:
+      bad[os.path.relpath(path, REPO)] = hits
+  assert not bad, f"function-local imports without '# local: <reason>' (move them up): {bad}"
+
+
+def test_the_entry_point_loads_neither_torch_nor_tensorflow():
+  """What the `# local:` imports keep out of `python -m unidiffuser_jax.main` at startup."""
+  code = ("import sys, unidiffuser_jax.main\n"
+          "print(sorted(m for m in ('torch', 'tensorflow', 'transformers') if m in sys.modules))")
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert res.stdout.strip().splitlines()[-1] == "[]"

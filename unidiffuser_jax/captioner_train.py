@@ -13,7 +13,8 @@ config.captioner.tokenizer at the caption tokenizer (GPT-2's, plus <|EOS|>).
 import jax
 import numpy as np
 
-from unidiffuser_jax import rng, sharding, train
+from data_pipelines import transforms
+from unidiffuser_jax import encoders as encoders_lib, input_pipeline, rng, sharding, train
 from unidiffuser_jax.models import captioner as captioner_lib
 
 
@@ -66,10 +67,6 @@ def captioner_task(encoders, config, tokenizer) -> train.Task:
 
 def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
   """Runs stage 1 into `workdir` (its own checkpoints; resumable like the U-ViT)."""
-  from data_pipelines import transforms
-  from unidiffuser_jax import encoders as encoders_lib
-  from unidiffuser_jax import input_pipeline
-
   train_cfg = config.captioner.train
   mesh = sharding.make_mesh(config.mesh)
   train.check_config(config, train_cfg, mesh)

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unidiffuser_jax import rng, sharding
+from unidiffuser_jax import checkpoints, rng, sharding
 from unidiffuser_jax.models import captioner as captioner_lib
 from unidiffuser_jax.models import clip as clip_lib
 from unidiffuser_jax.models import pixel_ae, vae
@@ -79,7 +79,6 @@ class Encoders:
       shardings = sharding.named_shardings(specs, mesh)
       path = weights_cfg.get(part, "") if weights_cfg else ""
       if path:
-        from unidiffuser_jax import checkpoints
         host = checkpoints.load_params(path)
         checkpoints.check_params(host, nn.unbox(abstract), f"encoder weights {part} at {path}",
                                  f"config.encoders.{part}")

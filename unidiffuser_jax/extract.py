@@ -38,15 +38,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines import features
 from data_pipelines import iterators
 from data_pipelines.filters import SKIP_REASONS
-from unidiffuser_jax import errors, sharding
+from unidiffuser_jax import encoders as encoders_lib, errors, sharding
 
 log = logging.getLogger(__name__)
 TEXT_MODES = ("tokens", "hidden", "both")
@@ -102,7 +104,6 @@ def make_encode_step(encoders, text_mode: str, mesh, encoder_shardings):
 
 def _reader_config(config):
   """config.data for one ordered pass: no record shuffle, keys kept, short last batch."""
-  import ml_collections
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.shuffle_buffer = 0
   data.drop_remainder = False
@@ -139,8 +140,6 @@ def _any_process(flag: bool) -> bool:
 
 def run(config, workdir: str) -> dict:
   """Extracts features for this process's shards; returns this process's summary."""
-  from unidiffuser_jax import encoders as encoders_lib
-
   opts = extract_options(config)
   text_mode = opts["text"]
   if not config.data.tokenizer:
@@ -222,7 +221,6 @@ def _remove_own_files(out_dir: str, tag: str) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-  from etils import epath
   epath.Path(path).write_text(text)
 
 

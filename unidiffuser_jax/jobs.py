@@ -10,6 +10,9 @@ import importlib
 import logging
 import os
 
+import ml_collections
+
+from unidiffuser_jax import captioner_train, describe, extract, sample, train, vocab, weight_jobs
 from unidiffuser_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -19,7 +22,6 @@ RUNBOOKS = {"demo": "unidiffuser_jax.demo"}   # config.runbook -> module with ru
 
 def run(mode: str, config, workdir: str | None) -> None:
   if mode == "describe":   # the U-ViT only: no tokenizer, no device
-    from unidiffuser_jax import describe
     print(describe.describe(config), flush=True)
     return
   os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
@@ -31,22 +33,16 @@ def run(mode: str, config, workdir: str | None) -> None:
     importlib.import_module(RUNBOOKS[config.runbook]).run(config, workdir)
     return
   if mode in ("train", "train_captioner", "sample", "extract", "export") or _imports_text(config):
-    from unidiffuser_jax import vocab
     vocab.derive(config)
   if mode == "train":
-    from unidiffuser_jax import train
     train.train(config, workdir)
   elif mode == "train_captioner":
-    from unidiffuser_jax import captioner_train
     captioner_train.train_captioner(config, os.path.join(workdir, "captioner"))
   elif mode == "sample":
-    from unidiffuser_jax import sample
     sample.run(config, workdir)
   elif mode == "extract":
-    from unidiffuser_jax import extract
     extract.run(config, workdir)
   elif mode in ("import", "export"):
-    from unidiffuser_jax import weight_jobs
     getattr(weight_jobs, f"run_{mode}")(config, workdir)
   else:
     raise ValueError(f"unknown mode {mode!r}")
@@ -59,6 +55,5 @@ def _imports_text(config) -> bool:
 
 def _unlocked(config):
   """A mutable copy: jobs fill in derived values (vocabulary sizes, a runbook's paths)."""
-  import ml_collections
   c = ml_collections.ConfigDict(config.to_dict())  # FieldReferences resolved to values
   return c

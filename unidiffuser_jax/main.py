@@ -12,9 +12,11 @@ import sys
 # Quieter TensorFlow (pulled in by clu's TensorBoard writer) before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from unidiffuser_jax import jobs  # noqa: E402
 from unidiffuser_jax.errors import ConfigError  # noqa: E402
 
 MODES = ("train", "describe", "sample", "import", "export", "extract", "train_captioner")
@@ -32,9 +34,7 @@ def _run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _MULTIHOST.value:
-    import jax
     jax.distributed.initialize()
-  from unidiffuser_jax import jobs
   # Library INFO chatter (orbax, absl) would bury the progress bar and the metric lines.
   logging.set_verbosity(logging.WARNING)
   config, mode, workdir = _CONFIG.value, _MODE.value, _WORKDIR.value

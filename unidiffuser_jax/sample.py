@@ -33,6 +33,7 @@ from PIL import Image
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from data_pipelines import shards, transforms
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, latent_stats, rng
 from unidiffuser_jax import sharding, train
 from unidiffuser_jax import weight_jobs
@@ -161,7 +162,6 @@ def mode_program(task: str, model, encoders, s, shapes):
 # ---------------------------------------------------------------- inputs
 
 def _load_image(path_or_bytes, resolution: int, clip_resolution: int):
-  from data_pipelines import transforms
   data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
   img, _ = transforms.decode_image(data, max_pixels=1 << 28)
   return transforms.image_to_array(img, resolution), transforms.clip_image(img, clip_resolution)
@@ -180,7 +180,6 @@ def config_inputs(config) -> dict:
 
 def _expand_images(items) -> list:
   """Image files as given; a folder stands for the images in it (sorted by name)."""
-  from data_pipelines import shards
   out = []
   for item in items:
     if isinstance(item, str) and os.path.isdir(item):
@@ -233,7 +232,6 @@ def load_uvit_params(config, workdir: str):
 
 def _setup(config, workdir: str) -> dict:
   """Mesh, model, normalised encoders and their params, tokenizers, latent shapes."""
-  from data_pipelines import transforms
   s = config.sample
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
@@ -281,7 +279,6 @@ def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params
              cap_tokenizer, shapes, progress: bool = True):
   """Samples n outputs of `task` for the host inputs (task_inputs) -> one record per sample:
   {index, prompt?, image?, image2? (input file names), pixels?, caption?}. Writes nothing."""
-  from data_pipelines import transforms
   s = config.sample
   bsz = int(s.batch_size)
   fns = _compiled(task, config, model, encoders, shapes)

@@ -54,7 +54,7 @@ def clip_vocab(merges: list[tuple[str, str]]) -> list[str]:
   Raises ValueError if a merge joins a symbol that no earlier entry made (not a BPE merges
   list over this byte alphabet) or a token repeats."""
   # transformers' own byte-to-unicode table: the one its ByteLevel pre-tokenizer uses.
-  from transformers.convert_slow_tokenizer import bytes_to_unicode  # heavy; only for the converter
+  from transformers.convert_slow_tokenizer import bytes_to_unicode  # local: ~2 s import
   chars = list(bytes_to_unicode().values())
   vocab = chars + [c + "</w>" for c in chars]
   known = set(vocab)
@@ -77,7 +77,7 @@ def write_clip_tokenizer(bpe_path: str, out_dir: str) -> str:
   The vocabulary and ids are the OpenAI/open_clip tokenizer's (49408 tokens; 49406/49407 the
   start/end tokens); transformers' CLIPTokenizer adds NFC, whitespace folding and lower-casing.
   """
-  from transformers import CLIPTokenizer  # heavy; only where a tokenizer is built
+  from transformers import CLIPTokenizer  # local: transformers takes ~2 s to import
   merges = read_clip_merges(bpe_path)
   vocab = clip_vocab(merges)
   ids = {t: i for i, t in enumerate(vocab)}

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, errors, latent_stats, rng, sharding, weight_jobs
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
+from unidiffuser_jax import latent_stats, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -207,8 +208,7 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   evaluate(step, state) -> {name: scalar}, if given, runs every train_cfg.eval_every
   steps (and at the last step); its scalars and the seconds it took go to TensorBoard.
   """
-  from unidiffuser_jax import input_pipeline
-  from unidiffuser_jax import metrics  # TensorBoard (TensorFlow) only when training
+  from unidiffuser_jax import metrics  # local: clu's TensorBoard writer imports TensorFlow
 
   tx = make_optimizer(train_cfg)
   state, state_shardings = create_state(task, tx, config, mesh)
@@ -265,9 +265,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   Returns the last logged scalars. `data_iterator` overrides the configured
   data (tests use this); it must be a grain DatasetIterator of host batches.
   """
-  from unidiffuser_jax import input_pipeline  # data and encoders are only needed by training
-  from unidiffuser_jax import encoders as encoders_lib
-
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, config.train, mesh)
   model = make_model(config.model)

@@ -39,14 +39,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import tqdm
 from etils import epath
 
 from data_pipelines import hub_cache
-from unidiffuser_jax import rng
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, rng, train
 from unidiffuser_jax.errors import ConfigError
+from unidiffuser_jax.models.uvit import abstract_variables, resize_pos_embed
+from unidiffuser_jax.models.vae import AutoencoderKL
 from unidiffuser_jax.tokenizers import write_clip_tokenizer
+from unidiffuser_jax.weights import captioner as wcap
+from unidiffuser_jax.weights import clip as wclip
 from unidiffuser_jax.weights import uvit as wuvit
+from unidiffuser_jax.weights import vae as wvae
 from unidiffuser_jax.weights.convert import WeightMismatchError
 from unidiffuser_jax.weights.tensors import load_metadata, load_tensors, save_safetensors
 
@@ -72,7 +78,6 @@ def _host_float32(tree):
 
 def save_params(path: str, params) -> None:
   """A plain params tree -> orbax dir (what checkpoints.load_params and encoders read)."""
-  import orbax.checkpoint as ocp
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(epath.Path(_abs(path)), _host_float32(params), force=True)
   ckpt.wait_until_finished()
@@ -154,7 +159,6 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
   num_heads and the hint for the position-table split. Raises WeightJobError (one line) for a
   file that cannot be placed (qkv biases, an ambiguous position table, ...).
   """
-  from unidiffuser_jax import train
   current = _geometry(train.make_model(config.model))
   meta = metadata or {}
   recorded = json.loads(meta["config"]) if meta.get("model") == "unidiffuser-uvit" and \
@@ -209,8 +213,6 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
 
 def import_uvit_file(config, path: str) -> tuple[dict, dict]:
   """-> (params, plan_uvit_import's plan) for the released-layout U-ViT file at `path`."""
-  from unidiffuser_jax import train
-  from unidiffuser_jax.models.uvit import resize_pos_embed
   tensors = load_tensors(path)
   plan = plan_uvit_import(config, tensors, path, load_metadata(path))
   model = train.make_model(config.model).clone(**plan["model"])
@@ -255,13 +257,10 @@ def check_imported_uvit(model, path: str, flag: str) -> None:
 # ============================================================== encoders
 
 def _encoders(config):
-  from unidiffuser_jax import encoders as encoders_lib
   return encoders_lib.build(config.encoders)
 
 
 def import_autoencoder(config, src: str) -> dict:
-  from unidiffuser_jax.models.vae import AutoencoderKL
-  from unidiffuser_jax.weights import vae as wvae
   if config.encoders.autoencoder.kind != "vae":
     raise WeightJobError(f"config.encoders.autoencoder.kind={config.encoders.autoencoder.kind!r} "
                          f"has no weights to import; use a config with kind='vae'")
@@ -290,7 +289,6 @@ def _check_module(module, wanted: dict, what: str, flag: str) -> None:
 
 def import_clip(config, src: str, part: str) -> dict:
   """`part` "clip_text" or "clip_image": a transformers CLIP model dir / local-cache repo id."""
-  from unidiffuser_jax.weights import clip as wclip
   what, read_config, to_params = {
       "clip_text": ("CLIP text model", wclip.text_config_from_json,
                     wclip.clip_text_params_from_tensors),
@@ -309,7 +307,6 @@ _HUB_ALIASES = {"gpt2": "openai-community/gpt2"}
 
 
 def _find_model_dir(src: str) -> str:
-  from unidiffuser_jax.weights import clip as wclip
   try:
     return wclip.find_model_dir(src)
   except FileNotFoundError:
@@ -323,8 +320,6 @@ def _find_model_dir(src: str) -> str:
 
 def import_captioner(config, src: str) -> tuple[dict, str]:
   """-> (params, kind): kind 'decoder' (a trained caption decoder) or 'gpt2' (fresh start)."""
-  from unidiffuser_jax.weights import captioner as wcap
-  from unidiffuser_jax.weights import clip as wclip
   enc = _encoders(config)
   cap = enc.captioner
   cfg_json = None
@@ -483,23 +478,18 @@ def _is_params_source(path: str) -> bool:
 
 
 def export_uvit_to(config, src: str, path: str) -> int:
-  from unidiffuser_jax import checkpoints, train
-  from unidiffuser_jax.models.uvit import abstract_variables
-  from unidiffuser_jax.weights.uvit import export_uvit
   model = train.make_model(config.model)
   check_imported_uvit(model, src, "sample.checkpoint")
   params = checkpoints.load_params(src)
   checkpoints.check_params(params, nn.meta.unbox(abstract_variables(model))["params"],
                            "the checkpoint", "config.model")
-  tensors = export_uvit(params, model)
+  tensors = wuvit.export_uvit(params, model)
   save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
                                    "config": json.dumps(dict(config.model))})
   return _count(tensors)
 
 
 def export_captioner_to(config, src: str, path: str) -> int:
-  from unidiffuser_jax import checkpoints
-  from unidiffuser_jax.weights import captioner as wcap
   params = checkpoints.load_params(src)
   checkpoints.check_params(params, _captioner_variables(_encoders(config))["params"],
                            "the checkpoint", "config.encoders.captioner")

@@ -35,6 +35,8 @@ import zipfile
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from etils import epath
 
 
@@ -290,8 +292,7 @@ def load_tensors(path: str) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
+    return dict(safetensors.numpy.load_file(path))
   return _select_state_dict(_load_torch_zip(path), path)
 
 
@@ -300,8 +301,7 @@ def load_metadata(path: str) -> dict[str, str]:
   path = os.fspath(path)
   if not path.endswith(".safetensors"):
     return {}
-  from safetensors import safe_open  # as load_tensors: only safetensors files need it
-  with safe_open(path, framework="np") as f:
+  with safetensors.safe_open(path, framework="np") as f:
     return dict(f.metadata() or {})
 
 
@@ -312,9 +312,9 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   `metadata`: header strings (values are str()-ed) besides "format": "pt", which PyTorch
   loaders (transformers, diffusers) look for.
   """
-  from safetensors.numpy import save  # as load_tensors: only safetensors files need it
-  data = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()},
-              metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+  data = safetensors.numpy.save(
+      arrays, metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
   p = epath.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   p.write_bytes(data)
