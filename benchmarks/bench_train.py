@@ -38,7 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from configs import demo as demo_config  # noqa: E402  (ml_collections only)
+from configs import common  # noqa: E402  (ml_collections only)
+from configs import demo as demo_config  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,6 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  import ml_collections as mc
 
   from unidiffuser_jax import train
   from unidiffuser_jax.diffusion import objective
@@ -185,8 +185,8 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
 
   task = train.Task("bench", lambda: model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"],
                     loss)
-  train_cfg = mc.ConfigDict(dict(lr=1e-4, warmup_steps=0, weight_decay=0.03, betas=(0.9, 0.9),
-                                 grad_clip_norm=0.0, ema_decay=0.9999, grad_accum=1))
+  # The paper's optimiser (configs/common.train), no warm-up or clipping (torch's side has none).
+  train_cfg = common.train(lr=1e-4, warmup_steps=0, grad_clip_norm=0.0)
   tx = train.make_optimizer(train_cfg)
   state = jax.jit(lambda: nn.unbox(train.init_fn(task, tx)()))()
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
