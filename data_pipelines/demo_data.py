@@ -9,16 +9,16 @@ plain light background. Captions name the three attributes in a few phrasings
 `build_demo(out_dir, ...)` writes train and held-out webdataset shards (with
 the ShardWriter of make_shards; the attributes are also in each record's
 metadata) and a word-level tokenizer directory. `judge_image` recovers the
-attributes from pixels, so samples from a model trained on the demo can be
-scored: `score_t2i(images, prompts)` and `score_i2t(captions, truth)` give
-per-attribute accuracy next to chance (1/4, 1/3, 1/4).
+attributes from pixels and `parse_caption` from text, so samples from a model
+trained on the demo can be scored (demo_sets.score_t2i / score_i2t: per-attribute
+accuracy next to CHANCE, 1/4, 1/3, 1/4).
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -197,41 +197,6 @@ def parse_caption(text: str) -> dict[str, str | None]:
     return next((w for w in words if w in vocab), None)
   return {'colour': first(COLOURS), 'shape': first(SHAPES),
           'position': first(POSITIONS)}
-
-
-def _accuracy(pred: Sequence[dict], truth: Sequence[dict],
-              attributes: Sequence[str] = ATTRIBUTES,
-              chance: dict[str, float] | None = None) -> dict[str, Any]:
-  """Per-attribute and all-attributes accuracy (None never counts as right),
-  with the chance levels (this module's CHANCE unless given)."""
-  if len(pred) != len(truth):
-    raise ValueError(f'{len(pred)} predictions vs {len(truth)} truths')
-  n = max(1, len(pred))
-  out = {}
-  for a in attributes:
-    out[a] = sum(p.get(a) is not None and p.get(a) == t.get(a)
-                 for p, t in zip(pred, truth)) / n
-  out['all'] = sum(all(p.get(a) is not None and p.get(a) == t.get(a)
-                       for a in attributes)
-                   for p, t in zip(pred, truth)) / n
-  out['n'] = len(pred)
-  out['chance'] = dict(CHANCE if chance is None else chance)
-  return out
-
-
-def score_t2i(images, prompts: Sequence[str]) -> dict[str, Any]:
-  """Text-to-image: judge each image against the attributes in its prompt.
-
-  images: uint8 [N, H, W, 3] (or a list of such images).
-  """
-  return _accuracy([judge_image(im) for im in images],
-                   [parse_caption(p) for p in prompts])
-
-
-def score_i2t(captions: Sequence[str], truth_attrs: Sequence[dict]
-              ) -> dict[str, Any]:
-  """Image-to-text: the attribute words of each caption vs the true ones."""
-  return _accuracy([parse_caption(c) for c in captions], truth_attrs)
 
 
 # ---------------------------------------------------------------------------

@@ -12,9 +12,9 @@ the colour and the background in several phrasings ("the number seven in
 purple on a dark background", "purple 7, dark backdrop", ...).
 
 The public interface is demo_data's, so the demo can swap one module for the
-other: ATTRIBUTES, CHANCE, build_demo, build_tokenizer, judge_image,
-score_t2i, score_i2t, parse_caption (the attributes here are digit, colour
-and background: chance 1/10, 1/4, 1/2).
+other: ATTRIBUTES, CHANCE, build_demo, build_tokenizer, judge_image, parse_caption
+(the attributes here are digit, colour and background: chance 1/10, 1/4, 1/2);
+demo_sets.score_t2i / score_i2t score either.
 
 The judge works down to 16 px: background = nearest background colour to the
 border median; glyph colour = the palette colour whose line from the
@@ -26,7 +26,7 @@ from a fixed seed, deterministic; nothing is fitted to model outputs).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -278,25 +278,6 @@ def parse_caption(text: str) -> dict[str, Any]:
   d = first(digit_of)
   return {'digit': None if d is None else digit_of[d],
           'colour': first(COLOURS), 'background': first(BACKGROUNDS)}
-
-
-def _accuracy(pred: Sequence[dict], truth: Sequence[dict]) -> dict[str, Any]:
-  return demo_data._accuracy(pred, truth, ATTRIBUTES, CHANCE)  # pylint: disable=protected-access
-
-
-def score_t2i(images, prompts: Sequence[str]) -> dict[str, Any]:
-  """Text-to-image: judge each image against the attributes in its prompt.
-
-  images: uint8 [N, S, S, 3] (or a list of such images).
-  """
-  return _accuracy([judge_image(im) for im in images],
-                   [parse_caption(p) for p in prompts])
-
-
-def score_i2t(captions: Sequence[str], truth_attrs: Sequence[dict]
-              ) -> dict[str, Any]:
-  """Image-to-text: the attribute words of each caption vs the true ones."""
-  return _accuracy([parse_caption(c) for c in captions], truth_attrs)
 
 
 # ---------------------------------------------------------------------------

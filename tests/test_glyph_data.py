@@ -2,19 +2,16 @@
 captions that parse back, and shards the pipeline reads."""
 import inspect
 import itertools
-import os
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from configs import common
-from data_pipelines import demo_data, glyph_data as glyph, iterators
+from data_pipelines import demo_data, demo_sets, glyph_data as glyph
 
 
 def test_same_public_interface_as_shapes():
-  for name in ('build_demo', 'build_tokenizer', 'score_t2i', 'score_i2t',
-               'parse_caption', 'judge_image'):
+  for name in ('build_demo', 'build_tokenizer', 'parse_caption', 'judge_image'):
     assert (list(inspect.signature(getattr(glyph, name)).parameters) ==
             list(inspect.signature(getattr(demo_data, name)).parameters)), name
   for mod in (glyph, demo_data):
@@ -43,7 +40,7 @@ def _fresh(size, n, seed):
 @pytest.mark.parametrize('size', [16, 32])
 def test_judge_on_fresh_renders_and_shuffled_pairs(size):
   imgs, prompts, truth = _fresh(size, 300, seed=7 + size)
-  r = glyph.score_t2i(imgs, prompts)
+  r = demo_sets.score_t2i(glyph, imgs, prompts)
   print(f'\nsize {size}: judge on 300 fresh renders: ' +
         ', '.join(f'{a} {r[a]:.3f}' for a in glyph.ATTRIBUTES + ('all',)))
   assert r['n'] == 300 and r['chance'] == glyph.CHANCE
@@ -55,7 +52,7 @@ def test_judge_on_fresh_renders_and_shuffled_pairs(size):
     assert {t[a] for t in truth} == set(values)
   # Prompts of other images: about chance.
   perm = np.random.default_rng(size).permutation(300)
-  s = glyph.score_t2i(imgs, [prompts[i] for i in perm])
+  s = demo_sets.score_t2i(glyph, imgs, [prompts[i] for i in perm])
   print(f'size {size}: shuffled pairs: ' +
         ', '.join(f'{a} {s[a]:.3f} (chance {glyph.CHANCE[a]:.3f})'
                   for a in glyph.ATTRIBUTES + ('all',)))
@@ -71,7 +68,7 @@ def test_judge_tolerates_noise_and_blur():
   bad = [np.asarray(Image.fromarray(np.clip(im + rng.normal(0, 10, im.shape), 0, 255)
                                     .astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)))
          for im in imgs]
-  r = glyph.score_t2i(np.stack(bad), prompts)
+  r = demo_sets.score_t2i(glyph, np.stack(bad), prompts)
   print('\nsize 16, noise 10 + blur 0.6: ' +
         ', '.join(f'{a} {r[a]:.3f}' for a in glyph.ATTRIBUTES + ('all',)))
   for a in glyph.ATTRIBUTES:
@@ -99,7 +96,7 @@ def test_judge_blank_tile_and_wrong_answers():
   assert glyph.judge_image(blank) == {'digit': None, 'colour': None,
                                       'background': 'dark'}
   img = glyph.render(7, 'purple', 'light', 16, rng)
-  r = glyph.score_t2i([img, img], ['the number seven in purple on a light background',
+  r = demo_sets.score_t2i(glyph, [img, img], ['the number seven in purple on a light background',
                                    'orange 3, dark backdrop'])
   assert (r['digit'], r['colour'], r['background'], r['all']) == (.5, .5, .5, .5)
   with pytest.raises(ValueError, match='square'):
@@ -123,7 +120,7 @@ def test_parse_caption_every_template():
   assert glyph.parse_caption('something else') == {
       'digit': None, 'colour': None, 'background': None}
   truth = [{'digit': 4, 'colour': 'cyan', 'background': 'dark'}] * 2
-  r = glyph.score_i2t(['cyan 4, dark backdrop', 'the number five in cyan on a light background'],
+  r = demo_sets.score_i2t(glyph, ['cyan 4, dark backdrop', 'the number five in cyan on a light background'],
                       truth)
   assert (r['digit'], r['colour'], r['background'], r['all']) == (.5, 1, .5, .5)
 
@@ -141,33 +138,3 @@ def test_tokenizer_covers_every_caption(tmp_path):
         longest = max(longest, len(ids))
   assert longest <= 10  # fits the demo's max_length 12 with bos and eos
   assert tok.convert_tokens_to_ids('<|EOS|>') == len(tok) - 1
-
-
-def test_build_demo_round_trip(tmp_path):
-  out = str(tmp_path / 'glyph')
-  # A shapes build in the same directory is not mistaken for this set.
-  demo_data.build_demo(out, n_train=4, n_heldout=2, size=16, seed=0, shard_size=16)
-  p = glyph.build_demo(out, n_train=40, n_heldout=12, size=16, seed=0, shard_size=16)
-  assert len(p['train_shards']) == 3 and len(p['heldout_shards']) == 1
-  assert set(p['heldout_attrs'][0]) == {'key', 'caption', *glyph.ATTRIBUTES}
-  mtime = os.path.getmtime(p['train_shards'][0])
-  assert glyph.build_demo(out, n_train=40, n_heldout=12, size=16, seed=0,
-                          shard_size=16) == p  # idempotent: nothing rewritten
-  assert os.path.getmtime(p['train_shards'][0]) == mtime
-  cfg = common.data(
-      shards=p['heldout'], resolution=16, clip_resolution=16, tokenizer=p['tokenizer'],
-      with_text=True, drop_remainder=False, shuffle_buffer=1000, interleave_cycle=4,
-      num_workers=0, prefetch=2, min_side=0, max_aspect=None, max_watermark=None,
-      max_unsafe=None, min_aesthetic=None, min_caption_chars=1, max_caption_chars=None)
-  it = iterators.make_iterator(cfg, global_batch_size=12, process_index=0,
-                              process_count=1, seed=0, num_epochs=1)
-  b = next(it)
-  it.close()
-  assert b['skipped'].sum() == 0 and b['tokens'].shape == (12, 77)
-  # The pipeline's [-1, 1] images still judge correctly.
-  imgs = np.round((b['image'] + 1) * 127.5).astype(np.uint8)
-  by_key = {a['key']: a for a in p['heldout_attrs']}
-  truth = [by_key[k] for k in b['key']]
-  assert glyph.score_i2t(list(b['caption']), truth)['all'] == 1.0
-  assert glyph.score_t2i(imgs, [t['caption'] for t in truth])['all'] == 1.0
-  assert not (b['tokens'] == 1).any()  # no [UNK]

@@ -117,10 +117,10 @@ class Judge:
   def score(self, task: str, host: dict, records: list[dict]) -> dict:
     del host  # the records carry their prompts and input indices
     if task == "t2i":
-      return self._set.score_t2i(np.stack([r["pixels"] for r in records]),
+      return demo_sets.score_t2i(self._set, np.stack([r["pixels"] for r in records]),
                                  [r["prompt"] for r in records])
     if task == "i2t":
-      return self._set.score_i2t([r["caption"] for r in records],
+      return demo_sets.score_i2t(self._set, [r["caption"] for r in records],
                                  [self._truth[r["index"]] for r in records])
     return {}
 
