@@ -58,6 +58,7 @@ def trained():
   return model, params, np.asarray(losses)
 
 
+@pytest.mark.slow
 def test_overfits_and_beam_search_reproduces_captions(trained):
   model, params, losses = trained
   assert losses[-1] < 0.02 < losses[0], (losses[0], losses[-1])

@@ -175,6 +175,7 @@ def test_resume_through_orbax_checkpoint(shard_dir, tmp_path):
   assert got == ref[6:]
 
 
+@pytest.mark.slow
 def test_worker_processes_exactly_once(shard_dir):
   cfg = _cfg(shard_dir, num_workers=2)
   keys = _keys(iterators.make_iterator(cfg, global_batch_size=4,

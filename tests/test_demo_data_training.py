@@ -4,10 +4,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from configs import demo
 from data_pipelines import demo_data
 from unidiffuser_jax import train, vocab
+
+pytestmark = pytest.mark.slow  # trains / extracts end to end: minutes on 2 cores
 
 
 def tiny_demo_config(paths):

@@ -14,6 +14,8 @@ from data_pipelines import demo_data, features, iterators, make_shards
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax import checkpoints, extract, input_pipeline, jobs, rng, sharding, train, vocab
 
+pytestmark = pytest.mark.slow  # trains / extracts end to end: minutes on 2 cores
+
 N_TRAIN = 21   # not a multiple of the batch (8): the last batch is padded
 
 

@@ -35,6 +35,7 @@ def setup(tmp_path_factory):
   return config, model, params, root
 
 
+@pytest.mark.slow
 def test_batch_split_and_seed(setup):
   """Samples depend on (seed, index) only: 4 at once == 2 + 2; another seed differs."""
   config, model, params, _ = setup
@@ -61,6 +62,7 @@ def test_batch_split_and_seed(setup):
   assert np.abs(np.asarray(other) - np.asarray(all4)).mean() > 1e-2
 
 
+@pytest.mark.slow
 def test_sample_job_writes_outputs(setup, tmp_path):
   config, _, _, _ = setup
   config = config.copy_and_resolve_references()

@@ -38,6 +38,7 @@ def test_clean_prob_timestep_histogram():
   assert t_img0.min() == 1 and t_text0.min() == 1   # the paper's objective: never clean
 
 
+@pytest.mark.slow
 def test_clean_part_is_left_out_of_the_loss():
   """With a network that predicts zeros the loss is the mean of eps^2 over the noised parts only."""
   b = 64
@@ -74,6 +75,7 @@ def test_loss_weight_tables():
     objective.loss_weight_table("x0", 0.0)
 
 
+@pytest.mark.slow
 def test_latent_stats_fit_and_apply(tmp_path):
   """Fitted shift = per-channel mean, scale = 1 / overall std (numpy on the same examples);
   applying them gives unit-scale latents, and decode/caption_prefix undo them exactly."""

@@ -102,6 +102,7 @@ def test_timesteps_independent_and_cover_range():
   assert abs(np.corrcoef(t_img, t_text)[0, 1]) < 0.01
 
 
+@pytest.mark.slow
 def test_overfits_fixed_batch():
   """One fixed batch with fixed timesteps and noise (the step counter is held at 0, so
   the derived key never changes): a tiny model must memorise it, loss down 10x."""
@@ -125,6 +126,7 @@ def test_overfits_fixed_batch():
   assert last["loss"] < first["loss"] / 10, (first["loss"], last["loss"])
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
   def run(workdir, steps):
     config = _tiny(steps=steps)
@@ -142,6 +144,7 @@ def test_resume_is_exact(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_averages_microbatch_gradients():
   """accum=2: the update uses the mean of the gradients of the two interleaved microbatches,
   each drawn with its own fold of the step key."""
@@ -176,6 +179,7 @@ def test_grad_accumulation_averages_microbatch_gradients():
                jax.device_get(new_state.params), jax.device_get(expected))
 
 
+@pytest.mark.slow
 def test_fine_tune_starts_from_given_weights(tmp_path):
   import orbax.checkpoint as ocp
   config = _tiny()

@@ -123,6 +123,7 @@ def f32_loss_grad(tiny):
   return jax.value_and_grad(_loss(model, x))(params)
 
 
+@pytest.mark.slow
 def test_bfloat16_runs_and_stays_close(tiny, f32_loss_grad):
   model32, x, params = tiny
   model16 = UViT(**TINY, dtype=jnp.bfloat16)
@@ -184,6 +185,7 @@ def test_every_param_has_logical_names():
   assert names["['norm']['scale']"] == ('norm',)
 
 
+@pytest.mark.slow
 def test_resize_pos_embed():
   variables = jax.tree_util.tree_map(  # boxed, as model.init returns them
       lambda box, v: box.replace_boxed(v),
