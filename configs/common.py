@@ -102,9 +102,6 @@ _AUTOENCODERS = {
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                 norm_num_groups=32),
     "pixel": dict(kind="pixel", factor=2, scale=1.0, shift=0.0),
-    # Principal components of factor x factor patches, fitted to fit_examples training
-    # examples by unidiffuser_jax/autoencoder_fit.py (the demo runbook runs it).
-    "pca": dict(kind="pca", factor=4, channels=16, fit_examples=2048, scale=1.0, shift=0.0),
 }
 
 
