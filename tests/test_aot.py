@@ -84,6 +84,7 @@ def _state_args(lowered):
   return out
 
 
+@pytest.mark.slow
 def test_every_state_sharding_is_golden(lowered):
   """Each parameter, its EMA copy and both AdamW moments, in and out, as the golden dump says."""
   _, results = _main_signature(lowered["text"])

@@ -83,6 +83,7 @@ def test_overfits_and_beam_search_reproduces_captions(trained):
   assert texts == [' '.join(map(str, c)) for c in CAPTIONS]
 
 
+@pytest.mark.slow
 def test_sampling_shapes_and_determinism(trained):
   model, params, _ = trained
   # Same shapes as in the test above, so greedy is not compiled again.

@@ -23,6 +23,7 @@ def run_main(*args, timeout=900):
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg,count", [("configs/laion.py", 952_509_520),
                                        ("configs/laion.py:v0", 952_504_912)])
 def test_describe_counts_released_params(arg, count):
@@ -34,6 +35,7 @@ def test_describe_counts_released_params(arg, count):
   assert any("per-device bytes" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_describe_plans_for_a_pod_without_devices():
   res = run_main("--config=configs/laion.py", "--mode=describe", "--config.mesh.num_devices=256",
                  "--config.mesh.fsdp=-1", "--config.mesh.tensor=4", "--config.train.batch_size=2112")
@@ -57,6 +59,7 @@ def test_describe_plans_for_a_pod_without_devices():
     (["--config.model.width=130", "--config.model.num_heads=4"],
      "config.model: width 130 is not divisible by num_heads 4"),
 ])
+@pytest.mark.slow
 def test_bad_config_stops_with_one_clear_line(args, expect):
   res = run_main("--config=configs/demo.py", "--mode=describe", *args)
   assert res.returncode == 2

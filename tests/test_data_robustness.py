@@ -148,6 +148,7 @@ def fuzz(tmp_path_factory):
   return paths, planted, good
 
 
+@pytest.mark.slow
 def test_fuzz_counts_and_no_good_record_lost(fuzz, caplog):
   paths, planted, good = fuzz
   records._warned.clear()
@@ -225,6 +226,7 @@ def test_missing_shards_fail_at_once_with_one_line(tmp_path, spec):
                             process_count=1, seed=0)
 
 
+@pytest.mark.slow
 def test_fuzz_counts_survive_resume(fuzz):
   """Skip counts summed before a checkpoint and after restoring it add up."""
   paths, planted, good = fuzz

@@ -37,6 +37,7 @@ def _fresh(size, n, seed):
   return np.stack(imgs), prompts, truth
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', [16, 32])
 def test_judge_on_fresh_renders_and_shuffled_pairs(size):
   imgs, prompts, truth = _fresh(size, 300, seed=7 + size)

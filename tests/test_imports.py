@@ -98,6 +98,7 @@ def test_library_imports_are_at_the_top_or_say_why():
   assert not bad, f"function-local imports without '# local: <reason>' (move them up): {bad}"
 
 
+@pytest.mark.slow
 def test_the_entry_point_loads_neither_torch_nor_tensorflow():
   """What the `# local:` imports keep out of `python -m unidiffuser_jax.main` at startup."""
   code = ("import sys, unidiffuser_jax.main\n"

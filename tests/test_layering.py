@@ -5,6 +5,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import data_pipelines
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +35,7 @@ def test_no_import_statement_names_the_library():
   assert not {f: m for f, m in bad.items() if m}
 
 
+@pytest.mark.slow
 def test_importing_every_module_loads_no_library_module():
   modules = sorted(m.name for m in pkgutil.iter_modules(data_pipelines.__path__))
   assert 'transforms' in modules and 'iterators' in modules

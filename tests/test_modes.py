@@ -79,6 +79,7 @@ def _assert_fresh_noise(noises):
       assert not np.allclose(flat[i], flat[j])
 
 
+@pytest.mark.slow
 def test_t2i_feeds_table_and_guides():
   net = Recorder()
   _, _, text = _latents(0)
@@ -134,6 +135,7 @@ def test_t2i_empty_prompt_option_and_no_guidance():
   assert all(c["z"].shape[0] == B for c in net.done())
 
 
+@pytest.mark.slow
 def test_i2t_feeds_table():
   net = Recorder()
   z, clip, _ = _latents(0)
@@ -151,6 +153,7 @@ def test_i2t_feeds_table():
   _assert_fresh_noise([np.concatenate([c["z"][B:].ravel(), c["clip"][B:].ravel()]) for c in calls])
 
 
+@pytest.mark.slow
 def test_joint_three_forwards_per_step():
   net = Recorder()
   z, clip, text = eager(modes.joint, net, jax.random.key(3), batch_size=B, guidance_scale=7.0, **KW)

@@ -97,6 +97,7 @@ def test_bad_solver_settings_fail_before_loading(setup, tmp_path):
     sample.run(config, str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(sample.TASKS))
 def test_each_task_makes_what_it_declares(setup, task):
   """The table's inputs feed the program, and its outputs are what the program returns."""

@@ -19,6 +19,7 @@ from unidiffuser_jax import sharding
 CONFIGS = {"demo": demo, "laion": laion}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", golden.CONFIGS)
 def test_every_parameter_matches_the_golden_dump(name):
   with open(golden.path_of(name)) as f:
@@ -31,6 +32,7 @@ def test_every_parameter_matches_the_golden_dump(name):
                 f"`python -m tests.golden.shardings` if intended):\n" + "\n".join(diff[:60]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", golden.CONFIGS)
 def test_ema_and_optimizer_state_follow_the_parameters(name):
   """The rest of the train state: EMA and both AdamW moments laid out as their parameter,

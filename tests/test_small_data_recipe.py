@@ -137,6 +137,7 @@ def test_sincos_positions():
   assert np.asarray(jax.tree.leaves(normal["pos_embed"])[0]).std() < 0.05   # the reference's 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_tokenizer_from_captions(tmp_path):
   paths = demo_data.build_demo(str(tmp_path / "d"), n_train=40, n_heldout=2, size=16, seed=0,

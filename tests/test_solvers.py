@@ -91,6 +91,7 @@ def _slope(step_counts, errs):
     ("multistep", 2, "logSNR", (16, 32, 64), 1.7, 2.5),
     ("multistep", 3, "logSNR", (16, 32, 64), 1.8, 2.8),
 ])
+@pytest.mark.slow
 def test_convergence_order_on_gaussian(method, order, skip_type, steps, low, high):
   with jax.enable_x64(True):
     errs = _errors(schedule_lib.LinearVPSchedule(), method, order, skip_type, steps)
@@ -104,6 +105,7 @@ def test_convergence_order_on_gaussian(method, order, skip_type, steps, low, hig
 # time-uniform grid's last step from t = 0.021 to 1e-3 spans a large lambda
 # range, so it converges slowly), fast logSNR 3.6e-3 / 1.5e-5 / 3.6e-7,
 # multistep time_quadratic 7.0e-4 / 1.15e-4 / 7.9e-6.
+@pytest.mark.slow
 @pytest.mark.parametrize("method,skip_type,bound", [("fast", "time_uniform", 1e-3),
                                                     ("multistep", "time_quadratic", 3e-5)])
 def test_discrete_schedule_converges_to_exact_flow(method, skip_type, bound):
@@ -117,6 +119,7 @@ def test_discrete_schedule_converges_to_exact_flow(method, skip_type, bound):
   assert e200 < bound, (e10, e50, e200)
 
 
+@pytest.mark.slow
 def test_model_eval_counts_and_keys():
   assert solvers.fast_orders(50, 3) == [3] * 16 + [2]
   assert solvers.num_model_evals(50, 3, "fast") == 50

@@ -53,6 +53,7 @@ def tiny():
   return model, x, _random_variables(model)
 
 
+@pytest.mark.slow
 def test_full_param_count_matches_released_models():
   assert count_params(FULL) == 952_509_520
   assert count_params({**FULL, 'version': 'v0'}) == 952_504_912
@@ -67,6 +68,7 @@ def test_full_token_count():
   assert 'pos_embed_token' not in variables['params']
 
 
+@pytest.mark.slow
 def test_init_matches_reference_recipe(tiny):
   """Dense N(0, .02) & zero bias, LayerNorm 1/0, pos_embed N(0, .02), pos_embed_token 0."""
   model, x, _ = tiny
@@ -85,6 +87,7 @@ def test_init_matches_reference_recipe(tiny):
   np.testing.assert_array_equal(params['pos_embed_token'], 0.)
 
 
+@pytest.mark.slow
 def test_output_shapes_and_data_type(tiny):
   # (v0 forwards are covered by tests/test_uvit_parity.py.)
   model, x, params = tiny
@@ -154,6 +157,7 @@ def test_attention_implementations_agree(tiny):
     UViT(**TINY, attention='flash').apply(params, **x)
 
 
+@pytest.mark.slow
 def test_remat_variants_identical(tiny, f32_loss_grad):
   _, x, params = tiny
   ref_loss, ref_grad = f32_loss_grad
@@ -218,6 +222,7 @@ def test_bad_inputs_raise_clear_errors():
     UViT(**{**TINY, 'version': 'v2'}).init(jax.random.key(0), **x)
 
 
+@pytest.mark.slow
 def test_runs_sharded_over_data_fsdp_tensor(tiny):
   """The logical names shard on a (data, fsdp, tensor) = (2, 2, 2) mesh and give the same outputs."""
   model, x, params = tiny

@@ -59,6 +59,7 @@ def test_caption_tokenizer_without_eos_is_refused(tmp_path, word_tok):
     vocab.derive(c)
 
 
+@pytest.mark.slow
 def test_weights_with_another_vocabulary_are_refused(tmp_path, word_tok):
   n = len(transforms.load_tokenizer(word_tok))
   c = vocab.derive(demo.get_config("tiny"))   # synthetic: 64 tokens
