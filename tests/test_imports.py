@@ -61,15 +61,21 @@ def test_scan_finds_every_form_of_import(source, hits):
   assert len(benchmark_imports(source)) == hits
 
 
-def test_no_library_or_test_module_imports_benchmarks():
-  files = list(_python_files())
-  assert any(f.endswith(os.path.join("unidiffuser_jax", "aot.py")) for f in files)
+def _offenders(files, scan) -> dict[str, list[str]]:
+  """{path relative to the repo: what scan(source) found} for the files where it found any."""
   bad = {}
   for path in files:
     with open(path, encoding="utf-8") as f:
-      hits = benchmark_imports(f.read())
+      hits = scan(f.read())
     if hits:
       bad[os.path.relpath(path, REPO)] = hits
+  return bad
+
+
+def test_no_library_or_test_module_imports_benchmarks():
+  files = list(_python_files())
+  assert any(f.endswith(os.path.join("unidiffuser_jax", "aot.py")) for f in files)
+  bad = _offenders(files, benchmark_imports)
   assert not bad, f"modules importing benchmarks/ (move what they need into the package): {bad}"
 
 
@@ -89,12 +95,7 @@ def test_scan_finds_function_local_imports(source, hits):
 def test_library_imports_are_at_the_top_or_say_why():
   files = list(_python_files(LIBRARY))
   assert any(f.endswith(os.path.join("unidiffuser_jax", "train.py")) for f in files)
-  bad = {}
-  for path in files:
-    with open(path, encoding="utf-8") as f:
-      hits = unexplained_local_imports(f.read())
-    if hits:
-      bad[os.path.relpath(path, REPO)] = hits
+  bad = _offenders(files, unexplained_local_imports)
   assert not bad, f"function-local imports without '# local: <reason>' (move them up): {bad}"
 
 
