@@ -26,29 +26,23 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from data_pipelines import demo_sets, shards, transforms  # noqa: E402
+from data_pipelines import demo_sets, transforms  # noqa: E402
 from unidiffuser_jax import demo, sample, vocab  # noqa: E402
 from unidiffuser_jax.diffusion import objective  # noqa: E402
 
 TIMESTEPS = (100, 250, 400, 550, 700, 850, 950)
 
 
-def _train_latents(config, workdir, encoders, enc_params, demo_set):
+def _train_latents(config, encoders, enc_params, demo_set):
   """Normalised image latents of every training record and the attributes its caption names."""
-  z, attrs = [], []
-  for path in config.data.shards.split(","):
-    for e in shards.iter_entries(path):
-      if "files" not in e:
-        continue
-      ext = next(x for x in shards.IMAGE_EXTS if x in e["files"])
-      img, _ = sample._load_image(e["files"][ext], config.data.resolution,  # pylint: disable=protected-access
-                                  config.data.clip_resolution)
-      z.append(img)
-      attrs.append(tuple(sorted(demo_set.parse_caption(e["files"]["txt"].decode()).items())))
-  images = jnp.asarray(np.stack(z))
+  train = demo.read_heldout(demo_set, config.data.shards.split(","), n=-1)  # -1: every record
+  images = jnp.asarray(np.stack([
+      sample._load_image(b, config.data.resolution, config.data.clip_resolution)[0]  # pylint: disable=protected-access
+      for b in train["images"]]))
   moments = jax.jit(encoders.image_moments)(enc_params, images)
   mean, _ = jnp.split(moments, 2, axis=-1)
   latents = (mean - jnp.asarray(encoders.latent_shift)) * encoders.latent_scale
+  attrs = [tuple(sorted(t.items())) for t in train["truth"]]
   return np.asarray(latents, np.float64).reshape(len(attrs), -1), attrs
 
 
@@ -79,7 +73,7 @@ def main(config, workdir: str, n: int) -> None:
                                                      config.data.max_length))}
   z0, clip0, text0 = enc.batch_to_latents(enc_params, batch, jax.random.key(0))
   b = z0.shape[0]
-  train_z, train_attrs = _train_latents(config, workdir, enc, enc_params, demo_set)
+  train_z, train_attrs = _train_latents(config, enc, enc_params, demo_set)
   held_attrs = [tuple(sorted(t.items())) for t in heldout["truth"][:n]]
   ab = np.concatenate([[1.0], objective.schedule.alphas_cumprod()])
   nnet = jax.jit(functools.partial(model.apply, {"params": params}))

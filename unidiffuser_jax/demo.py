@@ -90,7 +90,8 @@ def make_data(config, workdir: str) -> dict | None:
 
 
 def read_heldout(demo_set, shard_paths, n: int) -> dict:
-  """The first n held-out records as sample inputs, with the attributes their captions name."""
+  """The first n records of a generated set's shards (n < 0: all of them) as sample inputs,
+  with the attributes their captions name."""
   out = {"prompts": [], "images": [], "image_names": [], "truth": []}
   for path in shard_paths:
     for e in shards.iter_entries(path):
@@ -102,7 +103,7 @@ def read_heldout(demo_set, shard_paths, n: int) -> dict:
       out["images"].append(e["files"][ext])
       out["image_names"].append(f"{e['key']}.{ext}")
       out["truth"].append(demo_set.parse_caption(caption))
-      if len(out["prompts"]) == n:
+      if n >= 0 and len(out["prompts"]) == n:
         return out
   return out
 
