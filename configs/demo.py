@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       text_dim=c.encoders.captioner.get_ref("prefix_hidden_dim"),
       num_text_tokens=c.data.get_ref("max_length"),
       clip_img_dim=c.encoders.clip_image.get_ref("proj_dim"),
-      num_data_types=2, dtype="float32", remat="none", pos_init="sincos",
+      num_data_types=2, dtype="float32", remat="none", pos_init="sincos", prediction="eps",
   ))
 
   c.train = common.train(steps=3000, batch_size=32, lr=1e-3, warmup_steps=50,

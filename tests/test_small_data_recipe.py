@@ -2,7 +2,7 @@
 
 clean_prob (one modality left clean), loss_weight / min_snr_gamma (per-timestep weights),
 fit_latent_stats (latent normalisation measured on the training data), pos_init
-('sincos'), the word-level tokenizer built from captions, and the learning-curve plot.
+('sincos'), prediction ('v'), the word-level tokenizer built from captions, and the learning-curve plot.
 """
 import json
 import subprocess
@@ -135,6 +135,37 @@ def test_sincos_positions():
   assert not np.allclose(patches[1, 16:], patches[0, 16:])
   normal = model.clone(pos_init="normal").init(jax.random.key(0), *uvit.dummy_inputs(model))["params"]
   assert np.asarray(jax.tree.leaves(normal["pos_embed"])[0]).std() < 0.05   # the reference's 0.02
+
+
+def test_v_prediction_gives_the_noise():
+  # eps_from_v inverts v = alpha eps - sigma x0 at x_t = alpha x0 + sigma eps, per sample.
+  ab = schedule.alphas_cumprod()
+  n = np.array([1, 250, 999, 1000])
+  alpha, sigma = np.sqrt(ab[n - 1])[:, None], np.sqrt(1 - ab[n - 1])[:, None]
+  x0, eps = np.random.default_rng(0).normal(size=(2, 4, 5))
+  v, x_t = alpha * eps - sigma * x0, alpha * x0 + sigma * eps
+  got = schedule.eps_from_v(jnp.asarray(v), jnp.asarray(x_t), jnp.asarray(n, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), eps, atol=2e-5)
+  # Between steps log alpha is linear (the samplers' discrete schedule); t = 0 is clean.
+  mid = schedule.eps_from_v(jnp.ones((1, 1)), jnp.zeros((1, 1)), jnp.asarray([499.5]))
+  want = np.exp(0.25 * (np.log(ab[498]) + np.log(ab[499])))
+  np.testing.assert_allclose(float(mid[0, 0]), want, rtol=1e-5)
+  assert float(schedule.eps_from_v(jnp.full((1, 1), 3.0), jnp.ones((1, 1)), jnp.zeros(1))[0, 0]) == 3.0
+  # The U-ViT with prediction="v" returns eps_from_v of the same network's raw outputs.
+  model = uvit.UViT(version="v1", latent_size=4, latent_channels=4, patch_size=2, width=32,
+                    depth=2, num_heads=4, mlp_dim=64, text_dim=8, num_text_tokens=3,
+                    clip_img_dim=16)
+  z, clip_img, text, _, _, dt = uvit.dummy_inputs(model, batch_size=2)
+  z, clip_img, text = (jax.random.normal(jax.random.key(i), x.shape) for i, x in
+                       enumerate((z, clip_img, text)))
+  t_img, t_text = jnp.asarray([10.0, 900.0]), jnp.asarray([500.0, 0.0])
+  params = model.init(jax.random.key(0), z, clip_img, text, t_img, t_text, dt)
+  raw = model.apply(params, z, clip_img, text, t_img, t_text, dt)
+  out = model.clone(prediction="v").apply(params, z, clip_img, text, t_img, t_text, dt)
+  for o, r, x, t in zip(out, raw, (z, clip_img, text), (t_img, t_img, t_text)):
+    np.testing.assert_allclose(np.asarray(o), np.asarray(schedule.eps_from_v(r, x, t)), atol=1e-6)
+  with pytest.raises(ValueError, match="prediction"):
+    model.clone(prediction="x0").init(jax.random.key(0), z, clip_img, text, t_img, t_text, dt)
 
 
 @pytest.mark.slow

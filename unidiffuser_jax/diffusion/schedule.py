@@ -3,6 +3,7 @@
 Discrete timesteps n = 1..1000; alpha_bar[n-1] is the cumulative product up to n.
 Computed in float64 numpy once, then handed to jax as float32 tables.
 """
+import jax.numpy as jnp
 import numpy as np
 
 NUM_TIMESTEPS = 1000
@@ -18,6 +19,22 @@ def betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
 def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
   """alpha_bar_n for n = 1..num_timesteps, stored at index n - 1 (float64)."""
   return np.cumprod(1.0 - betas(num_timesteps))
+
+
+PREDICTIONS = ("eps", "v")  # what the network's outputs are (model.prediction)
+
+
+def eps_from_v(v: jnp.ndarray, x_t: jnp.ndarray, t_net: jnp.ndarray) -> jnp.ndarray:
+  """The noise implied by a velocity prediction v = alpha eps - sigma x0 at x_t: alpha v +
+  sigma x_t. t_net [B] is the network's time input (0..1000, float; 0 = clean); log alpha
+  is linear between the integer steps, as the samplers' discrete schedule has it."""
+  log_alpha_n = np.concatenate([[0.0], 0.5 * np.log(alphas_cumprod())])
+  log_alpha = jnp.interp(t_net.astype(jnp.float32), jnp.arange(NUM_TIMESTEPS + 1, dtype=jnp.float32),
+                         jnp.asarray(log_alpha_n, jnp.float32))
+  shape = (-1,) + (1,) * (v.ndim - 1)
+  alpha = jnp.exp(log_alpha).reshape(shape)
+  sigma = jnp.sqrt(-jnp.expm1(2.0 * log_alpha)).reshape(shape)
+  return alpha * v.astype(jnp.float32) + sigma * x_t.astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unidiffuser_jax.diffusion import schedule
 from unidiffuser_jax.models import layers
 
 LN_EPS = 1e-5
@@ -238,6 +239,9 @@ class UViT(nn.Module):
   remat: str = 'none'
   attention: str = 'einsum'  # see layers.ATTENTION_IMPLS
   pos_init: str = 'normal'   # see _pos_table_init; only affects a fresh initialisation
+  # 'eps' (the released models): the outputs are the noise; 'v': the network's outputs are
+  # velocities, turned into the noise here (schedule.eps_from_v), so every caller sees eps.
+  prediction: str = 'eps'
 
   @property
   def grid_size(self) -> int:
@@ -263,6 +267,8 @@ class UViT(nn.Module):
       raise ValueError(f'latent_size {self.latent_size} is not a multiple of patch_size {self.patch_size}')
     if self.width % self.num_heads:
       raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
+    if self.prediction not in schedule.PREDICTIONS:
+      raise ValueError(f'prediction must be one of {schedule.PREDICTIONS}, got {self.prediction!r}')
 
   @nn.compact
   def __call__(self, z, clip_img, text, t_img, t_text, data_type=None):
@@ -343,6 +349,9 @@ class UViT(nn.Module):
     z_out = patch_bnq.reshape(b, gh, gw, p, p, zc).transpose(0, 1, 3, 2, 4, 5).reshape(b, zh, zw, zc)
     clip_out = _dense(self.clip_img_dim, 'embed', 'io', self.dtype, 'clip_img_out')(clip_out)
     text_out = _dense(self.text_dim, 'embed', 'io', self.dtype, 'text_out')(text_out)
+    if self.prediction == 'v':
+      return (schedule.eps_from_v(z_out, z, t_img), schedule.eps_from_v(clip_out, clip_img, t_img),
+              schedule.eps_from_v(text_out, text, t_text))
     return (z_out.astype(jnp.float32), clip_out.astype(jnp.float32), text_out.astype(jnp.float32))
 
 
