@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from unidiffuser_jax import sample, serve_queue
+from unidiffuser_jax.diffusion import solvers
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -136,7 +137,9 @@ def test_concurrent_requests_share_batches_and_keep_their_seeds(served):
 
 @pytest.mark.slow
 def test_generated_png_carries_its_parameters(served):
-  _, url, _ = served
+  server, url, _ = served
+  s = server.config.sample   # progress counts every network evaluation, once per batch
+  assert server._evals[("t2i", 3)] == solvers.num_model_evals(3, int(s.order), s.method)
   gallery, info = _t2i(_client(url), seed=7, num=2, guidance=2.5)
   assert len(gallery) == 2 and "seed 7" in info and "guidance_scale 2.5" in info
   text = Image.open(gallery[1]["image"]).text

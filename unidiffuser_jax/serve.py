@@ -338,8 +338,12 @@ def _handler(server: Server, task: str):
     except BadInput as e:
       raise gr.Error(str(e)) from None
     deadline = time.monotonic() + float(server.config.serve.request_timeout_s)
+    loop, finished = asyncio.get_running_loop(), asyncio.Event()
+    req.on_done.append(lambda: loop.call_soon_threadsafe(finished.set))
+    if req.done.is_set():
+      finished.set()
     try:
-      while not req.done.is_set():
+      while not finished.is_set():
         if time.monotonic() > deadline:
           server.batcher.cancel(req)
           raise gr.Error("The request timed out; try again with fewer samples or steps.")
@@ -349,7 +353,10 @@ def _handler(server: Server, task: str):
         else:
           k, n = server.progress(req)
           progress((k, n), desc=f"denoising: step {k} of {n}", unit="steps")
-        await asyncio.sleep(0.1)
+        try:   # wakes as soon as the request is done; else reports progress every 0.1 s
+          await asyncio.wait_for(finished.wait(), 0.1)
+        except TimeoutError:
+          pass
     except asyncio.CancelledError:
       server.batcher.cancel(req)
       raise
@@ -392,8 +399,10 @@ def build_page(server: Server) -> gr.Blocks:
               with gr.Row():
                 steps = gr.Dropdown(label="Steps", choices=list(server.steps_choices),
                                     value=server.steps_choices[-1])
-                num = gr.Slider(label="Samples", minimum=1, maximum=int(sv.max_samples), step=1,
-                                value=1)
+                num = (gr.Slider(label="Samples", minimum=1, maximum=int(sv.max_samples),
+                                 step=1, value=1) if int(sv.max_samples) > 1 else
+                       gr.Number(label="Samples", value=1, precision=0, minimum=1, maximum=1,
+                                 interactive=False))
               guidance = gr.Slider(label="Guidance scale", minimum=0.0,
                                    maximum=float(sv.max_guidance), step=0.5,
                                    value=float(s.guidance_scale),
@@ -402,7 +411,7 @@ def build_page(server: Server) -> gr.Blocks:
                 go = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
                 stop = gr.Button("Stop", elem_id=f"{task}-stop")
             with gr.Column():
-              gallery = gr.Gallery(label="Results", columns=4, format="png", height=420,
+              gallery = gr.Gallery(label="Results", columns=2, format="png", height=420,
                                    preview=False, object_fit="contain", fit_columns=False,
                                    elem_id=f"{task}-gallery")
               info = gr.Markdown(elem_id=f"{task}-info")

@@ -38,6 +38,13 @@ class Request:
   error: str | None = None
   cancelled: bool = False
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  on_done: list = dataclasses.field(default_factory=list)   # called (no args) once done
+
+  def finish(self) -> None:
+    self.finished = time.monotonic()
+    self.done.set()
+    for fn in self.on_done:
+      fn()
 
   @property
   def state(self) -> str:
@@ -78,8 +85,7 @@ class Batcher:
       req.cancelled = True
       if req in self._pending:
         self._pending.remove(req)
-        req.finished = time.monotonic()
-        req.done.set()
+        req.finish()
 
   def queued_ahead(self, req: Request) -> int:
     """Samples waiting before `req` (any group), plus those running now."""
@@ -139,5 +145,4 @@ class Batcher:
         self.running = []
         self.batches.append((batch[0].group, len(batch), sum(len(r.samples) for r in batch)))
       for r in batch:
-        r.finished = time.monotonic()
-        r.done.set()
+        r.finish()
