@@ -14,13 +14,15 @@ starts `python -m unidiffuser_jax.main --mode=serve` as a separate process, twic
   one by one batch_size=1, max_wait_ms=0: the same N requests one at a time (the baseline:
              what a server without batching does with this model).
 Timed: each request from submit to its PNG downloaded (gradio_client.predict); images/s =
-N / wall time of the phase; p50/p95 of the per-request latencies. Compile time (start-up)
-is excluded and printed. Requests: "a red circle on the left" ... (the demo's captions),
+N / wall time of the phase; p50/p95 of the per-request latencies; how many requests shared
+each request's batch. Start-up (compiling, then one request) is excluded and printed. Requests: "a red circle on the left" ... (the demo's captions),
 seed i for request i, 1 image each, guidance 7.
 """
 import argparse
+import collections
 import concurrent.futures
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -77,7 +79,8 @@ def start_server(root, arg, paths, port, steps, batch, wait_ms):
     if proc.poll() is not None:
       raise SystemExit(f"the server exited; see {log.name}")
     try:
-      if httpx.get(url, timeout=2).status_code == 200:
+      if httpx.get(url, timeout=2).status_code == 200:   # the page is up; the programs compile
+        request(Client(url, verbose=False), 0, steps)    # ... and this waits for them
         return proc, url, time.perf_counter() - t0
     except httpx.HTTPError:
       pass
@@ -88,9 +91,11 @@ def start_server(root, arg, paths, port, steps, batch, wait_ms):
 
 def request(client, i, steps):
   t0 = time.perf_counter()
-  gallery, _ = client.predict(PROMPTS[i % len(PROMPTS)], i, False, steps, 7.0, 1, api_name="/t2i")
+  gallery, info = client.predict(PROMPTS[i % len(PROMPTS)], i, False, steps, 7.0, 1,
+                                 api_name="/t2i")
   dt = time.perf_counter() - t0
-  return dt, np.asarray(Image.open(gallery[0]["image"])).tobytes()
+  shared = int(re.search(r"in a batch of (\d+) request", info).group(1))
+  return dt, np.asarray(Image.open(gallery[0]["image"])).tobytes(), shared
 
 
 def run_phase(url, n, clients, steps):
@@ -108,6 +113,9 @@ def run_phase(url, n, clients, steps):
     for f in [pool.submit(client_loop, c) for c in range(clients)]:
       f.result(timeout=1800)
   wall = time.perf_counter() - t0
+  sizes = collections.Counter(out[i][2] for i in range(n))
+  print(f"  requests by the number of requests in their batch: {dict(sorted(sizes.items()))}",
+        flush=True)
   return wall, np.array([out[i][0] for i in range(n)]), {i: out[i][1] for i in range(n)}
 
 

@@ -56,6 +56,18 @@ def test_batcher_groups_pads_cancels_and_survives_errors():
     b.close()
 
 
+def test_batcher_start_failure_fails_requests_with_its_line():
+  def start():
+    raise OSError("no weights")
+  b = serve_queue.Batcher(lambda g, rs: None, batch_size=2, max_wait_s=0.0,
+                          max_queued_samples=4, start=start)
+  try:
+    r = b.submit("a", [0])
+    assert r.done.wait(5) and "could not start: OSError: no weights" in r.error
+  finally:
+    b.close()
+
+
 # ---------------------------------------------------------------- the page over HTTP
 
 gr = pytest.importorskip("gradio", reason="gradio is an optional extra: "

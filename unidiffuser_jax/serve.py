@@ -10,8 +10,9 @@ samples. Requests go through serve_queue.Batcher: concurrent requests of one (ta
 share the compiled config.serve.batch_size batch (padded; nothing compiles per request), and
 sample j of a request with seed s is keyed (s, j) exactly as `--mode=sample
 --config.sample.seed=s` keys its sample j, so an image does not depend on its batch-mates.
-Every (task, steps) program is built (and run once) at start-up. The guidance scale is an
-input of the program, not a constant in it.
+Every (task, steps) program is built (and run once) at start-up, by the queue's worker while
+the page is already up (requests wait for it). The guidance scale is an input of the
+program, not a constant in it.
 
 Results: a gallery with captions; each PNG (under config.serve.output_dir) carries its
 generation parameters in text chunks, also shown on the page. Progress is the count of network
@@ -162,10 +163,11 @@ class Server:
     self.upload_root = os.path.realpath(gr.utils.get_upload_folder())
     self.model_name = config.sample.checkpoint or workdir
     self._sampler = sample.load_sampler(self._configs[self.steps_choices[0]], workdir)
-    self._evals, self._calls = {}, 0
-    self.compile_seconds = self._warm_up()
+    self._evals, self._calls, self.compile_seconds = {}, 0, {}
+    self.programs = [(t, n) for n in reversed(self.steps_choices) for t in self.tasks]
     self.batcher = serve_queue.Batcher(self._run_batch, self.batch_size,
-                                       float(sv.max_wait_ms) / 1e3, int(sv.max_queued_samples))
+                                       float(sv.max_wait_ms) / 1e3, int(sv.max_queued_samples),
+                                       start=self._warm_up)
 
   # -- the compiled programs
 
@@ -173,21 +175,17 @@ class Server:
     del t_img, t_text
     self._calls += 1
 
-  def _warm_up(self) -> dict:
-    """Builds (and runs once) every (task, steps) program; counts its network evaluations."""
+  def _warm_up(self) -> None:
+    """Builds (and runs once) every (task, steps) program, the default steps first, and counts
+    its network evaluations; run by the queue's worker while the page is already up."""
     probe = _png_bytes(np.full((8, 8, 3), 128, np.uint8))
-    seconds = {}
-    for task in self.tasks:
-      for steps in self.steps_choices:
-        t0, self._calls = time.perf_counter(), 0
-        sample_ = dict(prompt="warm up", image=probe, image2=probe, seed=0, index=0,
-                       guidance=1.0)
-        self._generate(task, steps, [sample_])
-        self._evals[(task, steps)] = max(self._calls, 1)
-        seconds[f"{task}/{steps}"] = round(time.perf_counter() - t0, 2)
-        print(f"serve: compiled {task} with {steps} steps in {seconds[f'{task}/{steps}']} s",
-              flush=True)
-    return seconds
+    for task, steps in self.programs:
+      t0, self._calls = time.perf_counter(), 0
+      self._generate(task, steps, [dict(prompt="warm up", image=probe, image2=probe, seed=0,
+                                        index=0, guidance=1.0)])
+      self._evals[(task, steps)] = max(self._calls, 1)
+      self.compile_seconds[f"{task}/{steps}"] = dt = round(time.perf_counter() - t0, 2)
+      print(f"serve: compiled {task} with {steps} steps in {dt} s", flush=True)
 
   def _generate(self, task, steps, samples: list) -> list[dict]:
     needs = sample.TASKS[task].inputs
@@ -347,7 +345,11 @@ def _handler(server: Server, task: str):
         if time.monotonic() > deadline:
           server.batcher.cancel(req)
           raise gr.Error("The request timed out; try again with fewer samples or steps.")
-        if req.started is None:
+        if len(server._evals) < len(server.programs):
+          progress((len(server._evals), len(server.programs)),
+                   desc="the server is compiling its programs (once, at start-up)",
+                   unit="programs")
+        elif req.started is None:
           progress(0.0, desc=f"waiting for a batch ({server.batcher.queued_ahead(req)} "
                              f"samples ahead)")
         else:

@@ -57,9 +57,11 @@ class Batcher:
   """run_batch(group, requests) -> None fills requests' records; see the module docstring."""
 
   def __init__(self, run_batch: Callable, batch_size: int, max_wait_s: float,
-               max_queued_samples: int):
+               max_queued_samples: int, start: Callable | None = None):
+    """start(): run first by the worker (compiling the programs) while requests queue."""
     self._run_batch, self._bsz, self._max_wait = run_batch, int(batch_size), float(max_wait_s)
-    self._max_queued = int(max_queued_samples)
+    self._max_queued, self._start = int(max_queued_samples), start
+    self.start_error: str | None = None
     self._pending: list[Request] = []
     self._cv = threading.Condition()
     self._stop = False
@@ -126,6 +128,12 @@ class Batcher:
     return None
 
   def _loop(self) -> None:
+    if self._start is not None:
+      try:
+        self._start()
+      except Exception as e:   # every request then fails with this line
+        log.exception("serving start-up failed")
+        self.start_error = f"the server could not start: {type(e).__name__}: {e}"
     while True:
       with self._cv:
         batch = self._take()
@@ -136,6 +144,8 @@ class Batcher:
       for r in batch:
         r.started, r.batch_requests = now, len(batch)
       try:
+        if self.start_error:
+          raise RuntimeError(self.start_error)
         self._run_batch(batch[0].group, batch)
       except Exception as e:   # one bad batch fails its requests, never the server
         log.exception("serving batch failed")
