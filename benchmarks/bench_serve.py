@@ -8,12 +8,13 @@ Makes a workdir with the demo's word-level tokenizer and a randomly initialised 
 checkpoint (speed does not depend on the weights; the captions and images are noise), then
 starts `python -m unidiffuser_jax.main --mode=serve` as a separate process, twice:
   batched    config.serve.batch_size=--batch (16), max_wait_ms=--wait (100): the N requests
-             from C concurrent clients (gradio_client, one thread each, N/C requests in turn),
+             from C concurrent clients (N/C requests each, in turn),
              then the same N requests one at a time on the same server (each image must be
              byte-identical to its concurrent twin: seeds do not depend on batch-mates);
   one by one batch_size=1, max_wait_ms=0: the same N requests one at a time (the baseline:
              what a server without batching does with this model).
-Timed: each request from submit to its PNG downloaded (gradio_client.predict); images/s =
+The clients are plain HTTP (httpx, gradio's /gradio_api/call API), one thread each.
+Timed: each request from submit to its PNG downloaded; images/s =
 N / wall time of the phase; p50/p95 of the per-request latencies; how many requests shared
 each request's batch. Start-up (compiling, then one request) is excluded and printed. Requests: "a red circle on the left" ... (the demo's captions),
 seed i for request i, 1 image each, guidance 7.
@@ -21,6 +22,8 @@ seed i for request i, 1 image each, guidance 7.
 import argparse
 import collections
 import concurrent.futures
+import io
+import json
 import os
 import re
 import socket
@@ -34,7 +37,6 @@ import httpx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from gradio_client import Client
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,7 +82,7 @@ def start_server(root, arg, paths, port, steps, batch, wait_ms):
       raise SystemExit(f"the server exited; see {log.name}")
     try:
       if httpx.get(url, timeout=2).status_code == 200:   # the page is up; the programs compile
-        request(Client(url, verbose=False), 0, steps)    # ... and this waits for them
+        request(_client(url), 0, steps)                  # ... and this waits for them
         return proc, url, time.perf_counter() - t0
     except httpx.HTTPError:
       pass
@@ -90,17 +92,25 @@ def start_server(root, arg, paths, port, steps, batch, wait_ms):
 
 
 def request(client, i, steps):
+  """One t2i request as any HTTP client makes it (gradio's /call API: submit, read the event
+  stream, download the PNG) -> (seconds, pixels, requests in its batch)."""
   t0 = time.perf_counter()
-  gallery, info = client.predict(PROMPTS[i % len(PROMPTS)], i, False, steps, 7.0, 1,
-                                 api_name="/t2i")
+  r = client.post("gradio_api/call/t2i",
+                  json={"data": [PROMPTS[i % len(PROMPTS)], i, False, steps, 7.0, 1]})
+  r.raise_for_status()
+  events = client.get(f"gradio_api/call/t2i/{r.json()['event_id']}").text
+  if "event: complete" not in events:
+    raise RuntimeError(f"request {i} failed: {events[-300:]}")
+  gallery, info = json.loads(events.split("event: complete\ndata:", 1)[1].split("\n", 1)[0])
+  png = client.get(gallery[0]["image"]["url"]).content
   dt = time.perf_counter() - t0
   shared = int(re.search(r"in a batch of (\d+) request", info).group(1))
-  return dt, np.asarray(Image.open(gallery[0]["image"])).tobytes(), shared
+  return dt, np.asarray(Image.open(io.BytesIO(png))).tobytes(), shared
 
 
 def run_phase(url, n, clients, steps):
   """n requests from `clients` concurrent clients -> (wall s, latencies, images by index)."""
-  cs = [Client(url, verbose=False) for _ in range(clients)]
+  cs = [_client(url) for _ in range(clients)]
   per = [list(range(c, n, clients)) for c in range(clients)]
   out = {}
 
@@ -166,6 +176,10 @@ def main():
     proc.wait(30)
   print(f"speed-up: {batched / single:.2f}x images/s (batched, {a.clients} clients vs batch-1 "
         f"server one at a time); load average after {os.getloadavg()}", flush=True)
+
+
+def _client(url):
+  return httpx.Client(base_url=url, timeout=600)
 
 
 def _free_port() -> int:

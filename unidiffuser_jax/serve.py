@@ -340,22 +340,25 @@ def _handler(server: Server, task: str):
     req.on_done.append(lambda: loop.call_soon_threadsafe(finished.set))
     if req.done.is_set():
       finished.set()
+    shown = None
     try:
       while not finished.is_set():
         if time.monotonic() > deadline:
           server.batcher.cancel(req)
           raise gr.Error("The request timed out; try again with fewer samples or steps.")
         if len(server._evals) < len(server.programs):
-          progress((len(server._evals), len(server.programs)),
-                   desc="the server is compiling its programs (once, at start-up)",
-                   unit="programs")
+          now = ((len(server._evals), len(server.programs)),
+                 "the server is compiling its programs (once, at start-up)", "programs")
         elif req.started is None:
-          progress(0.0, desc=f"waiting for a batch ({server.batcher.queued_ahead(req)} "
-                             f"samples ahead)")
+          now = (0.0, f"waiting for a batch ({server.batcher.queued_ahead(req)} samples ahead)",
+                 "steps")
         else:
           k, n = server.progress(req)
-          progress((k, n), desc=f"denoising: step {k} of {n}", unit="steps")
-        try:   # wakes as soon as the request is done; else reports progress every 0.1 s
+          now = ((k, n), f"denoising: step {k} of {n}", "steps")
+        if now != shown:   # a message only when it changes
+          progress(now[0], desc=now[1], unit=now[2])
+          shown = now
+        try:   # wakes as soon as the request is done; else looks again in 0.1 s
           await asyncio.wait_for(finished.wait(), 0.1)
         except TimeoutError:
           pass
