@@ -1,5 +1,6 @@
 """--mode=serve: the batching queue, then the page over HTTP on 127.0.0.1 (tiny model): load
 (grouping, seed determinism), bad input, and a headless Chromium driving the page."""
+import asyncio
 import concurrent.futures
 import os
 import shutil
@@ -165,6 +166,25 @@ def _raw_call(url, api: str, data: list) -> str:
   r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=30)
   r.raise_for_status()
   return httpx.get(f"{url}gradio_api/call/{api}/{r.json()['event_id']}", timeout=60).text
+
+
+@pytest.mark.slow
+def test_stop_drops_a_waiting_request(served):
+  """Stop (gradio cancels the handler) takes a request out of the queue before it runs."""
+  server, _, _ = served
+  handler = serve._handler(server, "t2i")
+  before = len(server.batcher.batches)
+
+  async def go():
+    job = asyncio.ensure_future(handler("a cat", None, None, 1, False, 3, 3.0, 1,
+                                        progress=lambda *a, **k: None))
+    await asyncio.sleep(0.05)   # queued: the batch waits up to max_wait_ms = 300 for company
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+      await job
+  asyncio.run(go())
+  time.sleep(0.6)
+  assert len(server.batcher.batches) == before
 
 
 def _error(fn, *args, **kw) -> str:

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import secrets
+import threading
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
@@ -163,7 +164,7 @@ class Server:
     self.upload_root = os.path.realpath(gr.utils.get_upload_folder())
     self.model_name = config.sample.checkpoint or workdir
     self._sampler = sample.load_sampler(self._configs[self.steps_choices[0]], workdir)
-    self._evals, self._calls, self.compile_seconds = {}, 0, {}
+    self._evals, self._calls, self._calls_lock, self.compile_seconds = {}, 0, threading.Lock(), {}
     self.programs = [(t, n) for n in reversed(self.steps_choices) for t in self.tasks]
     self.batcher = serve_queue.Batcher(self._run_batch, self.batch_size,
                                        float(sv.max_wait_ms) / 1e3, int(sv.max_queued_samples),
@@ -172,8 +173,9 @@ class Server:
   # -- the compiled programs
 
   def _on_eval(self, t_img, t_text):   # called by the sampler at every network evaluation
-    del t_img, t_text
-    self._calls += 1
+    del t_img, t_text                   # (from XLA's threads, one per device)
+    with self._calls_lock:
+      self._calls += 1
 
   def _warm_up(self) -> None:
     """Builds (and runs once) every (task, steps) program, the default steps first, and counts
