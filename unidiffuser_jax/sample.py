@@ -296,9 +296,9 @@ def _compiled(task, config, model, encoders, shapes, on_eval=None):
       moments = encoders.image_moments(p, img)
       z = jax.vmap(lambda m, k: encoders.latent_from_moments(m[None], k)[0])(moments, keys)
       return z, encoders.clip_embedding(p, clip_img)
+    program = jax.jit(mode_program(task, model, encoders, config.sample, shapes, on_eval))
     _COMPILED[key] = dict(text=jax.jit(encoders.text_latent), image=jax.jit(encode_images),
-                          program=jax.jit(mode_program(task, model, encoders, config.sample, shapes,
-                                                                on_eval)))
+                          program=program)
   return _COMPILED[key]
 
 
