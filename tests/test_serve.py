@@ -136,6 +136,27 @@ def test_stop_drops_a_waiting_request(served):
   assert len(server.batcher.batches) == before
 
 
+@pytest.mark.slow
+def test_progress_reports_the_denoising_step(served, monkeypatch):
+  """The handler reports the running batch's network evaluations (here counted slowly by hand;
+  the sampler's own count is checked in test_generated_png_carries_its_parameters)."""
+  server, _, _ = served
+  run = server.batcher._run_batch
+
+  def slow(group, requests):
+    for k in (1, 2):
+      server._calls = k
+      time.sleep(0.3)
+    run(group, requests)
+  monkeypatch.setattr(server.batcher, "_run_batch", slow)
+  seen = []
+  handler = serve._handler(server, "t2i")
+  gallery, _ = asyncio.run(handler("a cat", None, None, 1, False, 3, 3.0, 1,
+                                   progress=lambda p, desc=None, **k: seen.append(desc)))
+  assert len(gallery) == 1
+  assert seen[0].startswith("waiting for a batch") and "denoising: step 2 of 3" in seen, seen
+
+
 def _error(fn, *args, **kw) -> str:
   with pytest.raises(Exception) as e:
     fn(*args, **kw)
