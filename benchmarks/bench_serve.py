@@ -16,8 +16,9 @@ starts `python -m unidiffuser_jax.main --mode=serve` as a separate process, twic
 The clients are plain HTTP (httpx, gradio's /gradio_api/call API), one thread each.
 Timed: each request from submit to its PNG downloaded; images/s =
 N / wall time of the phase; p50/p95 of the per-request latencies; how many requests shared
-each request's batch. Start-up (compiling, then one request) is excluded and printed. Requests: "a red circle on the left" ... (the demo's captions),
-seed i for request i, 1 image each, guidance 7.
+each request's batch. Start-up (compiling, then one request) is excluded and printed.
+Requests: "a red circle on the left" ... (the demo's captions), seed i for request i, 1 image
+each, guidance 7.
 """
 import argparse
 import collections

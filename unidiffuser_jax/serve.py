@@ -274,7 +274,8 @@ class Server:
           extra = {"point": f"{r} of {len(frames)}"} if pix.ndim == 4 else {}
           gallery.append((self._save(im, dict(params, **extra), req.id, j, r), label))
       else:   # a caption of an input image: show the (centre-cropped) input with it
-        img, _ = transforms.decode_image(s["image"], max_pixels=int(self.config.serve.max_image_pixels))
+        img, _ = transforms.decode_image(s["image"],
+                                         max_pixels=int(self.config.serve.max_image_pixels))
         im = np.asarray(transforms.center_square(img).convert("RGB"))
         gallery.append((self._save(im, params, req.id, j, 0), caption))
     waited = req.started - req.created
