@@ -164,6 +164,8 @@ def main():
     same = sum(imgs[i] == imgs1[i] for i in imgs)
     print(f"seed-deterministic: {same}/{a.requests} images byte-identical alone vs in a batch; "
           f"{len(set(imgs.values()))} distinct images", flush=True)
+    if same != a.requests:
+      raise SystemExit("FAILED: a seed's image depends on its batch")
   finally:
     proc.terminate()
     proc.wait(30)
