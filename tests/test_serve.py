@@ -48,6 +48,7 @@ def served(tiny_sampler):
   server = serve.Server(config, str(root))
   page = serve.build_page(server)
   serve.launch(server, page, block=False)
+  assert server.ready.wait(300), "the programs did not compile in 5 minutes"
   url = f"http://127.0.0.1:{config.serve.port}/"
   yield server, url, root
   page.close()
@@ -72,12 +73,15 @@ def test_concurrent_requests_share_batches_and_keep_their_seeds(served):
   image equals the same seed served alone and `sample.generate` keyed (seed, 0)."""
   server, url, _ = served
   n_before = len(server.batcher.batches)
+  compiled = lambda: sum(f._cache_size() for fns in sample._COMPILED.values() for f in fns.values())
+  programs = compiled()
   seeds = [100 + i % 12 for i in range(24)]   # every seed twice
   clients = [_client(url) for _ in range(8)]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     futs = [pool.submit(_t2i, clients[i % 8], seed=s) for i, s in enumerate(seeds)]
     results = [f.result(timeout=120) for f in futs]
   assert all(len(g) == 1 for g, _ in results)
+  assert compiled() == programs   # padded into the programs built at start-up: no new compile
   batches = server.batcher.batches[n_before:]
   assert sum(n for _, n, _ in batches) == 24 and len(batches) < 24, batches
   assert max(n for _, n, _ in batches) > 1, batches

@@ -166,6 +166,7 @@ class Server:
     self._sampler = sample.load_sampler(self._configs[self.steps_choices[0]], workdir)
     self._evals, self._calls, self._calls_lock, self.compile_seconds = {}, 0, threading.Lock(), {}
     self.programs = [(t, n) for n in reversed(self.steps_choices) for t in self.tasks]
+    self.ready = threading.Event()   # set once every program is built
     self.batcher = serve_queue.Batcher(self._run_batch, self.batch_size,
                                        float(sv.max_wait_ms) / 1e3, int(sv.max_queued_samples),
                                        start=self._warm_up)
@@ -188,6 +189,7 @@ class Server:
       self._evals[(task, steps)] = max(self._calls, 1)
       self.compile_seconds[f"{task}/{steps}"] = dt = round(time.perf_counter() - t0, 2)
       print(f"serve: compiled {task} with {steps} steps in {dt} s", flush=True)
+    self.ready.set()
 
   def _generate(self, task, steps, samples: list) -> list[dict]:
     needs = sample.TASKS[task].inputs
