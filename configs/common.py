@@ -166,6 +166,22 @@ def sample(**kw) -> mc.ConfigDict:
   ), kw)
 
 
+def serve(**kw) -> mc.ConfigDict:
+  """config.serve: --mode=serve (unidiffuser_jax/serve.py), a web page over the samplers.
+
+  Each (task, steps) in tasks x steps is compiled once at start-up for batch_size samples;
+  concurrent requests of one (task, steps) share a batch, waiting at most max_wait_ms for it
+  to fill. steps=() offers config.sample.steps only. Uploads over max_upload_mb or
+  max_image_pixels and prompts over max_prompt_chars are refused or cut with a message.
+  output_dir "": <workdir>/serve (the generated PNGs, their parameters in text chunks)."""
+  return _section("serve", dict(
+      host="127.0.0.1", port=7860, tasks=("t2i", "i2t", "joint", "i2t2i", "t2i2t", "interpolate"),
+      steps=(), batch_size=8, max_wait_ms=100, max_samples=4, max_queued_samples=256,
+      max_guidance=20.0, max_prompt_chars=500, max_upload_mb=10.0, max_image_pixels=4096 * 4096,
+      request_timeout_s=600, output_dir="",
+  ), kw)
+
+
 def train(**kw) -> mc.ConfigDict:
   """The paper's recipe: AdamW 2e-4, wd 0.03, betas (0.9, 0.9), warm-up then constant, EMA 0.9999."""
   return _section("train", dict(

@@ -108,6 +108,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # and judging them; eval_num of them are judged every train.eval_every steps.
   c.sample = common.sample(tasks=("t2i", "i2t"), num=64, batch_size=32, eval_num=32, steps=20,
                            max_caption_tokens=12)
+  # --mode=serve: a page over the samplers; 16 concurrent requests share one batch.
+  c.serve = common.serve(steps=(10, 20), batch_size=16)
   if arg == "tiny":
     _tiny(c)
   return c

@@ -65,4 +65,5 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.weights = common.weights()
   c.extract = common.extract()
   c.sample = common.sample()
+  c.serve = common.serve(steps=(25, 50))
   return c

@@ -20,3 +20,34 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from tests.torchvision_compat import import_torchvision  # noqa: E402
 
 import_torchvision()
+
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import demo  # noqa: E402
+from data_pipelines import demo_data  # noqa: E402
+from unidiffuser_jax import train, vocab  # noqa: E402
+from unidiffuser_jax.models import uvit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler(tmp_path_factory):
+  """A tiny config with a word-level tokenizer and a random U-ViT saved as a checkpoint
+  (config.sample.checkpoint), 3-step sampling: (config, model, params, root)."""
+  root = tmp_path_factory.mktemp("sample")
+  config = vocab.derive(demo.get_config("tiny"))
+  config.data.tokenizer = demo_data.build_tokenizer(str(root / "tokenizer"))
+  vocab.derive(config)
+  config.sample.update(steps=3, order=2, guidance_scale=3.0, max_caption_tokens=5, num_beams=2,
+                       prompts=("a red circle on the left", "a blue square at the top",
+                                "a green triangle on the right"))
+  model = train.make_model(config.model)
+  params = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])
+  ckpt = root / "uvit"
+  with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save
+    ckptr.save(ckpt, {"ema_params": jax.device_get(params)})
+  config.sample.checkpoint = str(ckpt)
+  return config, model, params, root

@@ -6,33 +6,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from configs import demo
-from data_pipelines import demo_data
-from unidiffuser_jax import errors, rng, sample, train, vocab
+from unidiffuser_jax import errors, rng, sample
 from unidiffuser_jax.diffusion import modes
-from unidiffuser_jax.models import uvit
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sample")
-  config = vocab.derive(demo.get_config("tiny"))
-  config.data.tokenizer = demo_data.build_tokenizer(str(root / "tokenizer"))
-  vocab.derive(config)
-  config.sample.update(steps=3, order=2, guidance_scale=3.0, max_caption_tokens=5, num_beams=2,
-                       prompts=("a red circle on the left", "a blue square at the top",
-                                "a green triangle on the right"))
-  model = train.make_model(config.model)
-  params = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])
-  ckpt = root / "uvit"
-  with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save
-    ckptr.save(ckpt, {"ema_params": jax.device_get(params)})
-  config.sample.checkpoint = str(ckpt)
-  return config, model, params, root
+def setup(tiny_sampler):
+  return tiny_sampler
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ def run(mode: str, config, workdir: str | None) -> None:
                         f"(the U-ViT training job)")
     importlib.import_module(RUNBOOKS[config.runbook]).run(config, workdir)
     return
-  if mode in ("train", "train_captioner", "sample", "extract", "export") or _imports_text(config):
+  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export")
+      or _imports_text(config)):
     vocab.derive(config)
   if mode == "train":
     train.train(config, workdir)
@@ -42,6 +43,13 @@ def run(mode: str, config, workdir: str | None) -> None:
     sample.run(config, workdir)
   elif mode == "extract":
     extract.run(config, workdir)
+  elif mode == "serve":
+    try:
+      from unidiffuser_jax import serve  # local: gradio, an optional extra (requirements-serve.txt)
+    except ModuleNotFoundError as e:
+      raise ConfigError(f"--mode=serve needs {e.name}: "
+                        f"pip install -r requirements-serve.txt") from None
+    serve.run(config, workdir)
   elif mode in ("import", "export"):
     getattr(weight_jobs, f"run_{mode}")(config, workdir)
   else:

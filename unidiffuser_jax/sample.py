@@ -61,19 +61,25 @@ class Task:
   body: Callable
 
 
+def _guidance(x, s):
+  """The sample's own guidance scale when the inputs carry one (a traced number: one program
+  serves every scale; 0 then still runs the unconditional rows), else config.sample's."""
+  return x["guidance"][0] if "guidance" in x else float(s.guidance_scale)
+
+
 def _t2i(nnet, x, key, s, kw):
-  z, _ = modes.t2i(nnet, x["text"], key, guidance_scale=float(s.guidance_scale),
+  z, _ = modes.t2i(nnet, x["text"], key, guidance_scale=_guidance(x, s),
                    uncond_text=x.get("uncond_text"), **kw)
   return {"z": z[0]}
 
 
 def _i2t(nnet, x, key, s, kw):
-  return {"text": modes.i2t(nnet, x["z"], x["clip"], key, guidance_scale=float(s.guidance_scale),
+  return {"text": modes.i2t(nnet, x["z"], x["clip"], key, guidance_scale=_guidance(x, s),
                             **kw)[0]}
 
 
 def _joint(nnet, x, key, s, kw):
-  z, _, text = modes.joint(nnet, key, batch_size=1, guidance_scale=float(s.guidance_scale), **kw)
+  z, _, text = modes.joint(nnet, key, batch_size=1, guidance_scale=_guidance(x, s), **kw)
   return {"z": z[0], "text": text[0]}
 
 
@@ -86,19 +92,19 @@ def _text_only(nnet, x, key, s, kw):
 
 
 def _i2t2i(nnet, x, key, s, kw):
-  text, z, _ = modes.i2t2i(nnet, x["z"], x["clip"], key, guidance_scale=float(s.guidance_scale),
+  text, z, _ = modes.i2t2i(nnet, x["z"], x["clip"], key, guidance_scale=_guidance(x, s),
                            **kw)
   return {"text": text[0], "z": z[0]}
 
 
 def _t2i2t(nnet, x, key, s, kw):
-  z, _, text = modes.t2i2t(nnet, x["text"], key, guidance_scale=float(s.guidance_scale), **kw)
+  z, _, text = modes.t2i2t(nnet, x["text"], key, guidance_scale=_guidance(x, s), **kw)
   return {"z": z[0], "text": text[0]}
 
 
 def _gibbs(nnet, x, key, s, kw):
   texts, zs, _ = modes.gibbs(nnet, x["z"], x["clip"], key, rounds=int(s.gibbs_rounds),
-                             guidance_scale=float(s.guidance_scale), **kw)
+                             guidance_scale=_guidance(x, s), **kw)
   return {"text": texts[:, 0], "z": zs[:, 0]}   # one per round
 
 
@@ -128,14 +134,19 @@ def _solver_kw(s, shapes):
               skip_type=s.skip_type, data_type=int(s.data_type))
 
 
-def mode_program(task: str, model, encoders, s, shapes):
-  """(params, enc_params, inputs, keys) -> outputs for one batch; vmapped over samples."""
+def mode_program(task: str, model, encoders, s, shapes, on_eval: Callable | None = None):
+  """(params, enc_params, inputs, keys) -> outputs for one batch; vmapped over samples.
+
+  on_eval(t_img, t_text): called on the host at every network evaluation of every sample
+  (jax.debug.callback; the network times of its conditional row), for progress reports."""
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; choose from {tuple(TASKS)}")
   body, kw = TASKS[task].body, _solver_kw(s, shapes)
 
   def per_sample(params, inputs, key):
     nnet = functools.partial(model.apply, {"params": params})
+    if on_eval is not None:
+      nnet = _reporting(nnet, on_eval)
     return body(nnet, {k: v[None] for k, v in inputs.items()}, key, s, kw)
 
   def program(params, enc_params, inputs, keys):
@@ -157,6 +168,13 @@ def mode_program(task: str, model, encoders, s, shapes):
     return out
 
   return program
+
+
+def _reporting(nnet, on_eval):
+  def wrapped(*args):   # (z, clip_img, text, t_img, t_text, data_type), as modes.Nnet
+    jax.debug.callback(on_eval, args[3][0], args[4][0])
+    return nnet(*args)
+  return wrapped
 
 
 # ---------------------------------------------------------------- inputs
@@ -257,31 +275,49 @@ def _ctx_args(ctx: dict) -> dict:
                               "cap_tokenizer", "shapes")}
 
 
+def load_sampler(config, workdir: str) -> dict:
+  """The model, encoders, weights (config.sample.checkpoint, else the workdir's newest
+  checkpoint) and tokenizers: generate(task, host, n, config, **load_sampler(config, workdir))."""
+  ctx = _setup(config, workdir)
+  params = jax.device_put(load_uvit_params(config, workdir), ctx["replicated"])
+  return dict(params=params, **_ctx_args(ctx))
+
+
 _COMPILED: dict = {}
 
 
-def _compiled(task, config, model, encoders, shapes):
+def _compiled(task, config, model, encoders, shapes, on_eval=None):
   """The task's jitted programs, built once per (task, model, encoders, sampler settings):
   the training-time evaluator and the final sampling of the same process share them."""
-  key = (task, model, encoders, shapes, repr(sorted(config.sample.items())))
+  key = (task, model, encoders, shapes, repr(sorted(config.sample.items())), on_eval)
   if key not in _COMPILED:
     def encode_images(p, img, clip_img, keys):
       # The posterior sample of image i uses its own key, so it is the same in any batch.
       moments = encoders.image_moments(p, img)
       z = jax.vmap(lambda m, k: encoders.latent_from_moments(m[None], k)[0])(moments, keys)
       return z, encoders.clip_embedding(p, clip_img)
+    program = jax.jit(mode_program(task, model, encoders, config.sample, shapes, on_eval))
     _COMPILED[key] = dict(text=jax.jit(encoders.text_latent), image=jax.jit(encode_images),
-                          program=jax.jit(mode_program(task, model, encoders, config.sample, shapes)))
+                          program=program)
   return _COMPILED[key]
 
 
 def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params, tokenizer,
-             cap_tokenizer, shapes, progress: bool = True):
+             cap_tokenizer, shapes, progress: bool = True, on_eval: Callable | None = None):
   """Samples n outputs of `task` for the host inputs (task_inputs) -> one record per sample:
-  {index, prompt?, image?, image2? (input file names), pixels?, caption?}. Writes nothing."""
+  {index, prompt?, image?, image2? (input file names), pixels?, caption?}. Writes nothing.
+
+  Sample i is keyed by (seed, i) with seed = config.sample.seed; host may give each sample
+  its own instead: 'seeds' and 'sample_ids' (lists of n; sample i is then keyed by
+  (seeds[i], sample_ids[i]), as sample sample_ids[i] of a run with that seed) and
+  'guidance' (n scales, traced, so one compiled program serves them all)."""
   s = config.sample
   bsz = int(s.batch_size)
-  fns = _compiled(task, config, model, encoders, shapes)
+  fns = _compiled(task, config, model, encoders, shapes, on_eval)
+  seeds = np.asarray(host.get("seeds", np.full(n, int(s.seed))), np.int32)
+  ids = np.asarray(host.get("sample_ids", np.arange(n)), np.int32)
+  key_for = lambda purpose, idx: jax.vmap(lambda sd, i: rng.key_for(sd, i, purpose))(
+      jnp.asarray(seeds[idx]), jnp.asarray(ids[idx]))
   batch_sh = lambda x: NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (x.ndim - 1))))
   results = []
   with mesh:
@@ -301,10 +337,11 @@ def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params
                             config.data.clip_resolution) for i in idx]
         img = np.stack([a for a, _ in arrs])
         cimg = np.stack([c for _, c in arrs])
-        enc_keys = jax.vmap(lambda i, sfx=suffix: rng.key_for(int(s.seed), i, f"encode/{task}{sfx}"))(
-            jnp.asarray(idx))
+        enc_keys = key_for(f"encode/{task}{suffix}", idx)
         inputs["z" + suffix], inputs["clip" + suffix] = fns["image"](enc_params, img, cimg, enc_keys)
-      keys = jax.vmap(lambda i: rng.key_for(int(s.seed), i, f"sample/{task}"))(jnp.asarray(idx))
+      if "guidance" in host:
+        inputs["guidance"] = jnp.asarray(np.asarray(host["guidance"], np.float32)[idx])
+      keys = key_for(f"sample/{task}", idx)
       inputs = {k: jax.device_put(v, batch_sh(v)) for k, v in inputs.items()}
       out = jax.device_get(fns["program"](params, enc_params, inputs, keys))
       for j in np.flatnonzero(real):
@@ -382,13 +419,12 @@ def run(config, workdir: str, inputs: dict | None = None) -> dict:
   inputs = config_inputs(config) if inputs is None else inputs
   for task in s.tasks:  # fail on missing prompts/images before loading anything
     task_inputs(task, inputs, config)
-  ctx = _setup(config, workdir)
-  params = jax.device_put(load_uvit_params(config, workdir), ctx["replicated"])
+  sampler = load_sampler(config, workdir)
   results = {}
   for task in s.tasks:
     host, n = task_inputs(task, inputs, config)
     out_dir = os.path.join(workdir, "samples", task)
-    records = generate(task, host, n, config, params=params, **_ctx_args(ctx))
+    records = generate(task, host, n, config, **sampler)
     write_outputs(records, out_dir)
     print(f"{task}: {n} samples in {out_dir}", flush=True)
     results[task] = {"dir": out_dir, "num": n, "records": records}
