@@ -151,6 +151,10 @@ def test_v_prediction_gives_the_noise():
   want = np.exp(0.25 * (np.log(ab[498]) + np.log(ab[499])))
   np.testing.assert_allclose(float(mid[0, 0]), want, rtol=1e-5)
   assert float(schedule.eps_from_v(jnp.full((1, 1), 3.0), jnp.ones((1, 1)), jnp.zeros(1))[0, 0]) == 3.0
+
+
+@pytest.mark.slow
+def test_uvit_v_prediction_returns_the_noise():
   # The U-ViT with prediction="v" returns eps_from_v of the same network's raw outputs.
   model = uvit.UViT(version="v1", latent_size=4, latent_channels=4, patch_size=2, width=32,
                     depth=2, num_heads=4, mlp_dim=64, text_dim=8, num_text_tokens=3,
