@@ -244,6 +244,14 @@ def test_printed_flags_sample_and_export_to_strict_diffusers(latent, text, versi
       run(bad, str(tmp_path / "bad"))
     assert "\n" not in str(e.value) and "--config.model.width=" in str(e.value)
 
+  # The released weights predict the noise; demo.py:tiny says velocity: the import prints the
+  # flag, and without it sampling stops before building anything.
+  assert "--config.model.prediction=eps" in printed
+  no_pred = _parse([a for a in printed if not a.startswith("--config.model.prediction")])
+  no_pred.sample.tasks = ("t",)
+  with pytest.raises(weight_jobs.WeightJobError, match="--config.model.prediction=eps"):
+    sample.run(no_pred, str(tmp_path / "bad_prediction"))
+
   # With them, as printed: sample (t2i, 2 solver steps) ...
   config = _parse(printed)
   config.data.tokenizer = demo_data.build_tokenizer(str(tmp_path / "tokenizer"))

@@ -148,6 +148,12 @@ def test_export_round_trip_and_pytorch_loads_it(imported, sources, tmp_path):
   _same_tensors(exported, sources["uvit"])
   cap_exported = load_tensors(out["captioner"]["path"])
   _same_tensors(cap_exported, sources["cap"])
+  # A velocity-predicting U-ViT would be sampled wrongly by the released code: not exported.
+  cfg_v = released.config()
+  cfg_v.model.prediction = "v"
+  cfg_v.sample.checkpoint = cfg.sample.checkpoint
+  with pytest.raises(weight_jobs.WeightJobError, match="prediction='v'"):
+    weight_jobs.run_export(cfg_v, str(tmp_path / "v"))
 
   # import -> export -> import: identical parameters.
   again = weight_jobs.run_import(released.config(uvit=out["uvit"]["path"],

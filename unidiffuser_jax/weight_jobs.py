@@ -154,12 +154,14 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
     notes:       what the shapes could not tell, and other advice, one sentence each,
     resize_from: the file's latent_size when config.weights.resize_pos_embed resizes its patch
                  positions to the config's latent_size, else None,
-    overrides:   the command-line flags that make this config use the weights).
+    overrides:   the command-line flags that make this config use the weights,
+    prediction:  what the weights predict: "eps" for released files, our exports' recorded value).
   The file decides every size it can (weights/uvit.py: infer_uvit_config); the config supplies
   num_heads and the hint for the position-table split. Raises WeightJobError (one line) for a
   file that cannot be placed (qkv biases, an ambiguous position table, ...).
   """
-  current = _geometry(train.make_model(config.model))
+  model = train.make_model(config.model)
+  current = _geometry(model)
   meta = metadata or {}
   recorded = json.loads(meta["config"]) if meta.get("model") == "unidiffuser-uvit" and \
       "config" in meta else None  # our own exports record their model config
@@ -179,6 +181,12 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
                  f"to {need['latent_size']}x{need['latent_size']} (resize_pos_embed)")
   diffs = [(k, need[k], current[k]) for k in wuvit.geometry_diffs(need, current)]
   overrides = _model_flags(need)
+  # Released weights predict the noise; our own exports record what they predict.
+  prediction = (recorded or {}).get("prediction", "eps")
+  if prediction != model.prediction:
+    overrides.append(f"--config.model.prediction={prediction}")
+    notes.append(f"these weights predict {'the noise' if prediction == 'eps' else 'velocities'} "
+                 f"(config.model.prediction={prediction!r})")
   if int(config.encoders.fit_latent_stats) > 0:
     # Released weights were trained with the published latent constants, not with statistics
     # fitted by one of our runs (latent_stats.py).
@@ -208,7 +216,8 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
     notes.append(f"config.encoders.captioner.n_positions {n_positions} is too short for "
                  f"{need['num_text_tokens']} text tokens + config.sample.max_caption_tokens: the "
                  f"caption decoder needs at least {positions}")
-  return dict(model=need, diffs=diffs, notes=notes, resize_from=resize_from, overrides=overrides)
+  return dict(model=need, diffs=diffs, notes=notes, resize_from=resize_from, overrides=overrides,
+              prediction=prediction)
 
 
 def import_uvit_file(config, path: str) -> tuple[dict, dict]:
@@ -224,7 +233,8 @@ def import_uvit_file(config, path: str) -> tuple[dict, dict]:
 
 def imported_uvit_model(path: str) -> dict | None:
   """The model config recorded by --mode=import for the U-ViT params dir `path` (import.json in
-  its parent), or None where `path` was not written by the import (a workdir, a checkpoint)."""
+  its parent) with the `prediction` its weights make, or None where `path` was not written by
+  the import (a workdir, a checkpoint)."""
   if not path:
     return None
   p = epath.Path(_abs(path).rstrip("/"))
@@ -234,7 +244,7 @@ def imported_uvit_model(path: str) -> dict | None:
   entry = json.loads(record.read_text()).get("uvit") or {}
   if "model" not in entry or os.path.basename(entry.get("path", "").rstrip("/")) != p.name:
     return None
-  return entry["model"]
+  return {**entry["model"], "prediction": entry.get("prediction", "eps")}
 
 
 def check_imported_uvit(model, path: str, flag: str) -> None:
@@ -246,6 +256,12 @@ def check_imported_uvit(model, path: str, flag: str) -> None:
     return
   current = _geometry(model)
   diffs = wuvit.geometry_diffs(need, current)
+  prediction = need.get("prediction", "eps")
+  if not diffs and prediction != model.prediction:
+    raise WeightJobError(
+        f"config.model.prediction={model.prediction!r}, but the U-ViT weights imported at {path} "
+        f"(config.{flag}) predict {'the noise' if prediction == 'eps' else 'velocities'}: use "
+        f"--config.model.prediction={prediction}")
   if diffs:
     what = ", ".join(f"{k} {current[k]} (the weights need {need[k]})" for k in diffs)
     raise WeightJobError(
@@ -426,8 +442,8 @@ def run_import(config, workdir: str) -> dict:
     if part == "uvit":
       overrides = plan["overrides"] + overrides
       flagfile = _abs(os.path.join(root, UVIT_FLAGS))
-      extra = dict(model=plan["model"], diffs=plan["diffs"], notes=plan["notes"],
-                   flagfile=flagfile)
+      extra = dict(model=plan["model"], prediction=plan["prediction"], diffs=plan["diffs"],
+                   notes=plan["notes"], flagfile=flagfile)
     if params is not None:
       save_params(dest, params)
     done[part] = dict(source=src, path=dest, params=_count(params), kind=kind,
@@ -479,6 +495,11 @@ def _is_params_source(path: str) -> bool:
 
 def export_uvit_to(config, src: str, path: str) -> int:
   model = train.make_model(config.model)
+  if model.prediction != "eps":
+    raise WeightJobError(
+        f"config.model.prediction={model.prediction!r}: the released layout (and diffusers' "
+        f"UniDiffuserPipeline) assume a U-ViT that predicts the noise; this one would be sampled "
+        f"wrongly there, so it is not exported")
   check_imported_uvit(model, src, "sample.checkpoint")
   params = checkpoints.load_params(src)
   checkpoints.check_params(params, nn.meta.unbox(abstract_variables(model))["params"],
