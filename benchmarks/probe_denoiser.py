@@ -37,7 +37,7 @@ def _train_latents(config, encoders, enc_params, demo_set):
   """Normalised image latents of every training record and the attributes its caption names."""
   train = demo.read_heldout(demo_set, config.data.shards.split(","), n=-1)  # -1: every record
   images = jnp.asarray(np.stack([
-      sample._load_image(b, config.data.resolution, config.data.clip_resolution)[0]  # pylint: disable=protected-access
+      sample.load_image(b, config.data.resolution, config.data.clip_resolution)[0]
       for b in train["images"]]))
   moments = jax.jit(encoders.image_moments)(enc_params, images)
   mean, _ = jnp.split(moments, 2, axis=-1)
@@ -62,14 +62,14 @@ def main(config, workdir: str, n: int) -> None:
   if not config.encoders.weights.captioner:
     config.encoders.weights.captioner = os.path.join(workdir, "captioner")
   demo_set = demo_sets.get(config.demo.set)
-  ctx = sample._setup(config, workdir)  # pylint: disable=protected-access
-  model, enc, enc_params = ctx["model"], ctx["encoders"], ctx["enc_params"]
-  params = sample.load_uvit_params(config, workdir)
-  loaded = [sample._load_image(b, config.data.resolution, config.data.clip_resolution)  # pylint: disable=protected-access
+  sampler = sample.load_sampler(config, workdir)
+  model, enc, enc_params = sampler["model"], sampler["encoders"], sampler["enc_params"]
+  params = sampler["params"]
+  loaded = [sample.load_image(b, config.data.resolution, config.data.clip_resolution)
             for b in heldout["images"][:n]]
   batch = {"image": jnp.asarray(np.stack([a for a, _ in loaded])),
            "clip_image": jnp.asarray(np.stack([c for _, c in loaded])),
-           "tokens": jnp.asarray(transforms.tokenize(ctx["tokenizer"], heldout["prompts"][:n],
+           "tokens": jnp.asarray(transforms.tokenize(sampler["tokenizer"], heldout["prompts"][:n],
                                                      config.data.max_length))}
   z0, clip0, text0 = enc.batch_to_latents(enc_params, batch, jax.random.key(0))
   b = z0.shape[0]

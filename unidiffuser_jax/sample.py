@@ -179,7 +179,9 @@ def _reporting(nnet, on_eval):
 
 # ---------------------------------------------------------------- inputs
 
-def _load_image(path_or_bytes, resolution: int, clip_resolution: int):
+def load_image(path_or_bytes, resolution: int, clip_resolution: int):
+  """An image file or its bytes -> (image [-1, 1] at resolution, CLIP-preprocessed at
+  clip_resolution), as the samplers take their input images."""
   data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
   img, _ = transforms.decode_image(data, max_pixels=1 << 28)
   return transforms.image_to_array(img, resolution), transforms.clip_image(img, clip_resolution)
@@ -333,7 +335,7 @@ def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params
       for name, suffix in (("images", ""), ("images2", "2")):
         if name not in host:
           continue
-        arrs = [_load_image(host[name][i], config.data.resolution,
+        arrs = [load_image(host[name][i], config.data.resolution,
                             config.data.clip_resolution) for i in idx]
         img = np.stack([a for a, _ in arrs])
         cimg = np.stack([c for _, c in arrs])

@@ -254,14 +254,10 @@ def check_imported_uvit(model, path: str, flag: str) -> None:
   need = imported_uvit_model(path)
   if need is None:
     return
-  current = _geometry(model)
+  current = dict(_geometry(model), prediction=model.prediction)
   diffs = wuvit.geometry_diffs(need, current)
-  prediction = need.get("prediction", "eps")
-  if not diffs and prediction != model.prediction:
-    raise WeightJobError(
-        f"config.model.prediction={model.prediction!r}, but the U-ViT weights imported at {path} "
-        f"(config.{flag}) predict {'the noise' if prediction == 'eps' else 'velocities'}: use "
-        f"--config.model.prediction={prediction}")
+  if need["prediction"] != model.prediction:   # released weights predict the noise
+    diffs.append("prediction")
   if diffs:
     what = ", ".join(f"{k} {current[k]} (the weights need {need[k]})" for k in diffs)
     raise WeightJobError(
