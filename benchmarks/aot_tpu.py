@@ -10,8 +10,7 @@
 
 jax.experimental.topologies.get_topology_desc() asks libtpu for compile-only
 devices of a named topology. The config's mesh is built on them and the real
-train step (train.make_train_step over train.uvit_task, jitted with the
-trainer's shardings) is lowered and compiled for abstract inputs by
+train step (train.build(abstract=True): the trainer's own build) is lowered and compiled for abstract inputs by
 unidiffuser_jax/aot.py (state, frozen caption decoder, features batch
 {moments [B,64,64,8], clip_img [B,1,512], text_hidden [B,77,768], data_type [B]}).
 Nothing is allocated; the printout is XLA's own per-device memory plan
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from unidiffuser_jax import aot, sharding  # noqa: E402
+from unidiffuser_jax import aot, sharding, train  # noqa: E402
 
 
 def load_config(spec: str):
@@ -72,7 +71,7 @@ def report_memory(compiled, hbm_gib: float, label: str) -> bool:
 
 
 def compile_train(config, mesh, batch: int):
-  plan = aot.plan_train(config, mesh)
+  plan = train.build(config, mesh, abstract=True)
   n_params = sum(x.size for x in jax.tree.leaves(plan.state.params))
   t0 = time.perf_counter()
   lowered = aot.lower_train(plan, config, batch)
@@ -82,15 +81,15 @@ def compile_train(config, mesh, batch: int):
   print(f"train step: {n_params:,} U-ViT parameters, global batch {batch} "
         f"({batch // sharding._axis_size(mesh, sharding.BATCH_AXES)} per data shard); "
         f"lowered in {t1 - t0:.0f} s, compiled in {t2 - t1:.0f} s")
-  p_bytes = sharding.bytes_per_device(plan.state.params, plan.specs.params, mesh)
+  p_bytes = sharding.bytes_per_device(plan.state.params, plan.state_specs.params, mesh)
   print(f"  parameters per device (float32 master copy): {_gib(p_bytes)}; params + EMA + AdamW "
         f"moments = 4x that = {_gib(4 * p_bytes)}")
-  return compiled, plan.model, plan.state, mesh
+  return compiled, plan.state, mesh
 
 
-def compile_sampler(config, model, state, mesh, batch: int):
+def compile_sampler(config, state, mesh, batch: int):
   t0 = time.perf_counter()
-  compiled = aot.lower_sampler(config, model, state.ema_params, mesh, batch).compile()
+  compiled = aot.lower_sampler(config, state.ema_params, mesh, batch).compile()
   print(f"sampler network step (t2i, guided, batch {batch} -> 2x{batch} evaluations): compiled "
         f"in {time.perf_counter() - t0:.0f} s")
   return compiled
@@ -137,7 +136,7 @@ def main() -> None:
   if batch != want:
     print(f"global batch {want} is not a multiple of data*fsdp={n_batch}; using {batch}")
   try:
-    compiled, model, state, mesh = compile_train(config, mesh, batch)
+    compiled, state, mesh = compile_train(config, mesh, batch)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -149,7 +148,7 @@ def main() -> None:
   ok = report_memory(compiled, hbm, "train step")
   if args.sampler:
     sb = args.sample_batch or 4 * n_batch
-    ok &= report_memory(compile_sampler(config, model, state, mesh, sb), hbm, "sampler step")
+    ok &= report_memory(compile_sampler(config, state, mesh, sb), hbm, "sampler step")
   sys.stdout.flush()
   sys.stderr.flush()
   # libtpu 0.0.42 can segfault while tearing down its compile-only client; skip teardown.

@@ -16,8 +16,8 @@ per wall second.
 
 The second part (--what wait) is the fraction of step time spent waiting for
 data in a demo training run: configs/demo.py as it is (its generated shards,
-its model and batch), the train loop's own pieces (train.uvit_task,
-compile_train_step, input_pipeline.make_train_iterator), iterated as run_loop does
+its model and batch), the train loop's own pieces (train.build,
+input_pipeline.make_train_iterator), iterated as run_loop does
 (next batch -> to_global -> async step). After --warmup steps (compilation,
 worker start-up, prefetch fill) it times --steps steps with
 iterators.DataWaitTimer: wait = time blocked in next(data_iterator), total =
@@ -129,7 +129,6 @@ def data_wait(config, shard_dir, n_train, workers, steps, warmup, sync):
   """Rows (workers, timer summary, step seconds) for each grain worker count."""
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
-  from unidiffuser_jax import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
   from unidiffuser_jax import input_pipeline, sharding, train, vocab  # pylint: disable=g-import-not-at-top
 
   paths = demo_data.build_demo(shard_dir, n_train=n_train, n_heldout=2,
@@ -141,36 +140,27 @@ def data_wait(config, shard_dir, n_train, workers, steps, warmup, sync):
 
   mesh = sharding.make_mesh(config.mesh)
   train.check_config(config, config.train, mesh)
-  model = train.make_model(config.model)
-  enc = encoders_lib.build(config.encoders)
-  frozen, frozen_sh = enc.load_params(config.encoders.weights, mesh,
-                                      int(config.seed))
-  task = train.uvit_task(model, enc, int(config.seed))
-  tx = train.make_optimizer(config.train)
-  state, state_sh = train.create_state(task, tx, config, mesh)
-  step_fn = train.compile_train_step(
-      train.make_train_step(task, tx, config.train, int(config.seed)), mesh,
-      state_sh, frozen_sh)
+  built = train.build(config, mesh)  # the trainer's state, frozen encoders and step
+  state, frozen, step_fn = built.state, built.frozen, built.step
 
   rows = []
-  with mesh:
-    for nw in workers:
-      config.data.num_workers = nw
-      it = input_pipeline.make_train_iterator(config, config.train, 0, 1)
-      timer = None
-      for i in range(warmup + steps):
-        if i == warmup:
-          jax.block_until_ready(state)
-          timer = iterators.DataWaitTimer()
-        batch = dict(timer.next(it) if timer else next(it))
-        batch.pop('skipped', None)
-        state, m = step_fn(state, frozen, sharding.to_global(batch, mesh))
-        if sync or i == warmup + steps - 1:
-          jax.block_until_ready(m)
-      summary = timer.summary()
-      rows.append((nw, summary, summary['total_s'] / max(1, summary['batches'])))
-      if hasattr(it, 'close'):
-        it.close()
+  for nw in workers:
+    config.data.num_workers = nw
+    it = input_pipeline.make_train_iterator(config, config.train, 0, 1)
+    timer = None
+    for i in range(warmup + steps):
+      if i == warmup:
+        jax.block_until_ready(state)
+        timer = iterators.DataWaitTimer()
+      batch = dict(timer.next(it) if timer else next(it))
+      batch.pop('skipped', None)
+      state, m = step_fn(state, frozen, sharding.to_global(batch, mesh))
+      if sync or i == warmup + steps - 1:
+        jax.block_until_ready(m)
+    summary = timer.summary()
+    rows.append((nw, summary, summary['total_s'] / max(1, summary['batches'])))
+    if hasattr(it, 'close'):
+      it.close()
   return rows
 
 

@@ -120,16 +120,9 @@ def our_uvit(s: "Size"):
 
 
 def forward_flops(s: Size) -> int:
-  """Multiply-add FLOPs (2 per MAC) of one forward pass: every matmul and attention product."""
-  b, t, d, m = s.batch, s.num_tokens, s.width, s.mlp_dim
-  pp = s.patch_size ** 2 * s.latent_channels
-  block = 2 * t * d * 3 * d + 2 * t * d * d + 2 * 2 * t * d * m  # qkv, proj, fc1 + fc2
-  block += 2 * 2 * t * t * d                                     # q k^T and p v
-  skip = 2 * t * 2 * d * d                                        # out-blocks' skip_linear
-  embed = 2 * s.num_patches * pp * d + 2 * s.num_text_tokens * s.text_dim * d + 2 * s.clip_img_dim * d
-  head = 2 * s.num_patches * d * pp + 2 * s.num_text_tokens * d * s.text_dim + 2 * d * s.clip_img_dim
-  n_blocks = 2 * (s.depth // 2) + 1  # in-blocks, mid-block, out-blocks (depth 6 -> 7 blocks)
-  return b * (n_blocks * block + (s.depth // 2) * skip + embed + head)
+  """One forward's FLOPs: unidiffuser_jax.perf's count (the trainer's telemetry uses the same)."""
+  from unidiffuser_jax import perf
+  return perf.uvit_forward_flops(s, s.batch)
 
 
 def train_flops(s: Size) -> int:
@@ -166,11 +159,12 @@ def _interleaved_times(fns: dict, warmup: int, steps: int) -> dict:
 
 def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   """Our compiled train step and forward, as closures (`step`, `fwd`) plus their metadata."""
-  import flax.linen as nn
   import jax
   import jax.numpy as jnp
 
-  from unidiffuser_jax import train
+  import ml_collections
+
+  from unidiffuser_jax import sharding, train
   from unidiffuser_jax.diffusion import objective
   from unidiffuser_jax.models import uvit
 
@@ -187,14 +181,16 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
                     loss)
   # The paper's optimiser (configs/common.train), no warm-up or clipping (torch's side has none).
   train_cfg = common.train(lr=1e-4, warmup_steps=0, grad_clip_norm=0.0)
-  tx = train.make_optimizer(train_cfg)
-  state = jax.jit(lambda: nn.unbox(train.init_fn(task, tx)()))()
+  # The trainer's build (train.build_task) on this one device.
+  config = ml_collections.ConfigDict(dict(seed=0, sharding=common.sharding()))
+  mesh = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
+  built = train.build_task(config, train_cfg, task, mesh, {}, {})
+  state = built.state
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  step = jax.jit(train.make_train_step(task, tx, train_cfg, seed=0), donate_argnums=(0,))
   batch = {k: jnp.asarray(v) for k, v in make_batch(s).items()}
 
   t0 = time.perf_counter()
-  compiled = step.lower(state, {}, batch).compile()
+  compiled = built.lower(batch).compile()
   compile_s = time.perf_counter() - t0
   xla_flops = _cost_flops(compiled)
   if hlo_dir:

@@ -12,7 +12,10 @@ Eigen thread pool of one thread per core).
 """
 import argparse
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _best_seconds(fn, reps: int) -> float:
@@ -25,16 +28,10 @@ def _best_seconds(fn, reps: int) -> float:
 
 
 def jax_peak(n: int, reps: int) -> float:
-  """GFLOP/s of jnp.matmul on the default device (float32, highest precision)."""
-  import jax
-  import jax.numpy as jnp
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
-  mm(a, b).block_until_ready()  # compile + warm caches
-  sec = _best_seconds(lambda: mm(a, b).block_until_ready(), reps)
-  return 2 * n ** 3 / sec / 1e9
+  """GFLOP/s of jnp.matmul on the default device (float32, highest precision): the
+  trainer's own measurement (unidiffuser_jax.perf.matmul_peak_flops)."""
+  from unidiffuser_jax import perf
+  return perf.matmul_peak_flops(n, reps) / 1e9
 
 
 def torch_peak(n: int, reps: int) -> float:

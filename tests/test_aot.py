@@ -2,8 +2,8 @@
 
 The laion config's U-ViT (width 1536, 24 heads, MLP 6144, 64x64x4 latents,
 bfloat16, remat per block; depth cut to 2 so lowering stays fast: every block
-has the same parameters, so deeper models shard identically) is lowered (not
-compiled, not run) by unidiffuser_jax/aot.py's abstract-input path on an
+has the same parameters, so deeper models shard identically) is built by
+train.build(abstract=True) and lowered (not compiled, not run) on an
 8-device CPU mesh data=1, fsdp=4, tensor=2. The per-argument and per-result
 shardings are parsed from the lowered module's `main` signature (Shardy
 attributes, i.e. what XLA's partitioner receives) and compared, for every
@@ -32,9 +32,9 @@ def lowered():
   config = laion.get_config()
   config.model.depth = 2
   mesh = sharding.make_mesh(golden.MESH)
-  plan = aot.plan_train(config, mesh)
-  low = aot.lower_train(plan, config, BATCH)
-  return dict(text=low.as_text(), state=plan.state, specs=plan.specs, mesh=mesh)
+  built = train.build(config, mesh, abstract=True)
+  low = aot.lower_train(built, config, BATCH)
+  return dict(text=low.as_text(), state=built.state, specs=built.state_specs, mesh=mesh)
 
 
 def _dims(inner: str) -> tuple:

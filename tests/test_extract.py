@@ -64,7 +64,7 @@ def single(extracted):
   config, _ = extracted
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   enc = encoders_lib.build(config.encoders)
-  params, _ = enc.load_params(config.encoders.weights, mesh, int(config.seed))
+  params, _ = train.build_frozen(config, mesh, enc)
   return enc, params
 
 

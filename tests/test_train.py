@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 from scipy import stats
@@ -12,6 +13,7 @@ from data_pipelines import synthetic
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax import errors, sharding, train, vocab
 from unidiffuser_jax.diffusion import objective
+from unidiffuser_jax.models import uvit
 
 
 def _tiny(**overrides):
@@ -22,14 +24,11 @@ def _tiny(**overrides):
 
 
 def _setup(config, devices):
+  """The trainer's build (train.build) on `devices`, and the model and encoders it holds."""
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  model = train.make_model(config.model)
-  tx = train.make_optimizer(config.train)
   enc = encoders_lib.build(config.encoders)
-  enc_params, enc_shardings = enc.load_params(config.encoders.weights, mesh, int(config.seed))
-  task = train.uvit_task(model, enc, int(config.seed))
-  state, state_shardings = train.create_state(task, tx, config, mesh)
-  return mesh, model, tx, enc, enc_params, enc_shardings, state, state_shardings
+  built = train.build(config, mesh, encoders=enc)
+  return built, train.make_model(config.model), enc
 
 
 def _host_batch(config):
@@ -41,7 +40,8 @@ def _host_batch(config):
 
 
 def _grads_and_loss(config, devices):
-  mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, devices)
+  built, model, enc = _setup(config, devices)
+  mesh, enc_params, state = built.mesh, built.frozen, built.state
   batch = sharding.to_global(_host_batch(config), mesh)
 
   def loss(params):
@@ -50,11 +50,8 @@ def _grads_and_loss(config, devices):
     nnet = lambda *a: model.apply({"params": params}, *a)
     return objective.loss_fn(nnet, z0, c0, t0, batch["data_type"], jax.random.key(1))[0]
 
-  with mesh:
-    l, g = jax.jit(jax.value_and_grad(loss))(state.params)
-    step = train.compile_train_step(train.make_train_step(train.uvit_task(model, enc, 0), tx, config.train, 0), mesh,
-                                    state_sh, enc_sh)
-    new_state, m = step(state, enc_params, batch)
+  l, g = jax.jit(jax.value_and_grad(loss))(state.params)
+  new_state, m = built.step(state, enc_params, batch)
   return float(l), jax.device_get(g), jax.device_get(new_state.params), float(m["loss"]), new_state
 
 
@@ -71,17 +68,19 @@ def test_sharded_step_matches_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), single[1], multi[1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single[2], multi[2])
 
-  # Every parameter and optimizer-state array is split over the mesh axes its logical names map to.
+  # Every parameter, EMA copy and AdamW moment is split over the mesh axes its logical names
+  # (from the model's own init, not the build) map to.
   state = multi[4]
   mesh = sharding.make_mesh(config.mesh)
   model = train.make_model(config.model)
-  boxed = jax.eval_shape(train.init_fn(train.uvit_task(model, None, 0),
-                                       train.make_optimizer(config.train)))
+  logical = nn.get_partition_spec(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"]))
   rules = dict(sharding.rules_from_config(config.sharding.rules))
-  logical = nn.get_partition_spec(boxed)
   n_split = 0
-  for arr, names in zip(jax.tree.leaves(state), jax.tree.leaves(
-      logical, is_leaf=lambda x: isinstance(x, P))):
+  copies = [state.params, state.ema_params] + [optax.tree_utils.tree_get(state.opt_state, k)
+                                               for k in ("mu", "nu")]
+  for arr, names in zip(jax.tree.leaves(copies), jax.tree.leaves(
+      [logical] * 4, is_leaf=lambda x: isinstance(x, P))):
     expected = sharding.fit_spec(P(*[rules.get(n) if n else None for n in names]), arr.shape, mesh)
     assert arr.sharding.spec == expected, (arr.shape, names)
     shard_shape = arr.sharding.shard_shape(arr.shape)
@@ -108,17 +107,13 @@ def test_overfits_fixed_batch():
   the derived key never changes): a tiny model must memorise it, loss down 10x."""
   config = _tiny(lr=3e-3, warmup_steps=0, grad_clip_norm=0.0)
   config.model.update(width=64, mlp_dim=256)   # enough capacity to memorise 8 examples
-  mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
-  batch = sharding.to_global(_host_batch(config), mesh)
-  step = train.compile_train_step(
-      train.make_train_step(train.uvit_task(model, enc, 0), tx, config.train, 0), mesh,
-      state_sh, enc_sh)
-  losses = []
-  with mesh:
-    for _ in range(300):
-      state, m = step(state, enc_params, batch)
-      state = state.replace(step=jnp.zeros_like(state.step))
-      losses.append(m)
+  built, _, _ = _setup(config, jax.devices())
+  batch = sharding.to_global(_host_batch(config), built.mesh)
+  state, losses = built.state, []
+  for _ in range(300):
+    state, m = built.step(state, built.frozen, batch)
+    state = state.replace(step=jnp.zeros_like(state.step))
+    losses.append(m)
   losses = jax.device_get(losses)
   first, last = losses[0], losses[-1]
   for k in ("loss_img", "loss_clip", "loss_text"):
@@ -150,11 +145,11 @@ def test_grad_accumulation_averages_microbatch_gradients():
   each drawn with its own fold of the step key."""
   config = _tiny()
   config.train.grad_accum = 2
-  mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
+  built, model, enc = _setup(config, jax.devices())
+  enc_params, tx = built.frozen, built.tx
+  state = jax.tree.map(jnp.copy, built.state)   # the step donates its input
   host = _host_batch(config)
-  with mesh:
-    new_state, m = jax.jit(train.make_train_step(train.uvit_task(model, enc, 0), tx, config.train, 0))(
-        state, enc_params, sharding.to_global(host, mesh))
+  new_state, m = built.step(built.state, enc_params, sharding.to_global(host, built.mesh))
 
   from unidiffuser_jax import rng
   key = rng.key_for(0, 0, "train/uvit")
@@ -163,7 +158,8 @@ def test_grad_accumulation_averages_microbatch_gradients():
     k_enc, k_loss = jax.random.split(k)
     z0, c0, t0 = enc.batch_to_latents(enc_params, batch, k_enc)
     nnet = lambda *a: model.apply({"params": params}, *a)
-    return objective.loss_fn(nnet, z0, c0, t0, batch["data_type"], k_loss)[0]
+    return objective.loss_fn(nnet, z0, c0, t0, batch["data_type"], k_loss,
+                             **train.objective_kwargs(config.train))[0]
 
   grads, losses = [], []
   for i in range(2):
@@ -183,7 +179,8 @@ def test_grad_accumulation_averages_microbatch_gradients():
 def test_fine_tune_starts_from_given_weights(tmp_path):
   import orbax.checkpoint as ocp
   config = _tiny()
-  mesh, model, tx, enc, enc_params, enc_sh, state, state_sh = _setup(config, jax.devices())
+  built, _, _ = _setup(config, jax.devices())
+  state, state_sh = built.state, built.state_shardings
   shifted = jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(state.params))
   with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save
     ckptr.save(tmp_path / "w", shifted)
@@ -193,9 +190,9 @@ def test_fine_tune_starts_from_given_weights(tmp_path):
   assert jax.tree.map(lambda a: a.sharding, started.params) == state_sh.params
   # A model of another width is refused, naming the first mismatching parameter.
   config.model.update(width=64, mlp_dim=128)
-  mesh, model, tx, enc, enc_params, enc_sh, other, other_sh = _setup(config, jax.devices())
+  other, _, _ = _setup(config, jax.devices())
   with pytest.raises(errors.ConfigError, match="has shape"):
-    train.start_from(other, other_sh, str(tmp_path / "w"))
+    train.start_from(other.state, other.state_shardings, str(tmp_path / "w"))
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():

@@ -124,7 +124,7 @@ def test_written_dirs_load_through_project_loaders(imported, sources):
     enc_cfg.weights[part] = done[part]["path"]
   enc = encoders_lib.build(enc_cfg)
   mesh = sharding.make_mesh(config.mesh)
-  enc_params, _ = enc.load_params(enc_cfg.weights, mesh, 0)
+  enc_params, _ = enc.load_params(enc_cfg.weights, mesh, 0, config.sharding.rules)
   host = jax.device_get(enc_params)
   _same_tensors(wvae.export_vae_tensors(host["autoencoder"], enc.autoencoder, "ldm"),
                 sources["vae"])  # the LDM file's loss.* entry is training-only and dropped

@@ -1,25 +1,16 @@
-"""Ahead-of-time planning of the train and sample steps: abstract inputs, no arrays.
+"""Ahead-of-time inputs of the train and sample steps: abstract, no arrays.
 
-Everything here works on jax.ShapeDtypeStructs laid out by the trainer's shardings, so the
-full-size train step can be lowered and compiled for any mesh (compile-only TPU devices from
-libtpu, or fake CPU devices in the tests) without allocating a parameter:
-  state   jax.eval_shape(train.init_fn) laid out by sharding.logical_to_specs (the trainer's rules)
-  frozen  the caption decoder's parameters (encode_prefix is the only frozen network a
-          features batch touches), abstract and sharded the same way
-  batch   the features format {moments [B,h,w,2C], clip_img [B,1,D], text_hidden [B,L,W],
-          data_type [B]}, split over (data, fsdp)
-benchmarks/aot_tpu.py is the command line over this module; tests/test_aot.py checks what the
-compiler is handed.
+The state and frozen encoders come from train.build(config, mesh, abstract=True) (the trainer's
+one build, as ShapeDtypeStructs carrying its shardings); this module adds the abstract batch
+(the features format {moments [B,h,w,2C], clip_img [B,1,D], text_hidden [B,L,W], data_type [B]},
+split over (data, fsdp)) and the sampler's guided network call, so the full-size steps can be
+lowered and compiled for any mesh (compile-only TPU devices from libtpu, or CPU devices)
+without allocating a parameter. tests/test_aot.py checks what the compiler is handed.
 """
-import dataclasses
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unidiffuser_jax import encoders as encoders_lib
-from unidiffuser_jax import rng, sharding, train
-from unidiffuser_jax.models import uvit
+from unidiffuser_jax import sharding, train
 
 # HBM per chip. libtpu's compile-only v4 devices are single TensorCores (num_cores=1, two per
 # chip, 16 GiB each); v5p devices are megacore chips (num_cores=2).
@@ -33,29 +24,9 @@ def hbm_per_device(device) -> float:
   return per_chip
 
 
-def abstract_with(tree, shardings):
-  """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (same structure)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
-
-
-def abstract_encoder_params(encoders, seed: int, parts=encoders_lib.PARTS) -> dict:
-  """{part: boxed abstract parameters} of the frozen networks, initialised as
-  Encoders.load_params does (jax.eval_shape: nothing allocated)."""
-  init = lambda part: encoders._init_part(  # pylint: disable=protected-access
-      part, rng.key_for(seed, 0, f"init/{part}"))
-  return {part: jax.eval_shape(lambda part=part: init(part)) for part in parts}
-
-
-def abstract_frozen(encoders, mesh, rules, seed: int):
-  """({"captioner": sharded ShapeDtypeStructs}, {"captioner": shardings}): the caption decoder."""
-  boxed = abstract_encoder_params(encoders, seed, parts=("captioner",))
-  shardings = sharding.named_shardings(sharding.logical_to_specs(boxed, mesh, rules), mesh)
-  return abstract_with(nn.unbox(boxed), shardings), shardings
-
-
-def features_batch(config, model: uvit.UViT, batch: int, mesh) -> dict:
+def features_batch(config, batch: int, mesh) -> dict:
   """An abstract features batch of `batch` examples split over (data, fsdp)."""
+  model = train.make_model(config.model)
   f = config.encoders.autoencoder.factor
   h = config.data.resolution // f
   shapes = {"moments": ((batch, h, h, 2 * model.latent_channels), jnp.float32),
@@ -67,47 +38,15 @@ def features_batch(config, model: uvit.UViT, batch: int, mesh) -> dict:
           for k, (s, d) in shapes.items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainPlan:
-  """The real train step, jitted with the trainer's shardings, and its abstract arguments."""
-  model: uvit.UViT
-  step: object               # jitted (state, frozen, batch) -> (state, metrics)
-  state: train.TrainState    # ShapeDtypeStructs with shardings
-  specs: train.TrainState    # the state's PartitionSpecs
-  frozen: dict               # {"captioner": abstract parameters}
-  mesh: jax.sharding.Mesh
-  rules: tuple
+def lower_train(built: train.Built, config, batch: int):
+  """The built train step lowered for an abstract features batch of global size `batch`."""
+  return built.lower(features_batch(config, batch, built.mesh))
 
 
-def plan_train(config, mesh) -> TrainPlan:
-  """train.make_train_step over train.uvit_task, as the trainer builds it, for abstract inputs."""
-  seed = int(config.seed)
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model = train.make_model(config.model)
-  encoders = encoders_lib.build(config.encoders)
-  task = train.uvit_task(model, encoders, seed)
-  tx = train.make_optimizer(config.train)
-  boxed = jax.eval_shape(train.init_fn(task, tx))
-  specs = sharding.logical_to_specs(boxed, mesh, rules)
-  state_shardings = sharding.named_shardings(specs, mesh)
-  state = abstract_with(nn.unbox(boxed), state_shardings)
-  frozen, frozen_shardings = abstract_frozen(encoders, mesh, rules, seed)
-  step = train.compile_train_step(train.make_train_step(task, tx, config.train, seed), mesh,
-                                  state_shardings, frozen_shardings)
-  return TrainPlan(model, step, state, specs, frozen, mesh, rules)
-
-
-def lower_train(plan: TrainPlan, config, batch: int):
-  """Lowers the train step for a global `batch`. Traced under the config's logical-axis rules, as
-  train.run_loop does: the U-ViT's activation constraints (act_* names) resolve only there."""
-  with sharding.tracing_context(plan.mesh, plan.rules):
-    return plan.step.lower(plan.state, plan.frozen,
-                           features_batch(config, plan.model, batch, plan.mesh))
-
-
-def lower_sampler(config, model: uvit.UViT, params, mesh, batch: int):
+def lower_sampler(config, params, mesh, batch: int):
   """One classifier-free-guided network evaluation of t2i sampling (what the solver's scan
-  runs), for abstract sharded `params` (e.g. a TrainPlan's state.ema_params)."""
+  runs), for abstract sharded `params` (e.g. a Built's state.ema_params)."""
+  model = train.make_model(config.model)
   b = batch
   img = config.data.resolution // config.encoders.autoencoder.factor
   bs = lambda nd: sharding.batch_sharding(mesh, nd)
@@ -127,7 +66,9 @@ def lower_sampler(config, model: uvit.UViT, params, mesh, batch: int):
     return jax.tree.map(lambda o: 8.0 * o[:b] - 7.0 * o[b:], out[:2])
 
   p_shardings = jax.tree.map(lambda a: a.sharding, params)
-  fn = jax.jit(guided, in_shardings=(p_shardings, bs(4), bs(3), bs(3)))
+  rules = sharding.rules_from_config(config.sharding.rules)
+  fn = jax.jit(sharding.traced_under(guided, mesh, rules),
+               in_shardings=(p_shardings, bs(4), bs(3), bs(3)))
   return fn.lower(params, *x)
 
 

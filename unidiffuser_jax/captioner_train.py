@@ -87,6 +87,7 @@ def train_captioner(config, workdir: str, *, data_iterator=None) -> dict:
                                                        jax.process_count())
   task = captioner_task(encoders, config, tokenizer)
   # init_from: fine-tune imported weights (e.g. hub GPT-2 via --mode=import).
-  return train.run_loop(config, train_cfg, task, workdir, mesh, frozen, frozen_shardings,
-                        data_iterator, init_from=train_cfg.init_from)
+  built = train.build_task(config, train_cfg, task, mesh, frozen, frozen_shardings)
+  return train.run_loop(config, train_cfg, built, workdir, data_iterator,
+                        init_from=train_cfg.init_from)
 

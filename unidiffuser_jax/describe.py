@@ -1,11 +1,11 @@
 """`--mode=describe`: what a config builds, without building anything on a device.
 
-Shapes come from jax.eval_shape and the mesh is an AbstractMesh of the
-configured shape, so describing the 952M model on a laptop costs nothing.
+Shapes and layouts come from train.build(abstract=True) (the trainer's own build, through
+jax.eval_shape) on an AbstractMesh of the configured shape, so describing the 952M model on a
+laptop costs nothing.
 """
 import collections
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -16,13 +16,9 @@ def describe(config, num_devices: int | None = None) -> str:
   num_devices = num_devices or config.mesh.num_devices or jax.device_count()
   mesh = sharding.abstract_mesh(config.mesh, num_devices)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
-  rules = sharding.rules_from_config(config.sharding.rules)
   model = train.make_model(config.model)
-  tx = train.make_optimizer(config.train)
-  task = train.uvit_task(model, None, int(config.seed))
-  boxed = jax.eval_shape(train.init_fn(task, tx))
-  specs = sharding.logical_to_specs(boxed, mesh, rules)
-  state = nn.unbox(boxed)
+  built = train.build(config, mesh, abstract=True)
+  state, specs = built.state, built.state_specs
 
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   lines = [f"params: {n_params}",

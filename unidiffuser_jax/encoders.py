@@ -66,17 +66,34 @@ class Encoders:
       return self.captioner.init(key, latent, jnp.zeros((1, 2), jnp.int32))["params"]
     raise KeyError(part)
 
-  def load_params(self, weights_cfg, mesh, seed: int, rules_cfg=None):
-    """Returns ({part: params}, shardings): loaded where config.encoders.weights names a path,
-    otherwise initialised from (seed, 'init/<part>') -- the demo's frozen random encoders.
-    Laid out by `rules_cfg` (config.sharding.rules; default: the same split as configs/common)."""
-    rules = sharding.rules_from_config(rules_cfg if rules_cfg is not None else _DEFAULT_RULES)
-    params, shards = {}, {}
-    for part in PARTS:
+  def layout(self, mesh, seed: int, rules_cfg, parts=PARTS) -> dict:
+    """{part: (init thunk, boxed abstract params, shardings)}: how each frozen network is
+    initialised (from (seed, 'init/<part>')) and laid out by `rules_cfg` (config.sharding.rules)
+    on `mesh` (a Mesh or an AbstractMesh); jax.eval_shape only, nothing allocated."""
+    rules = sharding.rules_from_config(rules_cfg)
+    out = {}
+    for part in parts:
       init = lambda part=part: self._init_part(part, rng.key_for(seed, 0, f"init/{part}"))
       abstract = jax.eval_shape(init)
-      specs = sharding.logical_to_specs(abstract, mesh, rules)
-      shardings = sharding.named_shardings(specs, mesh)
+      out[part] = (init, abstract, sharding.named_shardings(
+          sharding.logical_to_specs(abstract, mesh, rules), mesh))
+    return out
+
+  def abstract_params(self, mesh, seed: int, rules_cfg, parts=PARTS) -> tuple[dict, dict]:
+    """({part: ShapeDtypeStructs carrying their shardings}, {part: shardings}): what
+    load_params returns, without arrays (ahead-of-time compiles)."""
+    params, shards = {}, {}
+    for part, (_, abstract, shardings) in self.layout(mesh, seed, rules_cfg, parts).items():
+      params[part] = sharding.abstract_with(nn.unbox(abstract), shardings)
+      shards[part] = shardings
+    return params, shards
+
+  def load_params(self, weights_cfg, mesh, seed: int, rules_cfg):
+    """Returns ({part: params}, shardings): loaded where config.encoders.weights names a path,
+    otherwise initialised from (seed, 'init/<part>') -- the demo's frozen random encoders.
+    Laid out by `rules_cfg` (config.sharding.rules)."""
+    params, shards = {}, {}
+    for part, (init, abstract, shardings) in self.layout(mesh, seed, rules_cfg).items():
       path = weights_cfg.get(part, "") if weights_cfg else ""
       if path:
         host = checkpoints.load_params(path)
@@ -133,11 +150,6 @@ class Encoders:
     else:
       text0 = self.text_latent(params, batch["tokens"])
     return z0, clip0.astype(jnp.float32), text0.astype(jnp.float32)
-
-
-_DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-                  ("conv_in", None), ("conv_out", "fsdp"), ("io", None), ("norm", None),
-                  ("pos", None), ("layers", None))
 
 
 def build(enc_cfg, model=None) -> Encoders:

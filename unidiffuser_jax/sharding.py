@@ -5,6 +5,7 @@ config maps those names to mesh axes ('data', 'fsdp', 'tensor'), so moving from
 pure data parallelism to FSDP or tensor parallelism is a config change only.
 """
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 import math
 
@@ -112,18 +113,10 @@ def named_shardings(specs, mesh) -> object:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def sharded_init(init_fn, mesh, rules):
-  """Creates a boxed tree from `init_fn()` directly in its sharded layout.
-
-  The shapes come from jax.eval_shape (nothing allocated), the shardings from
-  the logical names, and jit(out_shardings=...) materialises each shard on its
-  own device, so a model larger than one device's memory can be created.
-  Returns (unboxed tree, shardings).
-  """
-  abstract = jax.eval_shape(init_fn)
-  shardings = named_shardings(logical_to_specs(abstract, mesh, rules), mesh)
-  tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
-  return tree, shardings
+def abstract_with(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (same structure)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
@@ -172,3 +165,17 @@ def tracing_context(mesh, rules):
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def traced_under(fn, mesh, rules):
+  """`fn` that, whenever it is traced (jit, eval_shape, lower), resolves the models' logical
+  activation constraints against `mesh` (a Mesh or AbstractMesh) and `rules`, whatever
+  context the caller is in: jit(traced_under(step, ...)) carries its constraints into every
+  program it lowers, so no entry point can drop them by calling it outside tracing_context."""
+  abstract = getattr(mesh, "abstract_mesh", mesh)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(abstract), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped

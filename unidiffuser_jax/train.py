@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -126,11 +127,6 @@ def init_fn(task: Task, tx: optax.GradientTransformation) -> Callable[[], TrainS
   return init
 
 
-def create_state(task: Task, tx, config, mesh):
-  rules = sharding.rules_from_config(config.sharding.rules)
-  return sharding.sharded_init(init_fn(task, tx), mesh, rules)
-
-
 # ---------------------------------------------------------------- the step
 
 def make_train_step(task: Task, tx, train_cfg, seed: int):
@@ -169,14 +165,75 @@ def make_train_step(task: Task, tx, train_cfg, seed: int):
   return step
 
 
-def compile_train_step(step_fn, mesh, state_shardings, frozen_shardings):
+# ---------------------------------------------------------------- the one build
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """A trainer's state and step as one build makes them (build_task / build).
+
+  state and frozen are arrays, or (abstract=True) ShapeDtypeStructs carrying the same
+  shardings; step is jitted (state, frozen, batch) -> (state, metrics), with the state
+  donated, and always traced under the config's mesh and logical-axis rules
+  (sharding.traced_under), so every caller lowers the same program.
+  """
+  task: Task
+  tx: optax.GradientTransformation
+  mesh: object
+  rules: tuple
+  state: TrainState
+  state_specs: TrainState
+  state_shardings: TrainState
+  frozen: dict
+  frozen_shardings: dict
+  step: Callable
+
+  def lower(self, batch):
+    """The step lowered for this state and frozen params and a (possibly abstract) batch."""
+    return self.step.lower(self.state, self.frozen, batch)
+
+
+def build_task(config, train_cfg, task: Task, mesh, frozen, frozen_shardings, *,
+               abstract: bool = False) -> Built:
+  """The train state of `task` laid out by config.sharding.rules (created directly in its
+  shards: jit with out_shardings, so a model larger than one device fits) and its jitted step."""
+  rules = sharding.rules_from_config(config.sharding.rules)
+  tx = make_optimizer(train_cfg)
+  init = sharding.traced_under(init_fn(task, tx), mesh, rules)
+  boxed = jax.eval_shape(init)
+  specs = sharding.logical_to_specs(boxed, mesh, rules)
+  shardings = sharding.named_shardings(specs, mesh)
+  if abstract:
+    state = sharding.abstract_with(nn.unbox(boxed), shardings)
+  else:
+    state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, frozen_shardings, None),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,),
-  )
+  step = jax.jit(
+      sharding.traced_under(make_train_step(task, tx, train_cfg, int(config.seed)), mesh, rules),
+      in_shardings=(shardings, frozen_shardings, None),
+      out_shardings=(shardings, replicated),
+      donate_argnums=(0,))
+  return Built(task, tx, mesh, rules, state, specs, shardings, frozen, frozen_shardings, step)
+
+
+def build_frozen(config, mesh, encoders, *, abstract: bool = False) -> tuple[dict, dict]:
+  """({part: params}, {part: shardings}) of the frozen encoders, laid out by
+  config.sharding.rules: loaded/initialised arrays, or abstract ones."""
+  if abstract:
+    return encoders.abstract_params(mesh, int(config.seed), config.sharding.rules)
+  return encoders.load_params(config.encoders.weights, mesh, int(config.seed),
+                              config.sharding.rules)
+
+
+def build(config, mesh, *, abstract: bool = False, encoders=None, frozen=None) -> Built:
+  """The U-ViT trainer's build: model, encoders (default: encoders_lib.build(config.encoders)),
+  frozen params (default: build_frozen), task, state and step. train, describe, --mode=compile,
+  the benchmarks and the tests all start here."""
+  model = make_model(config.model)
+  encoders = encoders if encoders is not None else encoders_lib.build(config.encoders)
+  frozen, frozen_shardings = frozen or build_frozen(config, mesh, encoders, abstract=abstract)
+  task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
+  return build_task(config, config.train, task, mesh, frozen, frozen_shardings,
+                    abstract=abstract)
 
 
 # ---------------------------------------------------------------- the loop
@@ -201,17 +258,18 @@ def start_from(state: TrainState, state_shardings, path: str) -> TrainState:
   return state.replace(params=params, ema_params=params)
 
 
-def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_shardings,
-             data_iterator, init_from: str = "", evaluate: Callable | None = None) -> dict:
-  """The loop every trainer shares: restore, step, log, checkpoint; returns last scalars.
+def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_from: str = "",
+             evaluate: Callable | None = None) -> dict:
+  """The loop every trainer shares over its build (build_task): restore, step, log,
+  checkpoint; returns last scalars.
 
   evaluate(step, state) -> {name: scalar}, if given, runs every train_cfg.eval_every
   steps (and at the last step); its scalars and the seconds it took go to TensorBoard.
   """
   from unidiffuser_jax import metrics  # local: clu's TensorBoard writer imports TensorFlow
 
-  tx = make_optimizer(train_cfg)
-  state, state_shardings = create_state(task, tx, config, mesh)
+  task, mesh, frozen = built.task, built.mesh, built.frozen
+  state, state_shardings, step_fn = built.state, built.state_shardings, built.step
   mngr = checkpoints.manager(workdir, keep=train_cfg.keep_checkpoints)
   restored = checkpoints.restore_latest(
       mngr, checkpoints.abstract_with_shardings(state, state_shardings), data_iterator)
@@ -223,25 +281,20 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
     state = start_from(state, state_shardings, init_from)
     log.info("%s: starting from the weights in %s", task.name, init_from)
 
-  step_fn = compile_train_step(make_train_step(task, tx, train_cfg, int(config.seed)), mesh,
-                               state_shardings, frozen_shardings)
   total = int(train_cfg.steps)
   logger = metrics.MetricLogger(workdir, total_steps=total, start_step=start_step,
                                 every=train_cfg.log_every, examples_per_step=train_cfg.batch_size,
                                 name=task.name)
   skipped_total, last = None, {}
   config_dict = config.to_dict()
-  rules = sharding.rules_from_config(config.sharding.rules)
-  # Tracing happens at the first call, inside tracing_context: the models' activation
-  # constraints (logical names) resolve against this mesh and these rules. The evaluator
-  # samples with its own (replicated) layout, outside it.
+  # The step traces under the config's mesh and rules by itself (build_task); the evaluator
+  # samples with its own (replicated) layout.
   for step in range(start_step + 1, total + 1):
     host_batch = task.prepare_batch(dict(next(data_iterator)))
     skipped = host_batch.pop("skipped", None)
     if skipped is not None:
       skipped_total = skipped if skipped_total is None else skipped_total + skipped
-    with sharding.tracing_context(mesh, rules):
-      state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
+    state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
     due = step % train_cfg.log_every == 0
     last = logger.step(step, step_metrics, input_pipeline.skip_metrics(skipped_total) if due else None) or last
     if step % train_cfg.checkpoint_every == 0 or step == total:
@@ -267,16 +320,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   """
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, config.train, mesh)
-  model = make_model(config.model)
-  weight_jobs.check_imported_uvit(model, config.train.init_from, "train.init_from")
+  weight_jobs.check_imported_uvit(make_model(config.model), config.train.init_from,
+                                  "train.init_from")
   encoders = encoders_lib.build(config.encoders)
-  encoder_params, encoder_shardings = encoders.load_params(config.encoders.weights, mesh,
-                                                           int(config.seed), config.sharding.rules)
+  encoder_params, encoder_shardings = build_frozen(config, mesh, encoders)
   make_iterator = lambda: input_pipeline.make_train_iterator(
       config, config.train, jax.process_index(), jax.process_count())
   encoders = latent_stats.fit_or_load(config, encoders, encoder_params, make_iterator, mesh, workdir)
   if data_iterator is None:
     data_iterator = make_iterator()
-  task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
-  return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
-                  data_iterator, init_from=config.train.init_from, evaluate=evaluate)
+  built = build(config, mesh, encoders=encoders, frozen=(encoder_params, encoder_shardings))
+  return run_loop(config, config.train, built, workdir, data_iterator,
+                  init_from=config.train.init_from, evaluate=evaluate)

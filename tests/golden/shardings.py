@@ -1,7 +1,7 @@
 """Every parameter's PartitionSpec under a runbook's sharding rules: the golden dump.
 
 One line per parameter, `path shape spec`, for the U-ViT (`uvit/...`, laid out as the
-trainer lays out its state) and the frozen encoders (`<part>/...`, as Encoders.load_params
+trainer lays out its state) and the frozen encoders (`<part>/...`, as train.build_frozen
 lays them out), on the abstract mesh MESH: nothing is allocated and no device is needed.
 A spec is one entry per dimension, comma-separated: `-` replicated, `fsdp`, `data+fsdp`
 (a dimension split over two axes); `replicated` when no dimension is split.
@@ -14,14 +14,12 @@ import importlib
 import os
 import tempfile
 
-import flax.linen as nn
 import jax
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import demo_sets
-from unidiffuser_jax import aot, sharding, train, vocab
-from unidiffuser_jax import encoders as encoders_lib
+from unidiffuser_jax import sharding, train, vocab
 
 # Every mesh axis but data larger than one, so each rule shows; tests/test_aot.py lowers the
 # real train step on the same mesh (8 fake CPU devices) and checks it against these files.
@@ -57,12 +55,9 @@ def parse_spec(text: str) -> P:
 
 
 def state_specs(config, mesh):
-  """(abstract unboxed TrainState, its PartitionSpecs): the trainer's U-ViT state."""
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model = train.make_model(config.model)
-  task = train.uvit_task(model, None, int(config.seed))
-  boxed = jax.eval_shape(train.init_fn(task, train.make_optimizer(config.train)))
-  return nn.unbox(boxed), sharding.logical_to_specs(boxed, mesh, rules)
+  """(abstract TrainState, its PartitionSpecs): the trainer's U-ViT state (train.build)."""
+  built = train.build(config, mesh, abstract=True)
+  return built.state, built.state_specs
 
 
 def _lines(prefix: str, abstract, specs) -> list[str]:
@@ -88,12 +83,10 @@ def dump(config_name: str) -> str:
   """The golden text of configs/<config_name>.py."""
   config = _with_vocab(importlib.import_module(f"configs.{config_name}").get_config())
   mesh = sharding.abstract_mesh(MESH, NUM_DEVICES)
-  rules = sharding.rules_from_config(config.sharding.rules)
-  state, specs = state_specs(config, mesh)
-  lines = _lines("uvit", state.params, specs.params)
-  encoders = encoders_lib.build(config.encoders)
-  for part, boxed in aot.abstract_encoder_params(encoders, int(config.seed)).items():
-    lines += _lines(part, nn.unbox(boxed), sharding.logical_to_specs(boxed, mesh, rules))
+  built = train.build(config, mesh, abstract=True)
+  lines = _lines("uvit", built.state.params, built.state_specs.params)
+  for part, abstract in built.frozen.items():
+    lines += _lines(part, abstract, jax.tree.map(lambda a: a.sharding.spec, abstract))
   mesh_text = " ".join(f"{k}={v}" for k, v in MESH.items())
   header = [f"# configs/{config_name}.py: every parameter's PartitionSpec on mesh {mesh_text}.",
             "# Written by `python -m tests.golden.shardings`; do not edit by hand."]
