@@ -182,6 +182,19 @@ def serve(**kw) -> mc.ConfigDict:
   ), kw)
 
 
+def compile_plan(**kw) -> mc.ConfigDict:
+  """config.compile: --mode=compile, an ahead-of-time plan of the run (unidiffuser_jax/compile.py)."""
+  return _section("compile", dict(
+      topology="",       # libtpu topology, e.g. "v5p:4x4x4", "v5e:16x16"; "" = this machine's devices
+      batch=0,           # global train batch to plan; 0 = train.batch_size (rounded to data*fsdp)
+      sampler=False,     # also compile each sampling mode's program (sample.mode_program)
+      sample_tasks=(),   # which sampling modes; () = all of sample.TASKS
+      sample_batch=0,    # samples per sampler call; 0 = sample.batch_size
+      hbm_gib=0.0,       # memory per device to plan against; 0 = the chip's (CPU: host RAM / devices)
+      isolate=True,      # each candidate in a child process: a compiler abort is one report row
+  ), kw)
+
+
 def train(**kw) -> mc.ConfigDict:
   """The paper's recipe: AdamW 2e-4, wd 0.03, betas (0.9, 0.9), warm-up then constant, EMA 0.9999."""
   return _section("train", dict(

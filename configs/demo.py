@@ -110,6 +110,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
                            max_caption_tokens=12)
   # --mode=serve: a page over the samplers; 16 concurrent requests share one batch.
   c.serve = common.serve(steps=(10, 20), batch_size=16)
+  c.compile = common.compile_plan()
   if arg == "tiny":
     _tiny(c)
   return c

@@ -66,4 +66,5 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.extract = common.extract()
   c.sample = common.sample()
   c.serve = common.serve(steps=(25, 50))
+  c.compile = common.compile_plan()
   return c

@@ -1,5 +1,5 @@
 """Layering: the library and the tests never import benchmarks/ (scripts that measure, never
-imported); what they share lives in unidiffuser_jax/ (e.g. aot.py under benchmarks/aot_tpu.py).
+imported); what they share lives in unidiffuser_jax/ (e.g. perf.py under benchmarks/bench_train.py).
 Imports sit at the top of the library's files; one inside a function says why on its line
 (`# local: <reason>`: an optional or heavy dependency such as torch or TensorFlow)."""
 import ast

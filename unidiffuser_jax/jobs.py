@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from unidiffuser_jax import captioner_train, describe, extract, sample, train, vocab, weight_jobs
+from unidiffuser_jax import compile as compile_plan
 from unidiffuser_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def run(mode: str, config, workdir: str | None) -> None:
                         f"(the U-ViT training job)")
     importlib.import_module(RUNBOOKS[config.runbook]).run(config, workdir)
     return
-  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export")
+  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export", "compile")
       or _imports_text(config)):
     vocab.derive(config)
   if mode == "train":
@@ -41,6 +42,8 @@ def run(mode: str, config, workdir: str | None) -> None:
     captioner_train.train_captioner(config, os.path.join(workdir, "captioner"))
   elif mode == "sample":
     sample.run(config, workdir)
+  elif mode == "compile":
+    compile_plan.run(config, workdir)
   elif mode == "extract":
     extract.run(config, workdir)
   elif mode == "serve":

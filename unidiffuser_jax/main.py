@@ -2,6 +2,8 @@
 
   python -m unidiffuser_jax.main --config=configs/demo.py --workdir=DIR [--mode=train]
   python -m unidiffuser_jax.main --config=configs/laion.py --mode=describe
+  python -m unidiffuser_jax.main --config=configs/laion.py --mode=compile --workdir=DIR \
+      --config.compile.topology=v5p:4x4x4      # AOT plan: memory, FLOPs, step time, MFU
   any config value can be overridden: --config.train.steps=10
 
 No logic lives here beyond choosing the job.
@@ -19,7 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 from unidiffuser_jax import jobs  # noqa: E402
 from unidiffuser_jax.errors import ConfigError  # noqa: E402
 
-MODES = ("train", "describe", "sample", "serve", "import", "export", "extract",
+MODES = ("train", "describe", "compile", "sample", "serve", "import", "export", "extract",
          "train_captioner")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (a runbook).",

@@ -161,7 +161,7 @@ def tracing_context(mesh, rules):
   jax.set_mesh, not the legacy `with mesh:`: flax looks the mesh up with
   jax.sharding.get_abstract_mesh(), which only set_mesh installs; under `with mesh:` every
   constraint silently vanished and the laion config needed 53 GiB of temporaries per v5e
-  chip instead of ~2 (benchmarks/aot_tpu.py, depth 2).
+  chip instead of ~2 (--mode=compile, depth 2; benchmarks/README.md).
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield

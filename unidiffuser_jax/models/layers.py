@@ -33,7 +33,7 @@ def dense(features: int, axes: Sequence[str | None], *, kernel_init: Initializer
 
   Applied to [B, L, D] it stays 3-D: merging B and L into one axis first made
   XLA:CPU's weight-gradient dots ~6% faster on the demo, but under FSDP on TPU it
-  raised per-chip temporaries 20% and code size 4x (benchmarks/aot_tpu.py, v5e-256).
+  raised per-chip temporaries 20% and code size 4x (--mode=compile, v5e-256).
   """
   in_axis, out_axis = axes
   return nn.Dense(

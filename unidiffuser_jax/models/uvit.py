@@ -107,7 +107,7 @@ def constrain_activation(x_btd: jax.Array) -> jax.Array:
   Under FSDP, XLA's partitioner may otherwise all-gather activations over the
   whole global batch instead of gathering the sharded weights: for the laion
   config on v5e-256 that is 58 GiB of temporaries per chip instead of 5.6
-  (benchmarks/aot_tpu.py). The rules in config.sharding.rules map act_batch to
+  (--mode=compile). The rules in config.sharding.rules map act_batch to
   the data-parallel axes.
   """
   return nn.with_logical_constraint(x_btd, ACT_AXES)
