@@ -21,7 +21,7 @@ import optax
 from flax import struct
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
-from unidiffuser_jax import latent_stats, rng, sharding, weight_jobs
+from unidiffuser_jax import latent_stats, perf, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -50,6 +50,7 @@ class Task:
   init_params: Callable[[], dict]
   loss: Callable
   prepare_batch: Callable[[dict], dict] = lambda batch: batch
+  flops_per_example: int = 0   # model FLOPs of one example's step (telemetry: TFLOP/s, MFU); 0 = unknown
 
 
 def make_model(model_cfg) -> uvit.UViT:
@@ -78,7 +79,7 @@ def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None =
                                      **objective_kw)
     return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
 
-  return Task("uvit", init_params, loss)
+  return Task("uvit", init_params, loss, flops_per_example=perf.uvit_train_flops(model, 1))
 
 
 def objective_kwargs(train_cfg) -> dict:
@@ -284,13 +285,14 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
   total = int(train_cfg.steps)
   logger = metrics.MetricLogger(workdir, total_steps=total, start_step=start_step,
                                 every=train_cfg.log_every, examples_per_step=train_cfg.batch_size,
-                                name=task.name)
+                                name=task.name,
+                                flops_per_step=task.flops_per_example * train_cfg.batch_size)
   skipped_total, last = None, {}
   config_dict = config.to_dict()
   # The step traces under the config's mesh and rules by itself (build_task); the evaluator
   # samples with its own (replicated) layout.
   for step in range(start_step + 1, total + 1):
-    host_batch = task.prepare_batch(dict(next(data_iterator)))
+    host_batch = task.prepare_batch(dict(logger.next_batch(data_iterator)))
     skipped = host_batch.pop("skipped", None)
     if skipped is not None:
       skipped_total = skipped if skipped_total is None else skipped_total + skipped
