@@ -163,6 +163,7 @@ def sample(**kw) -> mc.ConfigDict:
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
       num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,
+      profile=False,  # --mode=sample: a jax.profiler trace of the job into <workdir>/profile
   ), kw)
 
 
@@ -192,6 +193,9 @@ def compile_plan(**kw) -> mc.ConfigDict:
       sample_batch=0,    # samples per sampler call; 0 = sample.batch_size
       hbm_gib=0.0,       # memory per device to plan against; 0 = the chip's (CPU: host RAM / devices)
       isolate=True,      # each candidate in a child process: a compiler abort is one report row
+      # Persistent XLA compilation cache for train, sample and compile (profiling.py):
+      # "" = <workdir>/compile_cache, "none" = off, else a directory (e.g. shared by runs).
+      cache_dir="",
   ), kw)
 
 
@@ -209,4 +213,5 @@ def train(**kw) -> mc.ConfigDict:
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
       eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
+      profile_steps=(),  # (first, last) step of a jax.profiler trace into <workdir>/profile; () = none
   ), kw)

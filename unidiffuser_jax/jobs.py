@@ -14,6 +14,7 @@ import ml_collections
 
 from unidiffuser_jax import captioner_train, describe, extract, sample, train, vocab, weight_jobs
 from unidiffuser_jax import compile as compile_plan
+from unidiffuser_jax import profiling
 from unidiffuser_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ def run(mode: str, config, workdir: str | None) -> None:
     return
   os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
   config = _unlocked(config)
+  if mode in ("train", "train_captioner", "sample", "compile"):
+    profiling.enable_compilation_cache(str(config.compile.cache_dir), workdir)
   if mode == "train" and config.runbook:
     if config.runbook not in RUNBOOKS:
       raise ConfigError(f"config.runbook={config.runbook!r}; use one of {sorted(RUNBOOKS)} or '' "
@@ -41,7 +44,8 @@ def run(mode: str, config, workdir: str | None) -> None:
   elif mode == "train_captioner":
     captioner_train.train_captioner(config, os.path.join(workdir, "captioner"))
   elif mode == "sample":
-    sample.run(config, workdir)
+    with profiling.trace(workdir, bool(config.sample.profile)):
+      sample.run(config, workdir)
   elif mode == "compile":
     compile_plan.run(config, workdir)
   elif mode == "extract":

@@ -21,7 +21,7 @@ import optax
 from flax import struct
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
-from unidiffuser_jax import latent_stats, perf, rng, sharding, weight_jobs
+from unidiffuser_jax import latent_stats, perf, profiling, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -291,12 +291,15 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
   config_dict = config.to_dict()
   # The step traces under the config's mesh and rules by itself (build_task); the evaluator
   # samples with its own (replicated) layout.
+  profiler = profiling.StepProfiler(workdir, train_cfg.profile_steps)
   for step in range(start_step + 1, total + 1):
     host_batch = task.prepare_batch(dict(logger.next_batch(data_iterator)))
     skipped = host_batch.pop("skipped", None)
     if skipped is not None:
       skipped_total = skipped if skipped_total is None else skipped_total + skipped
+    profiler.before(step)
     state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
+    profiler.after(step, step_metrics)
     due = step % train_cfg.log_every == 0
     last = logger.step(step, step_metrics, input_pipeline.skip_metrics(skipped_total) if due else None) or last
     if step % train_cfg.checkpoint_every == 0 or step == total:
@@ -306,6 +309,7 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
       t0 = time.perf_counter()
       scalars = evaluate(step, state)
       logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
+  profiler.stop(state)
   last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
   logger.close()
   mngr.wait_until_finished()

@@ -1,0 +1,35 @@
+"""Profiler traces of chosen train steps and the persistent compilation cache (profiling.py)."""
+import glob
+import os
+
+import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import demo
+from data_pipelines import synthetic
+from unidiffuser_jax import errors, profiling, train, vocab
+
+
+@pytest.mark.parametrize("steps", [(3,), (0, 2), (4, 2)])
+def test_bad_profile_steps_are_one_config_error(steps, tmp_path):
+  with pytest.raises(errors.ConfigError, match="profile_steps"):
+    profiling.StepProfiler(str(tmp_path), steps)
+
+
+@pytest.mark.slow
+def test_train_writes_a_trace_and_fills_the_compilation_cache(tmp_path):
+  cache = profiling.enable_compilation_cache("", str(tmp_path))
+  try:
+    assert cache == str(tmp_path / "compile_cache")
+    config = vocab.derive(demo.get_config("tiny"))
+    config.train.update(steps=3, log_every=3, profile_steps=(2, 3))
+    it = synthetic.make_iterator(resolution=16, clip_resolution=16, max_length=6, vocab_size=60,
+                                 host_batch=config.train.batch_size, seed=5)
+    train.train(config, str(tmp_path / "run"), data_iterator=it)
+    traces = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
+    assert traces and os.path.getsize(traces[0]) > 0
+    assert os.listdir(cache), "the train step's compiled program is in the cache"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
