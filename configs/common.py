@@ -193,6 +193,11 @@ def compile_plan(**kw) -> mc.ConfigDict:
       sample_batch=0,    # samples per sampler call; 0 = sample.batch_size
       hbm_gib=0.0,       # memory per device to plan against; 0 = the chip's (CPU: host RAM / devices)
       isolate=True,      # each candidate in a child process: a compiler abort is one report row
+      # search=True: rank meshes x remat x grad accumulation for the topology (search.py)
+      search=False,
+      search_tensor=(1, 2, 4),                       # tensor-parallel sizes to try
+      search_remat=("none", "block", "dots_saveable"),  # uvit.REMAT_POLICIES to try
+      search_accum=(1, 2, 4),                        # train.grad_accum values to try
       # Persistent XLA compilation cache for train, sample and compile (profiling.py):
       # "" = <workdir>/compile_cache, "none" = off, else a directory (e.g. shared by runs).
       cache_dir="",

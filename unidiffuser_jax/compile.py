@@ -39,7 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from unidiffuser_jax import aot, errors, perf, sample, sharding, train
+from unidiffuser_jax import aot, errors, perf, sample, search, sharding, train
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax.diffusion import modes
 
@@ -96,8 +96,16 @@ def step_estimate(optimal, roof: dict, peak_note: str) -> tuple[float, str]:
   return roof["seconds"], f"roofline, {roof['bound']}-bound ({peak_note}; XLA optimal_seconds {why})"
 
 
-def host_memory_bytes() -> int:
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def hbm_bytes(config, device) -> float:
+  """Memory per device to plan against: config.compile.hbm_gib, else the chip's, else (CPU)
+  host RAM / local devices."""
+  chip = perf.chip_for(device)
+  if float(config.compile.hbm_gib):
+    return float(config.compile.hbm_gib) * 2**30
+  if chip:
+    return chip.hbm_gib * 2**30
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return ram / len(jax.local_devices())
 
 
 @dataclasses.dataclass
@@ -180,8 +188,7 @@ def analyse(config, cand: Candidate, devices, out_dir: str) -> dict:
 
   mem = compiled.memory_analysis()
   chip = perf.chip_for(dev)
-  hbm = (float(config.compile.hbm_gib) * 2**30 or
-         (chip.hbm_gib * 2**30 if chip else host_memory_bytes() / len(jax.local_devices())))
+  hbm = hbm_bytes(config, dev)
   peak_mem = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
               + mem.temp_size_in_bytes)
   row["memory"] = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
@@ -317,6 +324,13 @@ def run(config, workdir: str) -> list[dict]:
     return []
   out_dir = os.path.join(workdir, "compile")
   os.makedirs(out_dir, exist_ok=True)
+  if c.search:
+    devices = devices_for(topology)
+    rows = search.run(config, workdir, devices, hbm_bytes(config, devices[0]),
+                      lambda cfg, d: run_isolated(cfg, Candidate("train"), topology, d))
+    print(search.format_table(rows), flush=True)
+    _write_report(out_dir, topology, rows, "search.json")
+    return rows
   rows = []
   for cand in candidates(config):
     if c.isolate:
@@ -325,8 +339,12 @@ def run(config, workdir: str) -> list[dict]:
       row = analyse(config, cand, devices_for(topology), out_dir)
     print(format_row(row), flush=True)
     rows.append(row)
-  report = dict(topology=topology or "local", jax=jax.__version__, rows=rows)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1, default=str)
-  print(f"report: {os.path.join(out_dir, 'report.json')}", flush=True)
+  _write_report(out_dir, topology, rows, "report.json")
   return rows
+
+
+def _write_report(out_dir: str, topology: str, rows: list, name: str) -> None:
+  report = dict(topology=topology or "local", jax=jax.__version__, rows=rows)
+  with open(os.path.join(out_dir, name), "w") as f:
+    json.dump(report, f, indent=1, default=str)
+  print(f"report: {os.path.join(out_dir, name)}", flush=True)
