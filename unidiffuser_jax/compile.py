@@ -39,7 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from unidiffuser_jax import aot, errors, perf, sample, search, sharding, train
+from unidiffuser_jax import aot, errors, perf, sample, search, sharding, train, vocab
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax.diffusion import modes
 
@@ -322,6 +322,11 @@ def run(config, workdir: str) -> list[dict]:
     print(f"--mode=compile for topology {topology} needs libtpu (the TPU compiler; no TPU "
           f"needed): {LIBTPU_INSTALL}", flush=True)
     return []
+  try:   # vocabulary sizes from the tokenizers when they are here (a laptop may lack them)
+    vocab.derive(config)
+  except errors.ConfigError as e:
+    print(f"note: {str(e).split(';')[0]}; planning with the models' default (released) "
+          f"vocabularies", flush=True)
   out_dir = os.path.join(workdir, "compile")
   os.makedirs(out_dir, exist_ok=True)
   if c.search:

@@ -36,7 +36,7 @@ def run(mode: str, config, workdir: str | None) -> None:
                         f"(the U-ViT training job)")
     importlib.import_module(RUNBOOKS[config.runbook]).run(config, workdir)
     return
-  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export", "compile")
+  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export")
       or _imports_text(config)):
     vocab.derive(config)
   if mode == "train":
