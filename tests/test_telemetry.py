@@ -1,7 +1,6 @@
 """Train-time performance telemetry (metrics.MetricLogger): data wait, step-time percentiles,
 TFLOP/s per device and MFU against the device's peak (on CPU the measured matmul peak)."""
 import math
-import time
 
 import jax
 import numpy as np
@@ -12,11 +11,16 @@ from data_pipelines import synthetic
 from unidiffuser_jax import metrics, perf, train, vocab
 
 
-def test_data_wait_and_percentiles_from_host_clocks(tmp_path):
-  """Blocked 30 ms per batch, 10 ms of other work per step: the wait is ~3/4 of the time."""
+def test_data_wait_and_percentiles_from_host_clocks(tmp_path, monkeypatch):
+  """On a fake clock: blocked 30 ms per batch, 10 ms of other work per step, so the data wait
+  is 3/4 of the time and every step interval is 40 ms."""
+  peak, _ = perf.device_peak_flops(jax.local_devices()[0], jax.local_device_count())  # real clock
+  now = [100.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+
   def slow_batches():
     while True:
-      time.sleep(0.03)
+      now[0] += 0.03
       yield {"x": 0}
 
   flops = 4e9
@@ -26,15 +30,14 @@ def test_data_wait_and_percentiles_from_host_clocks(tmp_path):
   rows = []
   for step in range(1, 9):
     logger.next_batch(it)
-    time.sleep(0.01)
+    now[0] += 0.01
     rows.append(logger.step(step, {"loss": jax.numpy.float32(step)}))
   logger.close()
   row = rows[-1]
-  assert 0.6 < row["data_wait_frac"] < 0.8, row
-  assert 0.035 < row["step_time_p50"] <= row["step_time_p90"] <= row["step_time_max"] < 0.2
-  assert row["tflops_per_device"] == pytest.approx(
-      flops / row["step_time_s"] / jax.device_count() / 1e12)
-  peak, _ = perf.device_peak_flops(jax.local_devices()[0], jax.local_device_count())
+  assert row["data_wait_frac"] == pytest.approx(0.75)
+  assert row["step_time_s"] == pytest.approx(0.04)
+  assert row["step_time_p50"] == row["step_time_p90"] == row["step_time_max"] == pytest.approx(0.04)
+  assert row["tflops_per_device"] == pytest.approx(flops / 0.04 / jax.device_count() / 1e12)
   assert row["mfu"] == pytest.approx(row["tflops_per_device"] * 1e12 / peak)
   line = metrics.console_line(8, row)
   assert "mfu=" in line and "data_wait_frac=" in line and "step_time_p90=" in line
