@@ -3,6 +3,8 @@
 --mode=train runs config.runbook: "" is the plain U-ViT training job; a name picks a module
 whose run(config, workdir) chains several stages (RUNBOOKS; configs/demo.py's "demo":
 make data -> caption decoder -> U-ViT -> sample -> judge, in unidiffuser_jax/demo.py).
+--mode=eval runs the runbook module's evaluate(config, workdir) when it has one (the demo's
+adds its judge), else unidiffuser_jax/evaluate.run.
 Every job that builds the encoders first reads their vocabulary sizes and the caption
 decoder's end token from the tokenizers (vocab.derive).
 """
@@ -12,7 +14,8 @@ import os
 
 import ml_collections
 
-from unidiffuser_jax import captioner_train, describe, extract, sample, train, vocab, weight_jobs
+from unidiffuser_jax import captioner_train, describe, evaluate, extract, sample, train, vocab
+from unidiffuser_jax import weight_jobs
 from unidiffuser_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,12 @@ def run(mode: str, config, workdir: str | None) -> None:
                         f"(the U-ViT training job)")
     importlib.import_module(RUNBOOKS[config.runbook]).run(config, workdir)
     return
-  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export")
+  if mode == "eval" and config.runbook in RUNBOOKS:
+    runbook = importlib.import_module(RUNBOOKS[config.runbook])
+    if hasattr(runbook, "evaluate"):
+      runbook.evaluate(config, workdir)
+      return
+  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export", "eval")
       or _imports_text(config)):
     vocab.derive(config)
   if mode == "train":
@@ -41,6 +49,8 @@ def run(mode: str, config, workdir: str | None) -> None:
     captioner_train.train_captioner(config, os.path.join(workdir, "captioner"))
   elif mode == "sample":
     sample.run(config, workdir)
+  elif mode == "eval":
+    evaluate.run(config, workdir)
   elif mode == "extract":
     extract.run(config, workdir)
   elif mode == "serve":

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, heldout, input_pipeline
 from unidiffuser_jax import latent_stats, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
@@ -278,5 +278,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   if data_iterator is None:
     data_iterator = make_iterator()
   task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
+  evaluate = heldout.training_evaluate(config, model, encoders, encoder_params, mesh, evaluate)
   return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
                   data_iterator, init_from=config.train.init_from, evaluate=evaluate)
