@@ -45,6 +45,7 @@ def setup(tiny_sampler, tmp_path_factory):
   for f in os.listdir(tok_dir):
     shutil.copy(os.path.join(tok_dir, f), clip_dir / f)
   config.eval.update(source="tfds", num=N, tasks=("t2i", "i2t"), guidance_scales=(1.0, 3.0),
+                     metrics=evaluate.METRICS,
                      inception=str(pth), clip=str(clip_dir), feature_batch_size=8,
                      loss_examples=8, save_samples=N, tfds_data_dir=str(d / "no_tfds_here"))
   config.sample.batch_size = 8

@@ -317,7 +317,7 @@ def evaluate_task(task, scale, config, inputs, sampler, nets, out_dir, score=Non
     cands = {str(i): tok(c) for i, c in enumerate(captions)}
     refs = {str(i): [tok(r) for r in inputs["references"][i]] for i in range(len(captions))}
     row.update({f"bleu{k + 1}": v for k, v in enumerate(caption_metrics.bleu(cands, refs))})
-    row["cider_d"] = caption_metrics.cider_d(cands, refs)
+    row["cider_d"] = caption_metrics.cider_d(cands, refs)[0]
   if score is not None:
     host_all = {"prompts": inputs["prompts"]} if task == "t2i" else {}
     for k, v in score(task, host_all, kept).items():
