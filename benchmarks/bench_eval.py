@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from pytorch_fid import inception as pf_inception  # noqa: E402
 
 from tests.torchvision_compat import import_torchvision  # noqa: E402
 
-import_torchvision()
+import_torchvision()  # before pytorch-fid imports torchvision
+from pytorch_fid import inception as pf_inception  # noqa: E402
 from tests.test_fid import _random_state_dict  # noqa: E402
 from unidiffuser_jax import eval_features  # noqa: E402
 from unidiffuser_jax.weights import inception as winception  # noqa: E402

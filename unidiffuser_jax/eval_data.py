@@ -153,7 +153,7 @@ class Selection:
 def select(eval_set: EvalSet, num: int, seed: int, out_path: str | None = None) -> Selection:
   """The first `num` images in a seeded order, each with one seeded caption (COCO-30K).
 
-  Reading every item's captions reads the set once (TFDS decodes each image on the way)."""
+  Reads the chosen items once for their captions (TFDS decodes each image on the way)."""
   rng = np.random.default_rng(seed)
   order = [int(i) for i in rng.permutation(len(eval_set))[:num]]
   prompts, refs, names = [], [], []
