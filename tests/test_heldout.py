@@ -4,12 +4,14 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from data_pipelines import demo_data, demo_sets
-from unidiffuser_jax import demo, eval_data, evaluate, heldout, sample, train
+from unidiffuser_jax import demo, encoders as encoders_lib, eval_data, evaluate, heldout, jobs
+from unidiffuser_jax import sample, train, weight_jobs
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,6 @@ def test_eval_reports_judge_and_deterministic_heldout_loss(tiny_sampler, shapes_
   a, b = loss(sampler["params"]), loss(sampler["params"])
   assert a == b
   assert a["heldout/loss"] == out["heldout"]["heldout/loss"]
-  import jax
   shifted = jax.tree.map(lambda x: x * 0.5, sampler["params"])
   assert loss(shifted)["heldout/loss"] != a["heldout/loss"]
 
@@ -80,3 +81,28 @@ def test_training_logs_heldout_loss_every_eval_every(tiny_sampler, shapes_heldou
   assert steps == [2, 4]
   assert [s for s, _ in scalars["eval_time_s"]] == [2, 4]
   assert all(np.isfinite(v) for _, v in scalars["heldout/loss_t800"])
+
+
+@pytest.mark.slow
+def test_demo_runbook_eval_mode(tiny_sampler, tmp_path):
+  """--mode=eval on a demo-runbook config: makes its data, judges both tasks, held-out loss."""
+  config, _, _, root = tiny_sampler
+  config = config.copy_and_resolve_references()
+  config.runbook = "demo"
+  config.demo.update(set="shapes", n_train=8, n_heldout=8)
+  config.eval.update(source="", num=8, metrics=("loss",), loss_examples=8, save_samples=2,
+                     loss_timesteps=(500,))
+  config.sample.batch_size = 8
+  enc = encoders_lib.build(config.encoders)
+  captioner = tmp_path / "captioner_params"
+  weight_jobs.save_params(str(captioner),
+                          enc._init_part("captioner", jax.random.key(0)))  # noqa: SLF001
+  config.encoders.weights.captioner = str(captioner)
+  workdir = tmp_path / "run"
+  jobs.run("eval", config, str(workdir))
+  out = json.load(open(workdir / "eval" / "eval.json"))
+  assert {r["task"] for r in out["rows"]} == {"t2i", "i2t"}
+  for r in out["rows"]:
+    assert "judge_colour" in r and "judge_shape" in r and r["num"] == 8
+  assert np.isfinite(out["heldout"]["heldout/loss_t500"])
+  assert out["protocol"]["source"] == "shards" and "heldout" in out["protocol"]["path"]
