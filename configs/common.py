@@ -207,7 +207,8 @@ def eval_(**kw) -> mc.ConfigDict:
 
   tasks, num          tasks scored (t2i: FID + CLIP score; i2t: CLIP score + BLEU/CIDEr-D) and
                       samples per task (COCO-30K: 30000 t2i prompts).
-  guidance_scales     one evaluation per scale (the FID-vs-CLIP-score curve); () = sample's.
+  guidance_scales     one evaluation per scale (the FID-vs-CLIP-score curve); () = config.sample's
+                      scale for each task (guidance_scale, task_guidance).
   source              "" config.sample's prompts/images | "tfds" (tfds.data_source(tfds_name,
                       split) into grain; nothing downloads) | "shards" (img2dataset tars at
                       `path`) | "folder" (images + captions.jsonl at `path`).

@@ -4,8 +4,8 @@
     --flagfile=DIR/weights/uvit.flags --config.eval.source=tfds \\
     --config.eval.inception=DIR/weights/inception --config.eval.ref_stats=coco_val2014_256.npz
 
-For every guidance scale in config.eval.guidance_scales (default: config.sample's) and every task
-in config.eval.tasks, it draws config.eval.num samples with the compiled samplers
+For every guidance scale in config.eval.guidance_scales (default: config.sample's scale for
+the task, sample.guidance_scale) and every task in config.eval.tasks, it draws config.eval.num samples with the compiled samplers
 (sample.generate: fixed-size batches, data-parallel over the mesh, sample i keyed by
 (config.sample.seed, i) whatever the scale), in chunks so that a 30K run never holds its
 images, and scores them:
@@ -256,9 +256,13 @@ def _inputs(config, eval_set, out_dir: str) -> dict:
               image_names=sel.names, references=sel.references, index=sel.order)
 
 
-def _guidance_scales(config) -> list[float]:
+def _runs(config) -> list[tuple[str, float]]:
+  """(task, guidance scale) pairs: every task at each of config.eval.guidance_scales, or
+  without them at config.sample's scale for that task (sample.guidance_scale)."""
   scales = [float(g) for g in config.eval.guidance_scales]
-  return scales or [float(config.sample.guidance_scale)]
+  if scales:
+    return [(task, g) for g in scales for task in config.eval.tasks]
+  return [(task, sample.guidance_scale(config.sample, task)) for task in config.eval.tasks]
 
 
 def evaluate_task(task, scale, config, inputs, sampler, nets, out_dir, score=None) -> dict:
@@ -359,7 +363,7 @@ def run(config, workdir: str, score: Callable | None = None) -> dict:
   if "clip_score" in ecfg.metrics:
     nets["clip"] = ClipScorer(config, mesh)
   rows = [evaluate_task(task, scale, config, inputs, sampler, nets, out_dir, score)
-          for scale in _guidance_scales(config) for task in ecfg.tasks]
+          for task, scale in _runs(config)]
   result = dict(checkpoint=config.sample.checkpoint or workdir, rows=rows,
                 protocol=_protocol(config))
   if "loss" in ecfg.metrics:
