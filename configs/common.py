@@ -143,9 +143,11 @@ def weights(**kw) -> mc.ConfigDict:
   """config.weights: --mode=import sources (a released file, a directory or a repo id in the local
   hub cache; "" = skip that part), written to <workdir>/weights/<part> (weight_jobs.py).
   resize_pos_embed: a U-ViT file for another latent size is interpolated (patch positions).
-  clip_tokenizer: CLIP's BPE merges file -> the tokenizer dir <workdir>/weights/clip_tokenizer."""
+  clip_tokenizer: CLIP's BPE merges file -> the tokenizer dir <workdir>/weights/clip_tokenizer.
+  inception: pytorch-fid's FID Inception .pth -> <workdir>/weights/inception (config.eval)."""
   return _section("weights", dict(uvit="", autoencoder="", clip_image="", clip_text="",
-                                  captioner="", clip_tokenizer="", resize_pos_embed=False), kw)
+                                  captioner="", clip_tokenizer="", inception="",
+                                  resize_pos_embed=False), kw)
 
 
 def extract(**kw) -> mc.ConfigDict:
@@ -220,4 +222,45 @@ def train(**kw) -> mc.ConfigDict:
       eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
       profile_steps=(),  # (first, last) step of a jax.profiler trace into <workdir>/profile; () = none
+  ), kw)
+
+
+def eval_(**kw) -> mc.ConfigDict:
+  """config.eval: --mode=eval (unidiffuser_jax/evaluate.py), the paper's evaluation.
+
+  tasks, num          tasks scored (t2i: FID + CLIP score; i2t: CLIP score + BLEU/CIDEr-D) and
+                      samples per task (COCO-30K: 30000 t2i prompts).
+  guidance_scales     one evaluation per scale (the FID-vs-CLIP-score curve); () = config.sample's
+                      scale for each task (guidance_scale, task_guidance).
+  source              "" config.sample's prompts/images | "tfds" (tfds.data_source(tfds_name,
+                      split) into grain; nothing downloads) | "shards" (img2dataset tars at
+                      `path`) | "folder" (images + captions.jsonl at `path`).
+  split               TFDS split; "val+test+restval" = all of COCO val2014 (Karpathy splits).
+  caption_seed        the protocol's seeded choice: `num` images of the set in a seeded order,
+                      one of each image's captions as its prompt (COCO-30K); written to
+                      <workdir>/eval/prompts.jsonl.
+  metrics             any of "fid", "clip_score", "captions" (BLEU-1..4, CIDEr-D), "loss" (the
+                      held-out loss, also logged during training every train.eval_every steps).
+  inception           the FID Inception: --mode=import's params dir or pytorch-fid's .pth.
+  ref_stats           reference statistics (.npz of pytorch-fid / U-ViT, or stats_only's).
+  clip                CLIP model for the CLIP score: a transformers CLIP dir or a cached repo id.
+  stats_only          write ref_stats (default <workdir>/eval/ref_stats.npz) over the set's
+                      images and stop. Reference images: ref_crop "center" (centre square) or
+                      "none", then resized to ref_resolution x ref_resolution with ref_filter
+                      (a PIL filter: lanczos, bicubic, bilinear, box, nearest; ref_resolution 0
+                      keeps the size). Default: U-ViT's COCO protocol (centre crop, LANCZOS, 256).
+  feature_batch_size  Inception/CLIP batch (global; a multiple of the data-parallel size).
+  loss_examples, loss_timesteps   the held-out loss: the set's first loss_examples pairs at each
+                      fixed timestep (image and text at the same t), noise from the seed.
+  save_samples        samples per (task, scale) written as PNGs + grid (captions: all).
+  """
+  return _section("eval", dict(
+      tasks=("t2i", "i2t"), num=30000, guidance_scales=(),
+      source="", tfds_name="coco_captions", split="val+test+restval", tfds_data_dir="",
+      path="", caption_seed=0,
+      metrics=("fid", "clip_score", "captions", "loss"),
+      inception="", ref_stats="", clip="openai/clip-vit-large-patch14",
+      stats_only=False, ref_crop="center", ref_resolution=256, ref_filter="lanczos",
+      feature_batch_size=64, loss_examples=256, loss_timesteps=(100, 300, 500, 700, 900),
+      save_samples=64,
   ), kw)

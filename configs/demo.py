@@ -108,6 +108,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
                  ema_decay=0.0, log_every=50, checkpoint_every=250))
   c.weights = common.weights()
   c.extract = common.extract()
+  # --mode=eval: the judge's scores (the demo runbook's evaluate) and the held-out loss on the
+  # held-out shards (the runbook points eval.source/path at them); no metric networks.
+  c.eval = common.eval_(num=64, metrics=("loss",), clip="", loss_examples=64)
   # The runbook ends by sampling the first `num` held-out prompts (t2i) and images (i2t)
   # and judging them; eval_num of them are judged every train.eval_every steps.
   # i2t samples at guidance 3, t2i at the reference's 7 (docs/SMALL_DATA.md, session 7: i2t

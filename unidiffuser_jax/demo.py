@@ -14,6 +14,10 @@
   judge      the generated set's judge reads colour, shape, ... off the pixels and the
              captions -> DIR/samples/<task>/scores.json
 
+`--mode=eval` (evaluate below) makes the data (once), then runs unidiffuser_jax/evaluate.py on
+the held-out shards with the judge as an extra score: DIR/eval/eval.json holds the judge's
+scores per task and the held-out loss.
+
 Every stage is a generic job given paths by this function, and every stage resumes, so
 re-running the command continues. The paths it fills in are written to DIR/demo.flags:
 `--mode=sample --flagfile=DIR/demo.flags` samples the trained run again with new inputs.
@@ -24,7 +28,7 @@ import os
 import numpy as np
 
 from data_pipelines import demo_sets, shards
-from unidiffuser_jax import captioner_train, sample, train, vocab
+from unidiffuser_jax import captioner_train, evaluate as evaluate_lib, sample, train, vocab
 from unidiffuser_jax.errors import ConfigError
 
 JUDGED = ("t2i", "i2t")  # the tasks a generated set's judge scores
@@ -68,6 +72,19 @@ def run(config, workdir: str) -> dict:
   return results
 
 
+def evaluate(config, workdir: str) -> dict:
+  """--mode=eval on a demo run: the generic evaluation on the held-out shards + the judge."""
+  if not config.demo.set:
+    return evaluate_lib.run(config, workdir)
+  make_data(config, workdir)
+  vocab.derive(config)
+  if not config.encoders.weights.captioner:
+    config.encoders.weights.captioner = os.path.join(workdir, "captioner")
+  demo_set = demo_sets.get(config.demo.set)
+  truth = read_heldout(demo_set, shards.expand_shards(config.eval.path), -1)
+  return evaluate_lib.run(config, workdir, score=Judge(config.demo.set, truth).score)
+
+
 def make_data(config, workdir: str) -> dict | None:
   """Builds config.demo.set under DIR/demo_data (once) and points config.data at it; returns
   the held-out inputs {'prompts', 'images', 'image_names', 'truth'} (the first
@@ -86,6 +103,8 @@ def make_data(config, workdir: str) -> dict | None:
       seed=int(config.seed))
   config.data.shards = config.data.shards or ",".join(paths["train_shards"])
   config.data.tokenizer = config.data.tokenizer or paths["tokenizer"]
+  if not config.eval.source:  # the held-out loss (training and --mode=eval) reads these
+    config.eval.source, config.eval.path = "shards", ",".join(paths["heldout_shards"])
   return read_heldout(demo_set, paths["heldout_shards"], int(config.sample.num))
 
 
@@ -121,8 +140,9 @@ class Judge:
       return demo_sets.score_t2i(self._set, np.stack([r["pixels"] for r in records]),
                                  [r["prompt"] for r in records])
     if task == "i2t":
+      # r["item"]: the input's index in the evaluation set (evaluate.py), else its own index.
       return demo_sets.score_i2t(self._set, [r["caption"] for r in records],
-                                 [self._truth[r["index"]] for r in records])
+                                 [self._truth[r.get("item", r["index"])] for r in records])
     return {}
 
 

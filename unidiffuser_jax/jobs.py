@@ -3,6 +3,8 @@
 --mode=train runs config.runbook: "" is the plain U-ViT training job; a name picks a module
 whose run(config, workdir) chains several stages (RUNBOOKS; configs/demo.py's "demo":
 make data -> caption decoder -> U-ViT -> sample -> judge, in unidiffuser_jax/demo.py).
+--mode=eval runs the runbook module's evaluate(config, workdir) when it has one (the demo's
+adds its judge), else unidiffuser_jax/evaluate.run.
 Every job that builds the encoders first reads their vocabulary sizes and the caption
 decoder's end token from the tokenizers (vocab.derive).
 """
@@ -12,9 +14,9 @@ import os
 
 import ml_collections
 
-from unidiffuser_jax import captioner_train, describe, extract, sample, train, vocab, weight_jobs
+from unidiffuser_jax import captioner_train, describe, evaluate, extract, sample, train, vocab
 from unidiffuser_jax import compile as compile_plan
-from unidiffuser_jax import profiling
+from unidiffuser_jax import profiling, weight_jobs
 from unidiffuser_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ def run(mode: str, config, workdir: str | None) -> None:
     return
   os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
   config = _unlocked(config)
-  if mode in ("train", "train_captioner", "sample", "compile"):
+  if mode in ("train", "train_captioner", "sample", "compile", "eval"):
     profiling.enable_compilation_cache(str(config.compile.cache_dir), workdir)
   if mode == "train" and config.runbook:
     if config.runbook not in RUNBOOKS:
@@ -36,7 +38,12 @@ def run(mode: str, config, workdir: str | None) -> None:
                         f"(the U-ViT training job)")
     importlib.import_module(RUNBOOKS[config.runbook]).run(config, workdir)
     return
-  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export")
+  if mode == "eval" and config.runbook in RUNBOOKS:
+    runbook = importlib.import_module(RUNBOOKS[config.runbook])
+    if hasattr(runbook, "evaluate"):
+      runbook.evaluate(config, workdir)
+      return
+  if (mode in ("train", "train_captioner", "sample", "serve", "extract", "export", "eval")
       or _imports_text(config)):
     vocab.derive(config)
   if mode == "train":
@@ -48,6 +55,8 @@ def run(mode: str, config, workdir: str | None) -> None:
       sample.run(config, workdir)
   elif mode == "compile":
     compile_plan.run(config, workdir)
+  elif mode == "eval":
+    evaluate.run(config, workdir)
   elif mode == "extract":
     extract.run(config, workdir)
   elif mode == "serve":

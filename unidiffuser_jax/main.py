@@ -22,7 +22,7 @@ from unidiffuser_jax import jobs  # noqa: E402
 from unidiffuser_jax.errors import ConfigError  # noqa: E402
 
 MODES = ("train", "describe", "compile", "sample", "serve", "import", "export", "extract",
-         "train_captioner")
+         "train_captioner", "eval")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (a runbook).",
                                           lock_config=True)

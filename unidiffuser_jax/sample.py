@@ -197,10 +197,14 @@ def _reporting(nnet, on_eval):
 # ---------------------------------------------------------------- inputs
 
 def load_image(path_or_bytes, resolution: int, clip_resolution: int):
-  """An image file or its bytes -> (image [-1, 1] at resolution, CLIP-preprocessed at
-  clip_resolution), as the samplers take their input images."""
-  data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
-  img, _ = transforms.decode_image(data, max_pixels=1 << 28)
+  """An image file, its bytes or a uint8 [H, W, 3] array -> (image [-1, 1] at resolution,
+  CLIP-preprocessed at clip_resolution), as the samplers take their input images."""
+  if isinstance(path_or_bytes, np.ndarray):
+    img = transforms.to_rgb(Image.fromarray(path_or_bytes.astype(np.uint8)))
+  else:
+    data = (path_or_bytes if isinstance(path_or_bytes, bytes)
+            else open(path_or_bytes, "rb").read())
+    img, _ = transforms.decode_image(data, max_pixels=1 << 28)
   return transforms.image_to_array(img, resolution), transforms.clip_image(img, clip_resolution)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, heldout, input_pipeline
 from unidiffuser_jax import latent_stats, perf, profiling, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
@@ -326,8 +326,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   """
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, config.train, mesh)
-  weight_jobs.check_imported_uvit(make_model(config.model), config.train.init_from,
-                                  "train.init_from")
+  model = make_model(config.model)
+  weight_jobs.check_imported_uvit(model, config.train.init_from, "train.init_from")
   encoders = encoders_lib.build(config.encoders)
   encoder_params, encoder_shardings = build_frozen(config, mesh, encoders)
   make_iterator = lambda: input_pipeline.make_train_iterator(
@@ -336,5 +336,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   if data_iterator is None:
     data_iterator = make_iterator()
   built = build(config, mesh, encoders=encoders, frozen=(encoder_params, encoder_shardings))
+  evaluate = heldout.training_evaluate(config, model, encoders, encoder_params, mesh, evaluate)
   return run_loop(config, config.train, built, workdir, data_iterator,
                   init_from=config.train.init_from, evaluate=evaluate)

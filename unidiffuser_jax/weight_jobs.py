@@ -19,6 +19,7 @@ sample, export and fine-tuning refuse a config.model that differs
   config.weights.clip_text    a CLIPTextModel / CLIPModel dir or repo id in the local hub cache
   config.weights.clip_image   a CLIPVisionModelWithProjection / CLIPModel dir or repo id
   config.weights.captioner    caption_decoder.pth (released / diffusers layout), or a hub GPT-2
+  config.weights.inception    pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID, --mode=eval)
                               (file, dir or "gpt2") to start a fresh caption decoder
   config.weights.clip_tokenizer  CLIP's BPE merges file (bpe_simple_vocab_16e6.txt.gz) -> a
                               CLIPTokenizer directory DIR/weights/clip_tokenizer for
@@ -51,6 +52,7 @@ from unidiffuser_jax.models.vae import AutoencoderKL
 from unidiffuser_jax.tokenizers import write_clip_tokenizer
 from unidiffuser_jax.weights import captioner as wcap
 from unidiffuser_jax.weights import clip as wclip
+from unidiffuser_jax.weights import inception as winception
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights import vae as wvae
 from unidiffuser_jax.weights.convert import WeightMismatchError
@@ -58,6 +60,7 @@ from unidiffuser_jax.weights.tensors import load_metadata, load_tensors, save_sa
 
 
 PARTS = ("uvit", "autoencoder", "clip_image", "clip_text", "captioner")
+METRIC_PARTS = ("inception",)  # networks of --mode=eval's metrics, not of the model
 TOKENIZER_PARTS = ("clip_tokenizer",)  # written as tokenizer directories, not parameters
 _VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -385,6 +388,8 @@ def _overrides(part: str, dest: str, kind: str) -> list[str]:
     return [f"--config.data.tokenizer={dest}"]
   if part == "uvit":
     return [f"--config.sample.checkpoint={dest}"]  # after the model flags (plan_uvit_import)
+  if part == "inception":
+    return [f"--config.eval.inception={dest}"]
   if part == "captioner" and kind == "gpt2":
     return [f"--config.captioner.train.init_from={dest}"]  # fine-tune it first (train_captioner)
   return [f"--config.encoders.weights.{part}={dest}"]
@@ -401,7 +406,8 @@ def run_import(config, workdir: str) -> dict:
   if wcfg is None:
     raise WeightJobError("this config has no `weights` block; use configs/laion.py or "
                          "configs/demo.py, which have config.weights.<part>")
-  todo = [(p, str(wcfg.get(p, ""))) for p in PARTS + TOKENIZER_PARTS if wcfg.get(p, "")]
+  todo = [(p, str(wcfg.get(p, ""))) for p in PARTS + METRIC_PARTS + TOKENIZER_PARTS
+          if wcfg.get(p, "")]
   if not todo:
     raise WeightJobError(
         "nothing to import: name at least one file, e.g. --config.weights.uvit=uvit_v1.pth "
@@ -428,6 +434,8 @@ def run_import(config, workdir: str) -> dict:
         params = import_autoencoder(config, src)
       elif part in ("clip_text", "clip_image"):
         params = import_clip(config, src, part)
+      elif part == "inception":
+        params = winception.load_inception_params(src)
       else:
         params, kind = import_captioner(config, src)
     except WeightJobError as e:

@@ -86,11 +86,15 @@ def noise_to(x0: jax.Array, eps: jax.Array, n_b: jax.Array) -> jax.Array:
 
 def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax.Array,
             data_type_b: jax.Array | None, key: jax.Array, clean_prob: float = 0.0,
-            loss_weight: str = "eps", min_snr_gamma: float = 0.0) -> tuple[jax.Array, dict]:
-  """Returns (total loss, {loss_img, loss_clip, loss_text, t_img, t_text})."""
+            loss_weight: str = "eps", min_snr_gamma: float = 0.0,
+            timesteps: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+  """Returns (total loss, {loss_img, loss_clip, loss_text, t_img, t_text}).
+
+  timesteps: given (t_img [B], t_text [B] int32), they replace the drawn ones (the held-out
+  loss at fixed timesteps, unidiffuser_jax/heldout.py)."""
   batch = z0_bhwc.shape[0]
   k_t, k_z, k_c, k_y = jax.random.split(key, 4)
-  t_img, t_text = sample_timesteps(k_t, batch, clean_prob)
+  t_img, t_text = sample_timesteps(k_t, batch, clean_prob) if timesteps is None else timesteps
   eps_z = jax.random.normal(k_z, z0_bhwc.shape, jnp.float32)
   eps_c = jax.random.normal(k_c, clip0_b1d.shape, jnp.float32)
   eps_y = jax.random.normal(k_y, text0_bld.shape, jnp.float32)
