@@ -196,4 +196,22 @@ def train(**kw) -> mc.ConfigDict:
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
       eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
+      # A step with a NaN/Inf loss or gradient norm is skipped in-graph (nonfinite.py); the run
+      # stops after this many in a row (checked at logging and checkpoint steps). 0 = never stop.
+      max_nonfinite_steps=10,
+      # 0: resume from the newest readable checkpoint (unreadable ones are named and skipped);
+      # N: exactly step N, an error if it is missing or unreadable (checkpoints.restore_latest).
+      restore_step=0,
+      # Seconds between a preemption notice (SIGTERM) and the hard kill; the trainer agrees on a
+      # step, saves it and exits 0, and warns if that took longer (preemption.py). TPU: 30 s.
+      preemption_grace_s=30.0,
   ), kw)
+
+
+def debug(**kw) -> mc.ConfigDict:
+  """config.debug: fault injection for tests and drills (off by default).
+
+  poison_steps   1-based train steps whose floating inputs and loss are made NaN in-graph, to
+                 exercise the non-finite guard (nonfinite.py), e.g. --config.debug.poison_steps=(5,6).
+  """
+  return _section("debug", dict(poison_steps=()), kw)

@@ -16,8 +16,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from unidiffuser_jax import jobs  # noqa: E402
-from unidiffuser_jax.errors import ConfigError  # noqa: E402
+from unidiffuser_jax import jobs, preemption  # noqa: E402
+from unidiffuser_jax.errors import ConfigError, StopError  # noqa: E402
 
 MODES = ("train", "describe", "sample", "serve", "import", "export", "extract",
          "train_captioner")
@@ -50,6 +50,12 @@ def main() -> None:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except StopError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except preemption.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(0)
 
 
 def _parse_flags(argv):

@@ -20,7 +20,7 @@ import optax
 from flax import struct
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
-from unidiffuser_jax import latent_stats, rng, sharding, weight_jobs
+from unidiffuser_jax import latent_stats, nonfinite, preemption, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -214,7 +214,8 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   state, state_shardings = create_state(task, tx, config, mesh)
   mngr = checkpoints.manager(workdir, keep=train_cfg.keep_checkpoints)
   restored = checkpoints.restore_latest(
-      mngr, checkpoints.abstract_with_shardings(state, state_shardings), data_iterator)
+      mngr, checkpoints.abstract_with_shardings(state, state_shardings), data_iterator,
+      step=int(train_cfg.restore_step))
   start_step = 0
   if restored is not None:
     start_step, state, data_iterator = restored
@@ -223,8 +224,10 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
     state = start_from(state, state_shardings, init_from)
     log.info("%s: starting from the weights in %s", task.name, init_from)
 
-  step_fn = compile_train_step(make_train_step(task, tx, train_cfg, int(config.seed)), mesh,
-                               state_shardings, frozen_shardings)
+  # nonfinite.guard: a NaN/Inf step changes nothing but the step count (in-graph).
+  step_fn = compile_train_step(
+      nonfinite.guard(make_train_step(task, tx, train_cfg, int(config.seed)),
+                      config.debug.poison_steps), mesh, state_shardings, frozen_shardings)
   total = int(train_cfg.steps)
   logger = metrics.MetricLogger(workdir, total_steps=total, start_step=start_step,
                                 every=train_cfg.log_every, examples_per_step=train_cfg.batch_size,
@@ -235,25 +238,40 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   # Tracing happens at the first call, inside tracing_context: the models' activation
   # constraints (logical names) resolve against this mesh and these rules. The evaluator
   # samples with its own (replicated) layout, outside it.
-  for step in range(start_step + 1, total + 1):
-    host_batch = task.prepare_batch(dict(next(data_iterator)))
-    skipped = host_batch.pop("skipped", None)
-    if skipped is not None:
-      skipped_total = skipped if skipped_total is None else skipped_total + skipped
-    with sharding.tracing_context(mesh, rules):
-      state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
-    due = step % train_cfg.log_every == 0
-    last = logger.step(step, step_metrics, input_pipeline.skip_metrics(skipped_total) if due else None) or last
-    if step % train_cfg.checkpoint_every == 0 or step == total:
-      checkpoints.save(mngr, step, state, data_iterator, config_dict)
-    every = int(train_cfg.eval_every)
-    if evaluate is not None and every > 0 and (step % every == 0 or step == total):
-      t0 = time.perf_counter()
-      scalars = evaluate(step, state)
-      logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
-  last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
-  logger.close()
-  mngr.wait_until_finished()
+  # The consecutive-NaN counter and the preemption notice are read only where the loop
+  # already waits (logging, saving); every exit path waits for the last async save.
+  watch = nonfinite.Watch(train_cfg.max_nonfinite_steps)
+  notice = preemption.Notice(train_cfg.preemption_grace_s)
+  try:
+    for step in range(start_step + 1, total + 1):
+      host_batch = task.prepare_batch(dict(next(data_iterator)))
+      skipped = host_batch.pop("skipped", None)
+      if skipped is not None:
+        skipped_total = skipped if skipped_total is None else skipped_total + skipped
+      with sharding.tracing_context(mesh, rules):
+        state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
+      watch.record(step_metrics)
+      due = step % train_cfg.log_every == 0
+      preempted = notice.reached(step)
+      save_due = step % train_cfg.checkpoint_every == 0 or step == total or preempted
+      last = logger.step(step, step_metrics, input_pipeline.skip_metrics(skipped_total) if due else None) or last
+      if due or save_due:
+        watch.check(step)   # raises after too many NaN steps, before anything is saved
+      if save_due:
+        checkpoints.save(mngr, step, state, data_iterator, config_dict)
+      if preempted:
+        checkpoints.finish(mngr)
+        raise notice.stopped(step, workdir)
+      every = int(train_cfg.eval_every)
+      if evaluate is not None and every > 0 and (step % every == 0 or step == total):
+        t0 = time.perf_counter()
+        scalars = evaluate(step, state)
+        logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
+    last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
+  finally:
+    notice.close()
+    logger.close()
+    checkpoints.finish(mngr)
   mngr.close()
   return last
 
