@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from unidiffuser_jax.errors import ConfigError, StopError
 
@@ -127,9 +128,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, st
         log.warning("checkpoint %s cannot be read (%s); trying the previous one",
                     mngr.directory / str(s), _first_line(e))
       continue
-    if problems and jax.process_index() == 0:
-      log.warning("resuming from step %d; skipped the unreadable %s", s,
-                  ", ".join(p.split(":")[0] for p in problems))
+    if jax.process_index() == 0:   # a warning: absl shows nothing below it on the console
+      skipped = ", ".join(p.split(":")[0] for p in problems)
+      log.warning("resuming from step %d in %s%s", s, mngr.directory,
+                  f"; skipped the unreadable {skipped}" if problems else "")
+    if problems:
       _set_aside(mngr, [t for t in steps if t > s])
     return restored
   if problems:
@@ -140,14 +143,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, st
 
 def _set_aside(mngr, steps) -> None:
   """Renames unreadable newer steps to <step>.unreadable (kept for inspection, no longer
-  listed), so that training on can save those step numbers again."""
-  for s in steps:
-    src = mngr.directory / str(s)
-    dst = mngr.directory / f"{s}.unreadable"
-    if dst.exists():
-      dst = mngr.directory / f"{s}.unreadable.{os.getpid()}"
-    src.rename(dst)
-    log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+  listed; process 0 renames, every process re-lists), so training on can save them again."""
+  if jax.process_index() == 0:
+    for s in steps:
+      src, dst = mngr.directory / str(s), mngr.directory / f"{s}.unreadable"
+      if dst.exists():
+        dst = mngr.directory / f"{s}.unreadable.{os.getpid()}"
+      src.rename(dst)
+      log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("checkpoints: unreadable steps set aside")
   mngr.reload()
 
 
