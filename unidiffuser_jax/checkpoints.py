@@ -180,7 +180,8 @@ def load_params(path: str, abstract_params=None, item: str = STATE, key: str | N
   `path` may be a workdir (newest step is used), a checkpoints/<step> dir, an
   item directory written by orbax StandardSave, or a plain params dir (a bare
   parameter tree saved with StandardCheckpointer, as `--mode=import` writes),
-  which is returned whole.
+  which is returned whole. Arrays come back as numpy on the host, whatever the
+  mesh or the number of processes that wrote them.
   """
   p = epath.Path(path)
   in_step = False
@@ -191,7 +192,12 @@ def load_params(path: str, abstract_params=None, item: str = STATE, key: str | N
     p = p / "checkpoints" / str(steps[-1])
   if (p / item).exists():
     p, in_step = p / item, True
-  restored = ocp.StandardCheckpointer().restore(p.resolve())
+  ckptr = ocp.StandardCheckpointer()
+  # Host (numpy) arrays, whatever mesh and process count wrote them: a checkpoint from a pod
+  # loads on a laptop (without a target orbax insists on the saving topology).
+  host = jax.tree.map(lambda m: np.empty(m.shape, m.dtype),
+                      ckptr.metadata(p.resolve()).item_metadata)
+  restored = ckptr.restore(p.resolve(), host)
   if key is not None and not in_step and key not in restored and not _is_train_state(restored):
     return restored  # a plain params dir
   if key is not None:
