@@ -202,6 +202,10 @@ def train(**kw) -> mc.ConfigDict:
       # 0: resume from the newest readable checkpoint (unreadable ones are named and skipped);
       # N: exactly step N, an error if it is missing or unreadable (checkpoints.restore_latest).
       restore_step=0,
+      # A checkpoint from another number of processes: False refuses (its data positions cannot
+      # be split another way without repeating records); True keeps weights and optimizer state
+      # and starts a fresh pass over the data (checkpoints.restore_latest).
+      restart_data_on_resize=False,
       # Seconds between a preemption notice (SIGTERM) and the hard kill; the trainer agrees on a
       # step, saves it and exits 0, and warns if that took longer (preemption.py). TPU: 30 s.
       preemption_grace_s=30.0,

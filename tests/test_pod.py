@@ -2,15 +2,20 @@
 SIGTERM (preemption) in one and in two processes, and the SIGKILL drill (tools/faults.py)."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import psutil
 import pytest
 
+from configs import demo
 from tools import faults
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
+from unidiffuser_jax import sharding, train, vocab
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -121,3 +126,30 @@ def test_launcher_reports_the_worst_exit_status(tmp_path):
   assert res.returncode == 2, res.stderr[-2000:]
   assert "[p0] error: bad command-line config" in res.stderr
   assert "[p1] error: bad command-line config" in res.stderr
+
+
+def test_a_two_process_checkpoint_restores_into_one_process_on_another_mesh(two_processes,
+                                                                             tmp_path):
+  """Elastic restore: 2 processes x fsdp=8 -> 1 process x (data=2, fsdp=4). The arrays reshard;
+  the data position (one per process) is refused unless train.restart_data_on_resize."""
+  w = tmp_path / "w"
+  shutil.copytree(two_processes[0], w)
+  config = vocab.derive(demo.get_config("tiny"))
+  config.mesh.update(data=2, fsdp=4)
+  mesh = sharding.make_mesh(config.mesh)
+  enc = encoders_lib.build(config.encoders)
+  task = train.uvit_task(train.make_model(config.model), enc, 0)
+  state, shardings = train.create_state(task, train.make_optimizer(config.train), config, mesh)
+  abstract = checkpoints.abstract_with_shardings(state, shardings)
+  it = input_pipeline.make_train_iterator(config, config.train, 0, 1)
+  mngr = checkpoints.manager(str(w), keep=3)
+  with pytest.raises(errors.ConfigError, match=r"step 20 .* was written by 2 processes and this "
+                     r"run has 1: .*--config.train.restart_data_on_resize=True"):
+    checkpoints.restore_latest(mngr, abstract, it)
+  step, restored, it_after = checkpoints.restore_latest(mngr, abstract, it,
+                                                        restart_data_on_resize=True)
+  assert step == STEPS and it_after is it
+  saved = faults.final_state(two_processes[0])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved["params"])
+  leaf = jax.tree.leaves(restored.params)[0]
+  assert leaf.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}

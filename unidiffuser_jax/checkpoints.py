@@ -94,7 +94,8 @@ def save_failed(mngr: ocp.CheckpointManager, e: BaseException) -> StopError:
       f"re-run the same command to resume from step {max(kept) if kept else 0}")
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, step: int = 0):
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, step: int = 0,
+                   restart_data_on_resize: bool = False):
   """Returns (step, state, data_iter) from the newest readable checkpoint, or None if there is none.
 
   `abstract_state` holds ShapeDtypeStructs with shardings, so every array is read straight
@@ -102,6 +103,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, st
   file, garbage metadata) is named in a warning and the previous one is tried; if none can be
   read, StopError names each. `step` > 0 asks for exactly that step (train.restore_step):
   then an unreadable or missing step is an error, never a fallback.
+
+  Elastic restore: the arrays load into any mesh and process count (`abstract_state`'s
+  shardings). The data position cannot: each process saved its own reader's position, and with
+  another process count the records are split differently, so continuing would repeat or skip
+  records within the epoch. That is a ConfigError, unless `restart_data_on_resize`
+  (train.restart_data_on_resize): then the state is restored and `data_iter` is left as given (a
+  fresh pass over the data, in the reader's order, from its start).
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if step:
@@ -114,14 +122,18 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, st
                         f"{sorted(newer)}, which training on from {step} would overwrite; move "
                         f"them out of the folder first")
     try:
-      return _restore(mngr, step, abstract_state, data_iter)
+      return _restore(mngr, step, abstract_state, data_iter, restart_data_on_resize)
+    except ConfigError:
+      raise
     except Exception as e:  # the user asked for this step: no fallback
       raise StopError(f"train.restore_step={step}: the checkpoint {mngr.directory / str(step)} "
                       f"cannot be read ({_first_line(e)})") from e
   problems = []
   for s in steps:
     try:
-      restored = _restore(mngr, s, abstract_state, data_iter)
+      restored = _restore(mngr, s, abstract_state, data_iter, restart_data_on_resize)
+    except ConfigError:
+      raise
     except Exception as e:  # any unreadable file or metadata: name it, try the previous step
       problems.append(f"step {s}: {_first_line(e)}")
       if jax.process_index() == 0:
@@ -156,12 +168,33 @@ def _set_aside(mngr, steps) -> None:
   mngr.reload()
 
 
-def _restore(mngr, step, abstract_state, data_iter):
+def _restore(mngr, step, abstract_state, data_iter, restart_data_on_resize=False):
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
-  if data_iter is not None:
+  writers = data_writers(mngr.directory / str(step))
+  resized = data_iter is not None and writers not in (None, jax.process_count())
+  if resized and not restart_data_on_resize:
+    raise ConfigError(
+        f"checkpoint step {step} in {mngr.directory} was written by {writers} processes and this "
+        f"run has {jax.process_count()}: each process's data position cannot be split another "
+        f"way without repeating or skipping records; run with {writers} processes, or add "
+        f"--config.train.restart_data_on_resize=True to keep the weights and optimizer state and "
+        f"start a fresh pass over the data")
+  if resized:
+    log.warning("step %d was written by %d processes, this run has %d: weights and optimizer "
+                "state restored, the data starts a fresh pass (train.restart_data_on_resize)",
+                step, writers, jax.process_count())
+  elif data_iter is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  return step, restored[STATE], (restored[DATA] if data_iter is not None else None)
+  return step, restored[STATE], (restored[DATA] if DATA in items else data_iter)
+
+
+def data_writers(step_dir) -> int | None:
+  """How many processes saved the data position of a step (from data/process_<i>-of-<n>.json)."""
+  names = [p.name for p in (epath.Path(step_dir) / DATA).glob("process_*-of-*.json")] \
+      if (epath.Path(step_dir) / DATA).exists() else []
+  counts = {int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in names}
+  return counts.pop() if len(counts) == 1 else None
 
 
 def _first_line(e: BaseException) -> str:

@@ -215,7 +215,7 @@ def run_loop(config, train_cfg, task: Task, workdir: str, mesh, frozen, frozen_s
   mngr = checkpoints.manager(workdir, keep=train_cfg.keep_checkpoints)
   restored = checkpoints.restore_latest(
       mngr, checkpoints.abstract_with_shardings(state, state_shardings), data_iterator,
-      step=int(train_cfg.restore_step))
+      step=int(train_cfg.restore_step), restart_data_on_resize=bool(train_cfg.restart_data_on_resize))
   start_step = 0
   if restored is not None:
     start_step, state, data_iterator = restored
