@@ -168,3 +168,19 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_older_steps(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, state, big(step))
   finally:
     subprocess.run(["umount", str(ckpt)], check=False)
+
+
+def test_a_data_position_from_another_process_count_is_refused_unless_restarted(tmp_path):
+  """The files two processes leave (tests/test_pod.py makes real ones); here renamed by hand."""
+  _write(tmp_path, [1])
+  data = tmp_path / "checkpoints" / "1" / "data"
+  os.rename(data / "process_0-of-1.json", data / "process_0-of-2.json")
+  shutil.copy(data / "process_0-of-2.json", data / "process_1-of-2.json")
+  assert checkpoints.data_writers(tmp_path / "checkpoints" / "1") == 2
+  with pytest.raises(errors.ConfigError, match=r"written by 2 processes and this run has 1: .* "
+                     r"--config.train.restart_data_on_resize=True"):
+    _restore(tmp_path)
+  mngr = checkpoints.manager(str(tmp_path), keep=5)
+  fresh = _iterator()
+  step, state, it = checkpoints.restore_latest(mngr, _abstract(), fresh, restart_data_on_resize=True)
+  assert step == 1 and it is fresh and float(state["w"][0, 0]) == 1.0
