@@ -96,7 +96,8 @@ def _trainer(launcher_proc, process_id):
   """The pid of trainer process `process_id` under launch/local.sh."""
   for child in psutil.Process(launcher_proc.pid).children(recursive=True):
     try:
-      if child.environ().get("JAX_PROCESS_ID") == str(process_id) and "python" in child.name():
+      if (child.environ().get("JAX_PROCESS_ID") == str(process_id)
+          and "unidiffuser_jax.main" in child.cmdline()):
         return child.pid
     except psutil.Error:
       continue
