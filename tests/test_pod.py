@@ -64,7 +64,7 @@ def test_two_processes_train_exactly_as_one(one_process, two_processes):
 def _preempt_and_resume(workdir, launcher, target, stop_at):
   """SIGTERM once `stop_at` is logged (twice: the second lands during the save), then rerun."""
   run = faults.Run(workdir, ARGS, workdir + ".log", launcher=launcher)
-  assert run.wait_for_step(stop_at), run.text()[-3000:]
+  assert run.wait_for_step(stop_at, timeout=1800), run.text()[-3000:]
   t0 = time.monotonic()
   for _ in range(2):
     os.kill(target(run), signal.SIGTERM)
