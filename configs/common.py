@@ -222,6 +222,19 @@ def train(**kw) -> mc.ConfigDict:
       eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
       profile_steps=(),  # (first, last) step of a jax.profiler trace into <workdir>/profile; () = none
+      # A step with a NaN/Inf loss or gradient norm is skipped in-graph (nonfinite.py); the run
+      # stops after this many in a row (checked at logging and checkpoint steps). 0 = never stop.
+      max_nonfinite_steps=10,
+      # 0: resume from the newest readable checkpoint (unreadable ones are named and skipped);
+      # N: exactly step N, an error if it is missing or unreadable (checkpoints.restore_latest).
+      restore_step=0,
+      # A checkpoint from another number of processes: False refuses (its data positions cannot
+      # be split another way without repeating records); True keeps weights and optimizer state
+      # and starts a fresh pass over the data (checkpoints.restore_latest).
+      restart_data_on_resize=False,
+      # Seconds between a preemption notice (SIGTERM) and the hard kill; the trainer agrees on a
+      # step, saves it and exits 0, and warns if that took longer (preemption.py). TPU: 30 s.
+      preemption_grace_s=30.0,
   ), kw)
 
 
@@ -264,3 +277,12 @@ def eval_(**kw) -> mc.ConfigDict:
       feature_batch_size=64, loss_examples=256, loss_timesteps=(100, 300, 500, 700, 900),
       save_samples=64,
   ), kw)
+
+
+def debug(**kw) -> mc.ConfigDict:
+  """config.debug: fault injection for tests and drills (off by default).
+
+  poison_steps   1-based train steps whose floating inputs and loss are made NaN in-graph, to
+                 exercise the non-finite guard (nonfinite.py), e.g. --config.debug.poison_steps=(5,6).
+  """
+  return _section("debug", dict(poison_steps=()), kw)

@@ -27,7 +27,8 @@ def make_train_iterator(config, train_cfg, process_index: int, process_count: in
         resolution=data.resolution, clip_resolution=data.clip_resolution,
         max_length=data.max_length, vocab_size=data.synthetic_vocab_size,
         host_batch=host_batch, seed=config.seed, num_examples=data.synthetic_examples,
-        data_type=data.data_type, num_skip_reasons=len(SKIP_REASONS))
+        data_type=data.data_type, num_skip_reasons=len(SKIP_REASONS),
+        process_index=process_index, process_count=process_count)
   if data.source == "features" and data.with_text:
     # Feature records hold no caption strings; a trainer that asks for them
     # (stage 1, the caption decoder) reads the raw shards the features came from.

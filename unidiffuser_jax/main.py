@@ -14,12 +14,11 @@ import sys
 # Quieter TensorFlow (pulled in by clu's TensorBoard writer) before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from unidiffuser_jax import jobs  # noqa: E402
-from unidiffuser_jax.errors import ConfigError  # noqa: E402
+from unidiffuser_jax import jobs, multihost, preemption  # noqa: E402
+from unidiffuser_jax.errors import ConfigError, StopError  # noqa: E402
 
 MODES = ("train", "describe", "compile", "sample", "serve", "import", "export", "extract",
          "train_captioner", "eval")
@@ -30,14 +29,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "Which job to run.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first: one process per host on a TPU "
-    "pod slice or a GPU cluster (coordinator from the environment; see launch/).")
+    "pod slice, a GPU cluster or launch/local.sh (coordinator from the environment; see launch/).")
 
 
 def _run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    multihost.initialize()
   # Library INFO chatter (orbax, absl) would bury the progress bar and the metric lines.
   logging.set_verbosity(logging.WARNING)
   config, mode, workdir = _CONFIG.value, _MODE.value, _WORKDIR.value
@@ -52,6 +51,12 @@ def main() -> None:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except StopError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except preemption.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(0)
 
 
 def _parse_flags(argv):

@@ -393,7 +393,10 @@ _JOIN_KEYS = ("index", "image", "image2", "prompt", "caption")
 
 def write_outputs(records: list[dict], out_dir: str) -> None:
   """Records -> <index>.png (<index>_<r>.png for gibbs rounds and interpolation points),
-  grid.png, and captions.jsonl (each line names its input image file and/or prompt)."""
+  grid.png, and captions.jsonl (each line names its input image file and/or prompt).
+  Only process 0 writes (one writer per file on a pod)."""
+  if jax.process_index() != 0:
+    return
   os.makedirs(out_dir, exist_ok=True)
   pixels_all, captions = [], []
   for rec in records:
@@ -489,6 +492,8 @@ class Evaluator:
                       for k, v in self._score(task, host, records).items()
                       if isinstance(v, (int, float)) and k != "n"})
     self._curve = [c for c in self._curve if c["step"] < step] + [dict(step=step, **scalars)]
+    if jax.process_index() != 0:   # one writer of the curve files (pods)
+      return scalars
     os.makedirs(os.path.dirname(self._curve_path), exist_ok=True)
     with open(self._curve_path, "w") as f:
       json.dump(self._curve, f, indent=1)

@@ -21,7 +21,8 @@ import optax
 from flax import struct
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, heldout, input_pipeline
-from unidiffuser_jax import latent_stats, perf, profiling, rng, sharding, weight_jobs
+from unidiffuser_jax import latent_stats, nonfinite, perf, preemption, profiling, rng, sharding
+from unidiffuser_jax import weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -209,7 +210,9 @@ def build_task(config, train_cfg, task: Task, mesh, frozen, frozen_shardings, *,
     state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step = jax.jit(
-      sharding.traced_under(make_train_step(task, tx, train_cfg, int(config.seed)), mesh, rules),
+      # nonfinite.guard: a NaN/Inf step changes nothing but the step count (in-graph).
+      sharding.traced_under(nonfinite.guard(make_train_step(task, tx, train_cfg, int(config.seed)),
+                                            config.debug.poison_steps), mesh, rules),
       in_shardings=(shardings, frozen_shardings, None),
       out_shardings=(shardings, replicated),
       donate_argnums=(0,))
@@ -273,7 +276,8 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
   state, state_shardings, step_fn = built.state, built.state_shardings, built.step
   mngr = checkpoints.manager(workdir, keep=train_cfg.keep_checkpoints)
   restored = checkpoints.restore_latest(
-      mngr, checkpoints.abstract_with_shardings(state, state_shardings), data_iterator)
+      mngr, checkpoints.abstract_with_shardings(state, state_shardings), data_iterator,
+      step=int(train_cfg.restore_step), restart_data_on_resize=bool(train_cfg.restart_data_on_resize))
   start_step = 0
   if restored is not None:
     start_step, state, data_iterator = restored
@@ -290,29 +294,44 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
   skipped_total, last = None, {}
   config_dict = config.to_dict()
   # The step traces under the config's mesh and rules by itself (build_task); the evaluator
-  # samples with its own (replicated) layout.
+  # samples with its own (replicated) layout. The consecutive-NaN counter and the preemption
+  # notice are read only where the loop already waits (logging, saving); every exit path
+  # waits for the last async save.
   profiler = profiling.StepProfiler(workdir, train_cfg.profile_steps)
-  for step in range(start_step + 1, total + 1):
-    host_batch = task.prepare_batch(dict(logger.next_batch(data_iterator)))
-    skipped = host_batch.pop("skipped", None)
-    if skipped is not None:
-      skipped_total = skipped if skipped_total is None else skipped_total + skipped
-    profiler.before(step)
-    state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
-    profiler.after(step, step_metrics)
-    due = step % train_cfg.log_every == 0
-    last = logger.step(step, step_metrics, input_pipeline.skip_metrics(skipped_total) if due else None) or last
-    if step % train_cfg.checkpoint_every == 0 or step == total:
-      checkpoints.save(mngr, step, state, data_iterator, config_dict)
-    every = int(train_cfg.eval_every)
-    if evaluate is not None and every > 0 and (step % every == 0 or step == total):
-      t0 = time.perf_counter()
-      scalars = evaluate(step, state)
-      logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
-  profiler.stop(state)
-  last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
-  logger.close()
-  mngr.wait_until_finished()
+  watch = nonfinite.Watch(train_cfg.max_nonfinite_steps)
+  notice = preemption.Notice(train_cfg.preemption_grace_s)
+  try:
+    for step in range(start_step + 1, total + 1):
+      host_batch = task.prepare_batch(dict(logger.next_batch(data_iterator)))
+      skipped = host_batch.pop("skipped", None)
+      if skipped is not None:
+        skipped_total = skipped if skipped_total is None else skipped_total + skipped
+      profiler.before(step)
+      state, step_metrics = step_fn(state, frozen, sharding.to_global(host_batch, mesh))
+      profiler.after(step, step_metrics)
+      watch.record(step_metrics)
+      due = step % train_cfg.log_every == 0
+      preempted = notice.reached(step)
+      save_due = step % train_cfg.checkpoint_every == 0 or step == total or preempted
+      last = logger.step(step, step_metrics, input_pipeline.skip_metrics(skipped_total) if due else None) or last
+      if due or save_due:
+        watch.check(step)   # raises after too many NaN steps, before anything is saved
+      if save_due:
+        checkpoints.save(mngr, step, state, data_iterator, config_dict)
+      if preempted:
+        checkpoints.finish(mngr)
+        raise notice.stopped(step, workdir)
+      every = int(train_cfg.eval_every)
+      if evaluate is not None and every > 0 and (step % every == 0 or step == total):
+        t0 = time.perf_counter()
+        scalars = evaluate(step, state)
+        logger.write_scalars(step, {**scalars, "eval_time_s": time.perf_counter() - t0})
+    profiler.stop(state)
+    last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
+  finally:
+    notice.close()
+    logger.close()
+    checkpoints.finish(mngr)
   mngr.close()
   return last
 

@@ -1,0 +1,154 @@
+"""Pod behaviour on one machine with real processes: launch/local.sh's N processes against one,
+SIGTERM (preemption) in one and in two processes, and the SIGKILL drill (tools/faults.py)."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import psutil
+import pytest
+
+from configs import demo
+from tools import faults
+from unidiffuser_jax import checkpoints, errors, input_pipeline
+from unidiffuser_jax import sharding, train, vocab
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+STEPS = 20
+ARGS = [*faults.TINY, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5"]
+LOCAL = (os.path.join(faults.ROOT, "launch", "local.sh"),)
+
+
+def _launcher(n):
+  return (*LOCAL, str(n))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("one"))
+  run = faults.Run(d, ARGS, d + ".log")
+  assert run.wait() == 0, run.text()[-3000:]
+  return d
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("two"))
+  run = faults.Run(d, ARGS, d + ".log", launcher=_launcher(2))
+  assert run.wait() == 0, run.text()[-3000:]
+  return d, run.text()
+
+
+def test_two_processes_train_exactly_as_one(one_process, two_processes):
+  two, text = two_processes
+  # Both processes ran and spoke, each with its prefix; one TensorBoard writer (process 0).
+  assert "[p0] step      20 |" in text and "[p1] step      20 |" in text
+  assert len([f for f in os.listdir(two) if f.startswith("events.out")]) == 1
+  # Each process wrote its own iterator state and its own array shards.
+  step_dir = os.path.join(two, "checkpoints", str(STEPS))
+  assert sorted(os.listdir(os.path.join(step_dir, "data"))) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(step_dir, "state")))
+  losses_one, losses_two = faults.logged(one_process), faults.logged(two)
+  assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([losses_two[s] for s in sorted(losses_two)],
+                             [losses_one[s] for s in sorted(losses_one)], rtol=0, atol=1e-6)
+  assert faults.max_abs_diff(faults.final_state(one_process), faults.final_state(two)) <= 1e-6
+
+
+def _preempt_and_resume(workdir, launcher, target, stop_at):
+  """SIGTERM once `stop_at` is logged (twice: the second lands during the save), then rerun."""
+  run = faults.Run(workdir, ARGS, workdir + ".log", launcher=launcher)
+  assert run.wait_for_step(stop_at, timeout=1800), run.text()[-3000:]
+  t0 = time.monotonic()
+  for _ in range(2):
+    os.kill(target(run), signal.SIGTERM)
+    time.sleep(0.2)
+  rc = run.wait(timeout=120)
+  took = time.monotonic() - t0
+  text = run.text()
+  assert rc == 0, text[-3000:]
+  assert took < 30, took    # the default grace (train.preemption_grace_s)
+  line = [l for l in text.splitlines() if "preempted: stopped at step" in l]
+  assert line and "re-run the same command to resume" in line[-1], text[-2000:]
+  stopped = int(line[-1].split("stopped at step ")[1].split()[0])
+  assert stop_at <= stopped < STEPS and stopped in faults.complete_steps(workdir)
+  assert not faults.interrupted(workdir)
+  rerun = faults.Run(workdir, ARGS, workdir + ".2.log", launcher=launcher)
+  assert rerun.wait() == 0, rerun.text()[-3000:]
+  assert faults.resumed_from(rerun.text()) == stopped
+  return stopped
+
+
+def test_sigterm_single_process_stops_cleanly_and_resumes_bitwise(one_process, tmp_path):
+  stop_at = random.Random(os.getpid()).randint(2, STEPS - 6)
+  _preempt_and_resume(str(tmp_path / "w"), (), lambda run: run.proc.pid, stop_at)
+  a, b = faults.final_state(str(tmp_path / "w")), faults.final_state(one_process)
+  assert faults.max_abs_diff(a, b) == 0.0
+
+
+def _trainer(launcher_proc, process_id):
+  """The pid of trainer process `process_id` under launch/local.sh."""
+  for child in psutil.Process(launcher_proc.pid).children(recursive=True):
+    try:
+      if (child.environ().get("JAX_PROCESS_ID") == str(process_id)
+          and "unidiffuser_jax.main" in child.cmdline()):
+        return child.pid
+    except psutil.Error:
+      continue
+  raise LookupError(f"no trainer process {process_id} under {launcher_proc.pid}")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_processes, tmp_path):
+  stop_at = random.Random(os.getpid() + 1).randint(2, STEPS - 8)
+  w = str(tmp_path / "w")
+  _preempt_and_resume(w, _launcher(2), lambda run: _trainer(run.proc, 1), stop_at)
+  text = open(w + ".log").read()
+  assert "[p0] preempted: stopped at step" in text and "[p1] preempted: stopped at step" in text
+  assert faults.max_abs_diff(faults.final_state(w), faults.final_state(two_processes[0])) <= 1e-6
+
+
+def test_sigkill_drill_resumes_only_complete_checkpoints(tmp_path):
+  record = faults.kill_drill(str(tmp_path / "drill"), str(tmp_path / "reference"),
+                             rounds=2, steps=24, seed=1)
+  assert not record["violations"], record
+  assert record["killed"] >= 1 and record["max_abs_diff"] == 0.0
+
+
+def test_launcher_reports_the_worst_exit_status(tmp_path):
+  res = subprocess.run([*_launcher(2), "--config=configs/demo.py:tiny", "--config.train.nope=1",
+                        f"--workdir={tmp_path}"], cwd=faults.ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert "[p0] error: bad command-line config" in res.stderr
+  assert "[p1] error: bad command-line config" in res.stderr
+
+
+def test_a_two_process_checkpoint_restores_into_one_process_on_another_mesh(two_processes,
+                                                                             tmp_path):
+  """Elastic restore: 2 processes x fsdp=8 -> 1 process x (data=2, fsdp=4). The arrays reshard;
+  the data position (one per process) is refused unless train.restart_data_on_resize."""
+  w = tmp_path / "w"
+  shutil.copytree(two_processes[0], w)
+  config = vocab.derive(demo.get_config("tiny"))
+  config.mesh.update(data=2, fsdp=4)
+  mesh = sharding.make_mesh(config.mesh)
+  built = train.build(config, mesh, abstract=True)
+  abstract = checkpoints.abstract_with_shardings(built.state, built.state_shardings)
+  it = input_pipeline.make_train_iterator(config, config.train, 0, 1)
+  mngr = checkpoints.manager(str(w), keep=3)
+  with pytest.raises(errors.ConfigError, match=r"step 20 .* was written by 2 processes and this "
+                     r"run has 1: .*--config.train.restart_data_on_resize=True"):
+    checkpoints.restore_latest(mngr, abstract, it)
+  step, restored, it_after = checkpoints.restore_latest(mngr, abstract, it,
+                                                        restart_data_on_resize=True)
+  assert step == STEPS and it_after is it
+  saved = faults.final_state(two_processes[0])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved["params"])
+  leaf = jax.tree.leaves(restored.params)[0]
+  assert leaf.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
