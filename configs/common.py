@@ -154,6 +154,13 @@ def extract(**kw) -> mc.ConfigDict:
   return _section("extract", dict(text="tokens", shard_size=10000, batch_size=0), kw)
 
 
+def export(**kw) -> mc.ConfigDict:
+  """config.export: --mode=export (weight_jobs.py). A LoRA run (train.lora.rank > 0) exports its
+  adapters alone (DIR/export/uvit_<version>.lora.safetensors); merge_lora=True writes the base
+  with the adapters merged in, in the released layout, instead."""
+  return _section("export", dict(merge_lora=False), kw)
+
+
 def sample(**kw) -> mc.ConfigDict:
   """config.sample: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform
   (unidiffuser_jax/diffusion/solvers.py); tasks and inputs (unidiffuser_jax/sample.py)."""
@@ -163,6 +170,9 @@ def sample(**kw) -> mc.ConfigDict:
       guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
       num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,
+      # LoRA adapters (--mode=export's *.lora.safetensors) merged into the U-ViT once before
+      # compiling: comma list of files, and their scales (one per file, or one for all).
+      lora="", lora_scale="1.0",
   ), kw)
 
 
@@ -196,4 +206,10 @@ def train(**kw) -> mc.ConfigDict:
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
       eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
+      # LoRA fine-tuning of init_from (unidiffuser_jax/lora.py): rank 0 = full fine-tuning.
+      # Adapters W + (alpha / rank) * A @ B on the Dense layers whose module path fully matches
+      # `targets` (default: attention qkv/proj and MLP fc1/fc2 of every block); dropout on their
+      # input; base_dtype: the frozen base weights' storage ("float32" or "bfloat16").
+      lora=dict(rank=0, alpha=8.0, dropout=0.0, base_dtype="float32",
+                targets=r"(in_blocks_\d+|mid_block|out_blocks_\d+)/(attn/(qkv|proj)|mlp/(fc1|fc2))"),
   ), kw)

@@ -104,6 +104,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
                  ema_decay=0.0, log_every=50, checkpoint_every=250))
   c.weights = common.weights()
   c.extract = common.extract()
+  c.export = common.export()
   # The runbook ends by sampling the first `num` held-out prompts (t2i) and images (i2t)
   # and judging them; eval_num of them are judged every train.eval_every steps.
   c.sample = common.sample(tasks=("t2i", "i2t"), num=64, batch_size=32, eval_num=32, steps=20,

@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.captioner = common.captioner()
   c.weights = common.weights()
   c.extract = common.extract()
+  c.export = common.export()
   c.sample = common.sample()
   c.serve = common.serve(steps=(25, 50))
   return c

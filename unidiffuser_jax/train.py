@@ -20,7 +20,7 @@ import optax
 from flax import struct
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, input_pipeline
-from unidiffuser_jax import latent_stats, rng, sharding, weight_jobs
+from unidiffuser_jax import latent_stats, lora, rng, sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -278,5 +278,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   if data_iterator is None:
     data_iterator = make_iterator()
   task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
-  return run_loop(config, config.train, task, workdir, mesh, encoder_params, encoder_shardings,
-                  data_iterator, init_from=config.train.init_from, evaluate=evaluate)
+  frozen, frozen_shardings, init_from = encoder_params, encoder_shardings, config.train.init_from
+  if lora.enabled(config):   # the state holds adapters; the base weights are frozen inputs
+    task, frozen, frozen_shardings = lora.finetune(task, model, config, mesh, workdir, frozen,
+                                                   frozen_shardings)
+    init_from = ""
+  return run_loop(config, config.train, task, workdir, mesh, frozen, frozen_shardings,
+                  data_iterator, init_from=init_from, evaluate=evaluate)

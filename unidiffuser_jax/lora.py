@@ -1,0 +1,338 @@
+"""LoRA for the U-ViT: low-rank adapters on chosen Dense layers, without forking the model.
+
+A fine-tune with config.train.lora.rank = r > 0 trains, for every Dense layer of the U-ViT
+whose module path (e.g. "in_blocks_0/attn/qkv") fully matches config.train.lora.targets,
+
+  y = x W + b + (alpha / r) * dropout(x) A B,    A [in, r] (uniform +-1/sqrt(in)), B [r, out] = 0
+
+(peft's LoRA; B = 0 makes step 0 the base model). The model code is unchanged: during the loss,
+a flax method interceptor (`applied`) adds the low-rank term to those Dense calls of the U-ViT;
+for sampling and export `merge` folds W + (alpha / r) A B into the kernels once.
+
+In training the base weights are a frozen input of the step (next to the encoders: no gradient,
+no optimizer state, stored in train.lora.base_dtype), and the state's params / EMA / optimizer
+state hold the adapters alone, so checkpoints, resume, EMA and metrics are the ordinary ones
+and a checkpoint holds only adapters. A and B carry the logical axis names of the kernel they
+adapt (A: (in, None), B: (None, out)), so the config's sharding rules lay them out like it.
+
+The adapters' file (--mode=export, `save_adapters`) records which base they were trained on
+(its name and a hash of its values: `base_identity`) and the LoRA config; `load_adapters`
+refuses a file whose base differs from the one it is applied to.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from unidiffuser_jax import checkpoints, rng, sharding
+from unidiffuser_jax.errors import ConfigError
+from unidiffuser_jax.models import uvit
+from unidiffuser_jax.weights.tensors import load_metadata, load_tensors, save_safetensors
+
+A, B = "lora_a", "lora_b"
+FORMAT = "unidiffuser-jax-lora"
+BASE_RECORD = "lora_base.json"   # in a LoRA run's workdir: the base it fine-tunes (base_identity)
+BASE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int
+  alpha: float
+  dropout: float
+  targets: str
+  base_dtype: str = "float32"
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / int(self.rank)
+
+  @classmethod
+  def from_config(cls, lora_cfg) -> "LoraConfig":
+    c = cls(rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha), dropout=float(lora_cfg.dropout),
+            targets=str(lora_cfg.targets), base_dtype=str(lora_cfg.base_dtype))
+    if c.rank < 0:
+      raise ConfigError(f"config.train.lora.rank={c.rank}; use 0 (full fine-tuning) or more")
+    if not 0.0 <= c.dropout < 1.0:
+      raise ConfigError(f"config.train.lora.dropout={c.dropout}; use a value in [0, 1)")
+    if c.base_dtype not in BASE_DTYPES:
+      raise ConfigError(f"config.train.lora.base_dtype={c.base_dtype!r}; use one of {BASE_DTYPES}")
+    try:
+      re.compile(c.targets)
+    except re.error as e:
+      raise ConfigError(f"config.train.lora.targets={c.targets!r} is not a regex: {e}") from None
+    return c
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def enabled(config) -> bool:
+  return int(config.train.lora.rank) > 0
+
+
+# ---------------------------------------------------------------- which layers, which shapes
+
+def _name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def targets(abstract_params, pattern: str) -> dict[str, tuple[tuple[int, int], tuple]]:
+  """{module path: ((in, out), (in axis name, out axis name))} of the Dense kernels (2-D
+  `kernel` leaves) whose module path fully matches `pattern`; `abstract_params` may be boxed."""
+  found = {}
+  flat = jax.tree_util.tree_flatten_with_path(
+      abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  for path, leaf in flat:
+    name = _name(path)
+    module, _, last = name.rpartition("/")
+    if last != "kernel" or not re.fullmatch(pattern, module):
+      continue
+    value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+    if len(value.shape) != 2:
+      continue
+    names = leaf.names if isinstance(leaf, nn.Partitioned) else (None, None)
+    found[module] = (tuple(value.shape), tuple(names))
+  if not found:
+    raise ConfigError(f"config.train.lora.targets={pattern!r} matches no Dense layer of the U-ViT "
+                      f"(module paths look like 'in_blocks_0/attn/qkv', 'mid_block/mlp/fc1')")
+  return found
+
+
+def _nest(flat: dict[str, object]) -> dict:
+  tree: dict = {}
+  for name, value in flat.items():
+    node = tree
+    parts = name.split("/")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = value
+  return tree
+
+
+def flatten(adapters) -> dict[str, dict]:
+  """Nested adapter tree -> {module path: {lora_a, lora_b}}."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+    name = _name(path)
+    module, _, which = name.rpartition("/")
+    out.setdefault(module, {})[which] = leaf
+  return out
+
+
+def init_adapters(found: dict, rank: int, key) -> dict:
+  """Boxed adapters for `targets(...)`: A uniform in +-1/sqrt(in) (peft's kaiming init), B zero."""
+  flat = {}
+  for module, ((d_in, d_out), (in_name, out_name)) in found.items():
+    k = jax.random.fold_in(key, rng.purpose_id(module))
+    bound = 1.0 / np.sqrt(d_in)
+    a = jax.random.uniform(k, (d_in, rank), jnp.float32, -bound, bound)
+    flat[module + "/" + A] = nn.Partitioned(a, (in_name, None))
+    flat[module + "/" + B] = nn.Partitioned(jnp.zeros((rank, d_out), jnp.float32), (None, out_name))
+  return _nest(flat)
+
+
+# ---------------------------------------------------------------- applying them
+
+@contextlib.contextmanager
+def applied(adapters, scale: float, dropout: float = 0.0, dropout_key=None):
+  """Within this context (while tracing), every U-ViT Dense call named by `adapters` returns
+  x W + b + scale * dropout(x) A B. Other modules (the encoders' Dense layers) are untouched."""
+  by_path = {tuple(m.split("/")): ab for m, ab in flatten(adapters).items()}
+  inside = []   # UViT calls being traced (remat'd blocks have no module parent to walk up)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, uvit.UViT) and context.method_name == "__call__":
+      inside.append(module)
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        inside.pop()
+    if context.method_name != "__call__" or not isinstance(module, nn.Dense) or not inside:
+      return next_fun(*args, **kwargs)
+    ab = by_path.get(tuple(module.path))
+    if ab is None:
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    if dropout > 0.0:
+      k = jax.random.fold_in(dropout_key, rng.purpose_id("/".join(module.path)))
+      keep = jax.random.bernoulli(k, 1.0 - dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    dt = module.dtype or x.dtype
+    delta = (x.astype(dt) @ ab[A].astype(dt)) @ ab[B].astype(dt)
+    return y + (scale * delta).astype(y.dtype)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+def merge(params: dict, adapters, scale: float) -> dict:
+  """params with kernel + scale * A B for every adapted layer (in the kernel's dtype; the
+  product in float32). Jit it to merge on device."""
+  flat = flatten(adapters)
+  def visit(node, prefix):
+    out = {}
+    for k, v in node.items():
+      name = f"{prefix}{k}"
+      if isinstance(v, dict):
+        out[k] = visit(v, name + "/")
+      elif k == "kernel" and prefix[:-1] in flat:
+        ab = flat[prefix[:-1]]
+        delta = jnp.asarray(ab[A], jnp.float32) @ jnp.asarray(ab[B], jnp.float32)
+        out[k] = (jnp.asarray(v, jnp.float32) + scale * delta).astype(v.dtype)
+      else:
+        out[k] = v
+    return out
+  missing = sorted(set(flat) - {_name(p).rpartition("/")[0] for p, _ in
+                                jax.tree_util.tree_flatten_with_path(params)[0]})
+  if missing:
+    raise ConfigError(f"the adapters name layers this U-ViT does not have: {missing[:4]}")
+  return visit(params, "")
+
+
+# ---------------------------------------------------------------- the base model's identity
+
+def base_identity(params, name: str) -> dict:
+  """{name, sha256}: a hash of the base's parameter paths, shapes and float32 values (which
+  copy of the weights does not matter, their values do)."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0],
+                           key=lambda pl: _name(pl[0])):
+    arr = np.ascontiguousarray(np.asarray(leaf, np.float32))
+    h.update(f"{_name(path)}:{arr.shape};".encode())
+    h.update(arr.tobytes())
+  return {"name": name, "sha256": h.hexdigest()}
+
+
+def check_base(identity: dict, recorded: dict, what: str) -> None:
+  """Refuses (one line) adapters trained on another base than the one given."""
+  if identity["sha256"] != recorded.get("sha256"):
+    raise ConfigError(
+        f"{what} was trained on the base {recorded.get('name')!r} (sha256 "
+        f"{str(recorded.get('sha256'))[:12]}...), but the base given is {identity['name']!r} "
+        f"(sha256 {identity['sha256'][:12]}...): its weights differ, so the adapters would "
+        f"change another model; use the base they were trained on")
+
+
+def record_base(workdir: str, identity: dict) -> None:
+  """Writes the run's base identity into the workdir, or refuses a resume on another base."""
+  path = epath.Path(workdir) / BASE_RECORD
+  if path.exists():
+    check_base(identity, json.loads(path.read_text()), f"the LoRA run in {workdir}")
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(identity))
+
+
+def read_base(workdir: str) -> dict:
+  path = epath.Path(workdir) / BASE_RECORD
+  if not path.exists():
+    raise ConfigError(f"{workdir} holds no LoRA run ({BASE_RECORD} is missing)")
+  return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- files
+
+def save_adapters(path: str, adapters, lcfg: LoraConfig, base: dict, model_cfg: dict) -> int:
+  """Adapters -> safetensors: keys '<module path>/lora_a|lora_b' in our layout ([in, r], [r, out];
+  qkv columns (heads, 3, head_dim) as our kernel); metadata: format, base, lora, model."""
+  tensors = {f"{m}/{w}": np.asarray(v, np.float32)
+             for m, ab in flatten(jax.device_get(adapters)).items() for w, v in ab.items()}
+  save_safetensors(path, tensors, {"model": FORMAT, "base": json.dumps(base),
+                                   "lora": json.dumps(lcfg.to_dict()),
+                                   "config": json.dumps(dict(model_cfg))})
+  return int(sum(v.size for v in tensors.values()))
+
+
+def load_adapters(path: str, base: dict | None = None) -> tuple[dict, LoraConfig, dict]:
+  """-> (adapters, LoraConfig, recorded base) from `save_adapters`' file; with `base` (an
+  identity) a file trained on another base is refused."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"LoRA file {path!r} does not exist")
+  meta = load_metadata(path)
+  if meta.get("model") != FORMAT:
+    raise ConfigError(f"{path} is not a LoRA adapters file written by --mode=export "
+                      f"(its metadata says model={meta.get('model')!r})")
+  recorded = json.loads(meta["base"])
+  if base is not None:
+    check_base(base, recorded, f"the LoRA file {path}")
+  lcfg = LoraConfig(**json.loads(meta["lora"]))
+  return _nest(dict(load_tensors(path))), lcfg, recorded
+
+
+def parse_scales(files: list[str], scales: str) -> list[float]:
+  vals = [float(s) for s in str(scales).split(",") if s.strip()] or [1.0]
+  if len(vals) == 1:
+    vals = vals * len(files)
+  if len(vals) != len(files):
+    raise ConfigError(f"config.sample.lora_scale has {len(vals)} values for {len(files)} LoRA "
+                      f"files; give one per file or one for all")
+  return vals
+
+
+def merge_files(params, files: str, scales: str, base_name: str):
+  """params (on device) with each adapters file of the comma list `files` merged at its scale
+  (config.sample.lora / lora_scale); each file's base must be `params`."""
+  paths = [f.strip() for f in str(files).split(",") if f.strip()]
+  if not paths:
+    return params
+  identity = base_identity(params, base_name)
+  merged = params
+  for path, s in zip(paths, parse_scales(paths, scales)):
+    adapters, lcfg, _ = load_adapters(path, identity)
+    merged = jax.jit(merge, static_argnums=2)(merged, adapters, lcfg.scale * s)
+  return merged
+
+
+# ---------------------------------------------------------------- the fine-tune
+
+def load_base(model, path: str, mesh, rules, base_dtype: str):
+  """-> (base params on device, their shardings, identity) from `path` (train.init_from)."""
+  if not path:
+    raise ConfigError("config.train.lora.rank > 0 fine-tunes a trained U-ViT: set "
+                      "--config.train.init_from=DIR (an imported params dir or a workdir)")
+  abstract = uvit.abstract_variables(model)["params"]
+  loaded = checkpoints.load_params(path)
+  checkpoints.check_params(loaded, nn.unbox(abstract), f"init_from={path}", "the model config")
+  shardings = sharding.named_shardings(sharding.logical_to_specs(abstract, mesh, rules), mesh)
+  identity = base_identity(loaded, path)
+  base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, base_dtype), loaded), shardings)
+  return base, shardings, identity
+
+
+def finetune(task, model, config, mesh, workdir: str, frozen, frozen_shardings):
+  """The LoRA form of a U-ViT fine-tune: -> (task, frozen, frozen_shardings) for run_loop.
+
+  The task's params are the adapters; its loss runs the base task's loss with the base
+  (frozen["base"]) and the adapters applied. The dropout key comes from the step's key
+  (rng.key_for(seed, step, "train/uvit")) folded with the purpose "lora/dropout"."""
+  from unidiffuser_jax.train import Task  # local: train imports this module
+  lcfg = LoraConfig.from_config(config.train.lora)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  base, base_shardings, identity = load_base(model, config.train.init_from, mesh, rules,
+                                             lcfg.base_dtype)
+  record_base(workdir, identity)
+  found = targets(uvit.abstract_variables(model)["params"], lcfg.targets)
+  seed = int(config.seed)
+
+  def init_params():
+    return init_adapters(found, lcfg.rank, rng.key_for(seed, 0, "init/lora"))
+
+  def loss(adapters, frozen_in, batch, key):
+    dkey = jax.random.fold_in(key, rng.purpose_id("lora/dropout"))
+    with applied(adapters, lcfg.scale, lcfg.dropout, dkey):
+      return task.loss(frozen_in["base"], frozen_in["encoders"], batch, key)
+
+  lora_task = Task(f"{task.name}", init_params, loss, task.prepare_batch)
+  return (lora_task, {"encoders": frozen, "base": base},
+          {"encoders": frozen_shardings, "base": base_shardings})
