@@ -217,13 +217,17 @@ def test_lora_resume_is_bitwise(base_dir, tmp_path):
   assert all(set(ab) == {lora.A, lora.B} for ab in lora.flatten(pa["params"]).values())
 
 
-def test_resume_on_another_base_is_refused(base_dir, tmp_path):
+def test_resume_on_another_base_or_lora_config_is_refused(base_dir, tmp_path):
   ident = lora.base_identity(checkpoints.load_params(str(base_dir)), str(base_dir))
-  lora.record_base(str(tmp_path), ident)
-  lora.record_base(str(tmp_path), ident)   # the same base: fine
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets="mid_block/mlp/fc1")
+  lora.record_run(str(tmp_path), ident, lcfg)
+  lora.record_run(str(tmp_path), ident, lcfg)   # the same base and config: fine
+  assert lora.read_run(str(tmp_path / "checkpoints" / "3")) == (ident, lcfg)
   other = lora.base_identity(_params(_model(), seed=9), "other")
   with pytest.raises(errors.ConfigError, match="trained on the base"):
-    lora.record_base(str(tmp_path), other)
+    lora.record_run(str(tmp_path), other, lcfg)
+  with pytest.raises(errors.ConfigError, match="resume it with its own values"):
+    lora.record_run(str(tmp_path), ident, lora.LoraConfig(8, 8.0, 0.0, "mid_block/mlp/fc1"))
 
 
 def test_lora_needs_init_from():
@@ -237,3 +241,112 @@ def test_lora_needs_init_from():
     with pytest.raises(errors.ConfigError, match=f"lora.{key}"):
       lora.LoraConfig.from_config(c.train.lora)
 
+
+
+# ---------------------------------------------------------------- files, export, sampling
+
+def _lora_run(base_dir, workdir, lcfg, seed=4):
+  """A LoRA run's workdir as train.train leaves it (record + one checkpoint), with adapters whose
+  B is not zero; -> its EMA adapters."""
+  import orbax.checkpoint as ocp
+  model = _model()
+  ad = jax.device_get(_adapters(model, lcfg.rank, lcfg.targets, b_std=0.2, seed=seed))
+  lora.record_run(str(workdir), lora.base_identity(checkpoints.load_params(str(base_dir)),
+                                                   str(base_dir)), lcfg)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(workdir / "checkpoints" / "1" / "state",
+               {"step": np.int32(1), "params": ad, "ema_params": ad})
+  return ad
+
+
+def _export_config(base_dir):
+  c = _config(base_dir)
+  c.model.prediction = "eps"   # the released layout holds noise-predicting U-ViTs
+  return c
+
+
+def test_export_writes_only_adapters_and_they_load_back(base_dir, tmp_path):
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1,
+                         targets=demo.get_config("tiny").train.lora.targets)
+  ad = _lora_run(base_dir, tmp_path / "run", lcfg)
+  config = _export_config(base_dir)
+  config.train.lora.rank = 0   # the run's record, not the flags, says what it is
+  done = weight_jobs.run_export(config, str(tmp_path / "run"))
+  path = done["lora"]["path"]
+  assert set(done) == {"lora"} and path.endswith("uvit_v1.lora.safetensors")
+  assert done["lora"]["params"] == sum(x.size for x in jax.tree.leaves(ad))
+  back, lcfg_back, base = lora.load_adapters(path)
+  assert lcfg_back == lcfg and base["name"] == str(base_dir)
+  jax.tree.map(np.testing.assert_array_equal, back, ad)
+  # Onto its own base: fine; onto another: refused, saying why.
+  own = lora.base_identity(checkpoints.load_params(str(base_dir)), "base")
+  lora.load_adapters(path, own)
+  other = lora.base_identity(_params(_model(), seed=11), "another-base")
+  with pytest.raises(errors.ConfigError, match="trained on the base.*another-base.*differ"):
+    lora.load_adapters(path, other)
+
+
+def test_export_merge_lora_writes_the_merged_released_layout(base_dir, tmp_path):
+  from unidiffuser_jax.weights import uvit as wuvit
+  from unidiffuser_jax.weights.tensors import load_tensors
+  lcfg = lora.LoraConfig(rank=2, alpha=3.0, dropout=0.0, targets=r"mid_block/(attn/qkv|mlp/fc2)")
+  ad = _lora_run(base_dir, tmp_path / "run", lcfg)
+  config = _export_config(base_dir)
+  config.export.merge_lora = True
+  done = weight_jobs.run_export(config, str(tmp_path / "run"))
+  model = train.make_model(config.model)
+  got = wuvit.import_uvit(load_tensors(done["uvit"]["path"]), model)
+  want = lora.merge(checkpoints.load_params(str(base_dir)), ad, 1.5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), got, want)
+  base = checkpoints.load_params(str(base_dir))
+  assert np.abs(got["mid_block"]["mlp"]["fc2"]["kernel"] - base["mid_block"]["mlp"]["fc2"]["kernel"]).max() > 1e-3
+  np.testing.assert_array_equal(got["mid_block"]["mlp"]["fc1"]["kernel"],
+                                base["mid_block"]["mlp"]["fc1"]["kernel"])
+
+
+def _sampler_config(tiny_sampler, tmp_path, lcfg):
+  config, model, params, _ = tiny_sampler
+  ad = jax.device_get(_adapters(model, lcfg.rank, lcfg.targets, b_std=0.3, seed=7))
+  base = lora.base_identity(checkpoints.load_params(config.sample.checkpoint), "base")
+  path = str(tmp_path / "style.lora.safetensors")
+  lora.save_adapters(path, ad, lcfg, base, config.model)
+  return config, model, params, ad, path
+
+
+@pytest.mark.slow   # three t2i compiles: ~45 s on a busy 2-core machine
+def test_sampling_with_an_adapter_equals_sampling_the_merged_weights(tiny_sampler, tmp_path):
+  from unidiffuser_jax import sample
+  lcfg = lora.LoraConfig(rank=2, alpha=4.0, dropout=0.0,
+                         targets=demo.get_config("tiny").train.lora.targets)
+  config, model, params, ad, path = _sampler_config(tiny_sampler, tmp_path, lcfg)
+  config = config.copy_and_resolve_references()
+  config.sample.update(lora=path, lora_scale="0.5", batch_size=8)
+  sampler = sample.load_sampler(config, str(tmp_path))
+  merged = lora.merge(params, ad, lcfg.scale * 0.5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+               jax.device_get(sampler["params"]), merged)
+  host, n = sample.task_inputs("t2i", sample.config_inputs(config), config)
+  with_adapter = sample.generate("t2i", host, n, config, progress=False, **sampler)
+  plain = sample.generate("t2i", host, n, config, progress=False,
+                          **dict(sampler, params=jax.device_put(merged)))
+  base = sample.generate("t2i", host, n, config, progress=False,
+                         **dict(sampler, params=jax.device_put(params)))
+  for a, b, c in zip(with_adapter, plain, base):
+    np.testing.assert_array_equal(a["pixels"], b["pixels"])
+    assert np.any(a["pixels"] != c["pixels"])
+
+
+def test_sampling_refuses_an_adapter_of_another_base(tiny_sampler, tmp_path):
+  from unidiffuser_jax import sample
+  config, model, params, _ = tiny_sampler
+  lcfg = lora.LoraConfig(rank=2, alpha=4.0, dropout=0.0, targets="mid_block/mlp/fc1")
+  ad = jax.device_get(_adapters(model, 2, lcfg.targets))
+  path = str(tmp_path / "other.lora.safetensors")
+  lora.save_adapters(path, ad, lcfg, lora.base_identity(_params(model, seed=12), "other"),
+                     config.model)
+  config = config.copy_and_resolve_references()
+  config.sample.update(lora=f"{path}", lora_scale="1.0")
+  with pytest.raises(errors.ConfigError, match="trained on the base 'other'"):
+    sample.load_sampler(config, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match="3 values for 2 LoRA files"):
+    lora.parse_scales([path, path], "1,2,3")

@@ -224,21 +224,42 @@ def check_base(identity: dict, recorded: dict, what: str) -> None:
         f"change another model; use the base they were trained on")
 
 
-def record_base(workdir: str, identity: dict) -> None:
-  """Writes the run's base identity into the workdir, or refuses a resume on another base."""
+def record_run(workdir: str, identity: dict, lcfg: LoraConfig) -> None:
+  """Writes the run's base identity and LoRA config into the workdir (BASE_RECORD), or refuses
+  a resume on another base or with another LoRA config."""
   path = epath.Path(workdir) / BASE_RECORD
   if path.exists():
-    check_base(identity, json.loads(path.read_text()), f"the LoRA run in {workdir}")
+    run = json.loads(path.read_text())
+    check_base(identity, run["base"], f"the LoRA run in {workdir}")
+    if run["lora"] != lcfg.to_dict():
+      raise ConfigError(f"the LoRA run in {workdir} was started with config.train.lora "
+                        f"{run['lora']}, not {lcfg.to_dict()}; resume it with its own values")
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(identity))
+  path.write_text(json.dumps({"base": identity, "lora": lcfg.to_dict()}))
 
 
-def read_base(workdir: str) -> dict:
-  path = epath.Path(workdir) / BASE_RECORD
-  if not path.exists():
-    raise ConfigError(f"{workdir} holds no LoRA run ({BASE_RECORD} is missing)")
-  return json.loads(path.read_text())
+def _run_dir(src: str):
+  p = epath.Path(src)
+  while not (p / BASE_RECORD).exists() and p.parent != p:
+    p = p.parent
+  return p if (p / BASE_RECORD).exists() else None
+
+
+def is_run(src: str) -> bool:
+  """Whether `src` (a workdir or a checkpoint in one) belongs to a LoRA run."""
+  return bool(src) and _run_dir(src) is not None
+
+
+def read_run(src: str) -> tuple[dict, LoraConfig]:
+  """(base identity, LoraConfig) recorded by the LoRA run at `src` (its workdir or a folder
+  inside it, e.g. a checkpoint step)."""
+  p = _run_dir(src)
+  if p is None:
+    raise ConfigError(f"{src} holds LoRA adapters but no {BASE_RECORD} above it: it is not a "
+                      f"LoRA run's workdir")
+  run = json.loads((p / BASE_RECORD).read_text())
+  return run["base"], LoraConfig(**run["lora"])
 
 
 # ---------------------------------------------------------------- files
@@ -282,7 +303,8 @@ def parse_scales(files: list[str], scales: str) -> list[float]:
 
 def merge_files(params, files: str, scales: str, base_name: str):
   """params (on device) with each adapters file of the comma list `files` merged at its scale
-  (config.sample.lora / lora_scale); each file's base must be `params`."""
+  (config.sample.lora / lora_scale) by one jitted merge on device; each file's base must be
+  `params` (refused otherwise)."""
   paths = [f.strip() for f in str(files).split(",") if f.strip()]
   if not paths:
     return params
@@ -290,8 +312,53 @@ def merge_files(params, files: str, scales: str, base_name: str):
   merged = params
   for path, s in zip(paths, parse_scales(paths, scales)):
     adapters, lcfg, _ = load_adapters(path, identity)
-    merged = jax.jit(merge, static_argnums=2)(merged, adapters, lcfg.scale * s)
+    merged = _merge_jit(merged, adapters, lcfg.scale * s)
   return merged
+
+
+_merge_jit = jax.jit(merge, static_argnums=2)
+
+
+def is_adapters(tree) -> bool:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return bool(leaves) and all(_name(p).endswith(("/" + A, "/" + B)) for p, _ in leaves)
+
+
+def template(model, lcfg: LoraConfig) -> dict:
+  """The adapters' shapes (ShapeDtypeStructs) for `model` and `lcfg`."""
+  found = targets(uvit.abstract_variables(model)["params"], lcfg.targets)
+  return nn.unbox(jax.eval_shape(lambda: init_adapters(found, lcfg.rank, jax.random.key(0))))
+
+
+def run_adapters(model, src: str) -> tuple[dict, LoraConfig, dict]:
+  """-> (EMA adapters, LoraConfig, base identity) of the LoRA run at `src` (a workdir or a
+  checkpoint), the adapters checked against `model`."""
+  base, lcfg = read_run(src)
+  adapters = checkpoints.load_params(src)
+  checkpoints.check_params(adapters, template(model, lcfg), f"the LoRA checkpoint {src}",
+                           f"config.model with the run's LoRA config {lcfg.to_dict()}")
+  return adapters, lcfg, base
+
+
+def merged_run(src: str, adapters, base_path: str = "") -> dict:
+  """The LoRA run at `src`: its base (`base_path`, else the init_from the run recorded) with
+  `adapters` merged in, on host; a base other than the run's is refused."""
+  recorded, lcfg = read_run(src)
+  base_path = base_path or recorded["name"]
+  base = checkpoints.load_params(base_path)
+  check_base(base_identity(base, base_path), recorded, f"the LoRA run {src}")
+  return jax.device_get(_merge_jit(base, adapters, lcfg.scale))
+
+
+def for_sampling(config, src: str, params, put):
+  """The U-ViT params a sampler uses: `params` read from `src` (a LoRA run's adapters are
+  merged into their base: config.train.init_from, else the run's), placed by `put`, then the files of
+  config.sample.lora merged in on device (before anything is compiled)."""
+  if is_adapters(params):
+    params = merged_run(src, params, config.train.init_from)
+  params = put(params)
+  return merge_files(params, config.sample.lora, config.sample.lora_scale,
+                     config.sample.checkpoint or src)
 
 
 # ---------------------------------------------------------------- the fine-tune
@@ -306,7 +373,7 @@ def load_base(model, path: str, mesh, rules, base_dtype: str):
   checkpoints.check_params(loaded, nn.unbox(abstract), f"init_from={path}", "the model config")
   shardings = sharding.named_shardings(sharding.logical_to_specs(abstract, mesh, rules), mesh)
   identity = base_identity(loaded, path)
-  base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, base_dtype), loaded), shardings)
+  base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, jnp.dtype(base_dtype)), loaded), shardings)
   return base, shardings, identity
 
 
@@ -316,12 +383,11 @@ def finetune(task, model, config, mesh, workdir: str, frozen, frozen_shardings):
   The task's params are the adapters; its loss runs the base task's loss with the base
   (frozen["base"]) and the adapters applied. The dropout key comes from the step's key
   (rng.key_for(seed, step, "train/uvit")) folded with the purpose "lora/dropout"."""
-  from unidiffuser_jax.train import Task  # local: train imports this module
   lcfg = LoraConfig.from_config(config.train.lora)
   rules = sharding.rules_from_config(config.sharding.rules)
   base, base_shardings, identity = load_base(model, config.train.init_from, mesh, rules,
                                              lcfg.base_dtype)
-  record_base(workdir, identity)
+  record_run(workdir, identity, lcfg)
   found = targets(uvit.abstract_variables(model)["params"], lcfg.targets)
   seed = int(config.seed)
 
@@ -333,6 +399,5 @@ def finetune(task, model, config, mesh, workdir: str, frozen, frozen_shardings):
     with applied(adapters, lcfg.scale, lcfg.dropout, dkey):
       return task.loss(frozen_in["base"], frozen_in["encoders"], batch, key)
 
-  lora_task = Task(f"{task.name}", init_params, loss, task.prepare_batch)
-  return (lora_task, {"encoders": frozen, "base": base},
+  return (dataclasses.replace(task, init_params=init_params, loss=loss), {"encoders": frozen, "base": base},
           {"encoders": frozen_shardings, "base": base_shardings})
