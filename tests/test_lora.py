@@ -350,3 +350,19 @@ def test_sampling_refuses_an_adapter_of_another_base(tiny_sampler, tmp_path):
     sample.load_sampler(config, str(tmp_path))
   with pytest.raises(errors.ConfigError, match="3 values for 2 LoRA files"):
     lora.parse_scales([path, path], "1,2,3")
+
+
+def test_describe_reports_lora_against_full_fine_tuning():
+  from unidiffuser_jax import describe
+  c = demo.get_config("tiny")
+  c.train.lora.update(rank=4, base_dtype="bfloat16")
+  out = describe.describe(c, num_devices=1)
+  model = train.make_model(c.model)
+  found = lora.targets(uvit.abstract_variables(model)["params"], c.train.lora.targets)
+  n_ad = sum(4 * (i + o) for (i, o), _ in found.values())
+  n_base = uvit.count_params(dict(c.model, dtype=jnp.float32))
+  assert f"{len(found)} layers, {n_ad} adapter params" in out
+  mib = lambda n: f"{n / 2**20:.2f} MiB"
+  # bf16 base; adapters, EMA float32; AdamW: two moments (+ a step count) per adapter.
+  assert f"base (bfloat16, frozen) {mib(2 * n_base)}, adapters {mib(4 * n_ad)}, ema {mib(4 * n_ad)}" in out
+  assert f"full fine-tuning: {mib(16 * n_base)}" in out

@@ -377,27 +377,62 @@ def load_base(model, path: str, mesh, rules, base_dtype: str):
   return base, shardings, identity
 
 
-def finetune(task, model, config, mesh, workdir: str, frozen, frozen_shardings):
-  """The LoRA form of a U-ViT fine-tune: -> (task, frozen, frozen_shardings) for run_loop.
+def wrap_task(task, model, lcfg: LoraConfig, seed: int):
+  """The LoRA form of the U-ViT task: its params are the adapters; its loss(adapters, frozen,
+  batch, key) runs `task`'s loss with frozen["base"] as the U-ViT's params, frozen["encoders"]
+  as the encoders', and the adapters applied. The dropout key is the step's key
+  (rng.key_for(seed, step, "train/<task>")) folded with the purpose "lora/dropout"."""
+  found = targets(uvit.abstract_variables(model)["params"], lcfg.targets)
 
-  The task's params are the adapters; its loss runs the base task's loss with the base
-  (frozen["base"]) and the adapters applied. The dropout key comes from the step's key
-  (rng.key_for(seed, step, "train/uvit")) folded with the purpose "lora/dropout"."""
+  def init_params():
+    return init_adapters(found, lcfg.rank, rng.key_for(seed, 0, "init/lora"))
+
+  def loss(adapters, frozen, batch, key):
+    dkey = jax.random.fold_in(key, rng.purpose_id("lora/dropout"))
+    with applied(adapters, lcfg.scale, lcfg.dropout, dkey):
+      return task.loss(frozen["base"], frozen["encoders"], batch, key)
+
+  return dataclasses.replace(task, init_params=init_params, loss=loss)
+
+
+def finetune(task, model, config, mesh, workdir: str, frozen, frozen_shardings):
+  """A U-ViT fine-tune made a LoRA fine-tune: -> (task, frozen, frozen_shardings) for run_loop,
+  the base (config.train.init_from) loaded as a frozen input and recorded in the workdir."""
   lcfg = LoraConfig.from_config(config.train.lora)
   rules = sharding.rules_from_config(config.sharding.rules)
   base, base_shardings, identity = load_base(model, config.train.init_from, mesh, rules,
                                              lcfg.base_dtype)
   record_run(workdir, identity, lcfg)
-  found = targets(uvit.abstract_variables(model)["params"], lcfg.targets)
-  seed = int(config.seed)
-
-  def init_params():
-    return init_adapters(found, lcfg.rank, rng.key_for(seed, 0, "init/lora"))
-
-  def loss(adapters, frozen_in, batch, key):
-    dkey = jax.random.fold_in(key, rng.purpose_id("lora/dropout"))
-    with applied(adapters, lcfg.scale, lcfg.dropout, dkey):
-      return task.loss(frozen_in["base"], frozen_in["encoders"], batch, key)
-
-  return (dataclasses.replace(task, init_params=init_params, loss=loss), {"encoders": frozen, "base": base},
+  return (wrap_task(task, model, lcfg, int(config.seed)), {"encoders": frozen, "base": base},
           {"encoders": frozen_shardings, "base": base_shardings})
+
+
+# ---------------------------------------------------------------- the memory plan
+
+def describe_lines(config, model, tx, mesh, rules, full_bytes: int) -> list[str]:
+  """--mode=describe's LoRA lines: per-device bytes of the frozen base, the adapters, their EMA
+  and optimizer state, against `full_bytes` (params + EMA + optimizer state of full fine-tuning).
+  Parameter state only: activations come on top (the same for both)."""
+  lcfg = LoraConfig.from_config(config.train.lora)
+  abstract = uvit.abstract_variables(model)["params"]
+  found = targets(abstract, lcfg.targets)
+
+  def init():
+    adapters = init_adapters(found, lcfg.rank, jax.random.key(0))
+    return adapters, adapters, tx.init(adapters)
+  boxed = jax.eval_shape(init)
+  specs = sharding.logical_to_specs(boxed, mesh, rules)
+  ad_b, ema_b, opt_b = (sharding.bytes_per_device(t, s, mesh)
+                        for t, s in zip(nn.unbox(boxed), specs))
+  dtype = jnp.dtype(lcfg.base_dtype)
+  base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.unbox(abstract))
+  base_b = sharding.bytes_per_device(base, sharding.logical_to_specs(abstract, mesh, rules), mesh)
+  n_ad = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed)[0]))
+  total = base_b + ad_b + ema_b + opt_b
+  gib = lambda n: f"{n / 2**30:.3f} GiB" if n >= 2**24 else f"{n / 2**20:.2f} MiB"
+  return [f"LoRA (train.lora): rank {lcfg.rank}, alpha {lcfg.alpha}, {len(found)} layers, "
+          f"{n_ad} adapter params",
+          f"per-device bytes, LoRA: base ({lcfg.base_dtype}, frozen) {gib(base_b)}, adapters "
+          f"{gib(ad_b)}, ema {gib(ema_b)}, optimizer state {gib(opt_b)}, total {gib(total)} "
+          f"(full fine-tuning: {gib(full_bytes)}, {full_bytes / max(total, 1):.1f}x); "
+          f"activations not included"]
