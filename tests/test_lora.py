@@ -1,5 +1,7 @@
 """LoRA (unidiffuser_jax/lora.py): zero-init identity, merged == unmerged, only adapters trained,
 sharded == single device, bitwise resume, adapter files, wrong-base refusal."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -366,3 +368,20 @@ def test_describe_reports_lora_against_full_fine_tuning():
   # bf16 base; adapters, EMA float32; AdamW: two moments (+ a step count) per adapter.
   assert f"base (bfloat16, frozen) {mib(2 * n_base)}, adapters {mib(4 * n_ad)}, ema {mib(4 * n_ad)}" in out
   assert f"full fine-tuning: {mib(16 * n_base)}" in out
+
+
+def test_a_fine_tune_keeps_its_bases_latent_normalisation(tmp_path):
+  import json
+  from unidiffuser_jax import latent_stats
+  c = demo.get_config("tiny")
+  c.encoders.fit_latent_stats = 16
+  c.train.init_from = str(tmp_path / "base")
+  stats = {"latent_shift": [0.1], "latent_scale": 2.5, "text_shift": [0.0], "text_scale": 0.5,
+           "examples": 16}
+  os.makedirs(tmp_path / "base")
+  with open(latent_stats.path_in(str(tmp_path / "base")), "w") as f:
+    json.dump(stats, f)
+  never = lambda: pytest.fail("a fine-tune of a run with latent stats must not refit them")
+  enc = encoders_lib.build(c.encoders)
+  latent_stats.fit_or_load(c, enc, None, never, None, str(tmp_path / "run"))
+  assert latent_stats.load(str(tmp_path / "run")) == latent_stats.load(str(tmp_path / "base"))

@@ -361,6 +361,18 @@ def for_sampling(config, src: str, params, put):
                      config.sample.checkpoint or src)
 
 
+def eval_params(config, params, cache: dict):
+  """A training-time evaluation's U-ViT params: a LoRA run's EMA adapters (`params`, on device)
+  merged into its base (config.train.init_from, loaded once into `cache` and placed like
+  `params`); other params as they are."""
+  if not is_adapters(params):
+    return params
+  if "lora_base" not in cache:
+    where = jax.tree.leaves(params)[0].sharding
+    cache["lora_base"] = jax.device_put(checkpoints.load_params(config.train.init_from), where)
+  return _merge_jit(cache["lora_base"], params, LoraConfig.from_config(config.train.lora).scale)
+
+
 # ---------------------------------------------------------------- the fine-tune
 
 def load_base(model, path: str, mesh, rules, base_dtype: str):

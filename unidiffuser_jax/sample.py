@@ -458,7 +458,8 @@ class Evaluator:
   def __call__(self, step: int, state) -> dict:
     if self._ctx is None:
       self._ctx = _setup(self._config, self._workdir)
-    params = jax.device_put(state.ema_params, self._ctx["replicated"])
+    params = lora.eval_params(self._config, jax.device_put(state.ema_params,
+                                                           self._ctx["replicated"]), self._ctx)
     scalars = {}
     for task in self._tasks:
       host, n = task_inputs(task, self._inputs, self._config)
