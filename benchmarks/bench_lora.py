@@ -3,6 +3,8 @@
   python benchmarks/bench_lora.py                    # configs/demo.py's U-ViT and batch, rank 8
   python benchmarks/bench_lora.py --quick            # configs/demo.py:tiny, few steps: sanity only
   python benchmarks/bench_lora.py --rank=16 --base_dtype=bfloat16
+  python benchmarks/bench_lora.py --laion_memory --batch=8   # configs/laion.py on ONE device:
+                                                   # XLA's memory plan of both steps, no arrays
 
 Both sides are train.make_train_step (the function the trainer jits, with its shardings, on one
 device) over the U-ViT objective on a synthetic batch through the demo's encoders: full
@@ -10,6 +12,11 @@ fine-tuning (train.uvit_task: params, EMA and AdamW state of every weight) and L
 (lora.wrap_task: the base a frozen input, adapters on config.train.lora.targets). Reported per
 side: median step time over --steps timed steps after --warmup, and compiled.memory_analysis()
 (arguments, outputs, temporaries) of the jitted step on this backend.
+
+--laion_memory compiles both steps of configs/laion.py (952M U-ViT, bf16 compute, remat per
+block) for one device of this backend from abstract inputs (unidiffuser_jax/aot.py: features
+batch, the caption decoder the only frozen encoder, nothing allocated) and prints XLA's
+per-device memory plan against 16 and 24 GiB; nothing is timed.
 """
 import argparse
 import os
@@ -23,8 +30,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
 from configs import demo as demo_config  # noqa: E402
+from configs import laion as laion_config  # noqa: E402
 from data_pipelines import synthetic  # noqa: E402
-from unidiffuser_jax import encoders as encoders_lib, lora, sharding, train, vocab  # noqa: E402
+from unidiffuser_jax import aot, encoders as encoders_lib, lora, sharding, train, vocab  # noqa: E402
 from unidiffuser_jax.models import uvit  # noqa: E402
 
 
@@ -38,7 +46,8 @@ def _config(args):
   return vocab.derive(c)
 
 
-def _bench(name, task, frozen, frozen_sh, config, mesh, batch, args):
+def _build(name, task, frozen, frozen_sh, config, mesh, batch):
+  """-> a thunk running one step (state carried), after compiling; prints the memory plan."""
   rules = sharding.rules_from_config(config.sharding.rules)
   tx = train.make_optimizer(config.train)
   state, state_sh = train.create_state(task, tx, config, mesh)
@@ -48,21 +57,69 @@ def _bench(name, task, frozen, frozen_sh, config, mesh, batch, args):
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(args.warmup + args.steps):
-      t0 = time.perf_counter()
-      state, m = compiled(state, frozen, batch)
-      jax.block_until_ready(m["loss"])
-      if i >= args.warmup:
-        times.append(time.perf_counter() - t0)
   mem = compiled.memory_analysis()
   n_trained = sum(x.size for x in jax.tree.leaves(state.params))
   mib = lambda n: f"{n / 2**20:.1f} MiB"
-  print(f"{name:>5}: step {1e3 * statistics.median(times):7.1f} ms (median of {len(times)}; "
-        f"compile {compile_s:.1f} s), trained params {n_trained:,}, memory_analysis: arguments "
-        f"{mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)}, "
+  print(f"{name:>5}: compile {compile_s:.1f} s, trained params {n_trained:,}, memory_analysis: "
+        f"arguments {mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)}, "
         f"temporaries {mib(mem.temp_size_in_bytes)}", flush=True)
-  return statistics.median(times)
+  box = [state]
+
+  def run():
+    box[0], m = compiled(box[0], frozen, batch)
+    jax.block_until_ready(m["loss"])
+  return run
+
+
+def _time(runs: dict, args) -> dict:
+  """Median step time per side; the sides alternate step by step, so a change in the machine's
+  load hits both alike."""
+  times = {k: [] for k in runs}
+  for i in range(args.warmup + args.steps):
+    for k, run in runs.items():
+      t0 = time.perf_counter()
+      run()
+      if i >= args.warmup:
+        times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def laion_memory(args):
+  config = laion_config.get_config()
+  config.mesh = dict(data=1, fsdp=1, tensor=1, num_devices=1)
+  config.train.lora.update(rank=args.rank, base_dtype=args.base_dtype)
+  seed = int(config.seed)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding.rules)
+  model = train.make_model(config.model)
+  encoders = encoders_lib.build(config.encoders)
+  full_task = train.uvit_task(model, encoders, seed)
+  enc, enc_sh = aot.abstract_frozen(encoders, mesh, rules, seed)
+  abstract = uvit.abstract_variables(model)["params"]
+  base_sh = sharding.named_shardings(sharding.logical_to_specs(abstract, mesh, rules), mesh)
+  base = aot.abstract_with(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, args.base_dtype),
+                                        nn.unbox(abstract)), base_sh)
+  lcfg = lora.LoraConfig.from_config(config.train.lora)
+  sides = {"full": (full_task, enc, enc_sh),
+           "lora": (lora.wrap_task(full_task, model, lcfg, seed), {"encoders": enc, "base": base},
+                    {"encoders": enc_sh, "base": base_sh})}
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}: configs/laion.py, one device, "
+        f"batch {args.batch}, LoRA rank {args.rank}, base {args.base_dtype}", flush=True)
+  for name, (task, frozen, frozen_sh) in sides.items():
+    tx = train.make_optimizer(config.train)
+    boxed = jax.eval_shape(train.init_fn(task, tx))
+    state_sh = sharding.named_shardings(sharding.logical_to_specs(boxed, mesh, rules), mesh)
+    state = aot.abstract_with(nn.unbox(boxed), state_sh)
+    step = train.compile_train_step(train.make_train_step(task, tx, config.train, seed), mesh,
+                                    state_sh, frozen_sh)
+    t0 = time.perf_counter()
+    with sharding.tracing_context(mesh, rules):
+      compiled = step.lower(state, frozen, aot.features_batch(config, model, args.batch,
+                                                               mesh)).compile()
+    for hbm in (16, 24):
+      lines, _ = aot.memory_report(compiled, hbm, f"{name}, {hbm} GiB")
+      print("\n".join(lines[:1] + lines[2:3] if hbm == 24 else lines), flush=True)
+    print(f"  (compile {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def main():
@@ -72,7 +129,12 @@ def main():
   parser.add_argument("--base_dtype", default="float32", choices=lora.BASE_DTYPES)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--laion_memory", action="store_true")
+  parser.add_argument("--batch", type=int, default=8, help="--laion_memory's global batch")
   args = parser.parse_args()
+  if args.laion_memory:
+    laion_memory(args)
+    return
   if args.quick:
     args.warmup, args.steps = 1, 3
   config = _config(args)
@@ -91,7 +153,7 @@ def main():
         f"{model.width} depth {model.depth}, {uvit.count_params(dict(config.model, dtype='float32')):,} "
         f"params, batch {config.train.batch_size}, LoRA rank {args.rank} on "
         f"{config.train.lora.targets!r}, base {args.base_dtype}", flush=True)
-  full = _bench("full", task, enc_params, enc_sh, config, mesh, batch, args)
+  runs = {"full": _build("full", task, enc_params, enc_sh, config, mesh, batch)}
   # A LoRA fine-tune of the full step's initial weights (their values do not change the time).
   lcfg = lora.LoraConfig.from_config(config.train.lora)
   rules = sharding.rules_from_config(config.sharding.rules)
@@ -99,9 +161,13 @@ def main():
   base_sh = sharding.named_shardings(sharding.logical_to_specs(abstract, mesh, rules), mesh)
   base = jax.jit(lambda: jax.tree.map(lambda x: x.astype(args.base_dtype),
                                       nn.unbox(task.init_params())), out_shardings=base_sh)()
-  lora_t = _bench("lora", lora.wrap_task(task, model, lcfg, int(config.seed)),
-                  {"encoders": enc_params, "base": base}, {"encoders": enc_sh, "base": base_sh},
-                  config, mesh, batch, args)
+  runs["lora"] = _build("lora", lora.wrap_task(task, model, lcfg, int(config.seed)),
+                        {"encoders": enc_params, "base": base},
+                        {"encoders": enc_sh, "base": base_sh}, config, mesh, batch)
+  med = _time(runs, args)
+  for k, t in med.items():
+    print(f"{k:>5}: step {1e3 * t:7.1f} ms (median of {args.steps}, sides alternating)")
+  full, lora_t = med["full"], med["lora"]
   print(f"LoRA / full step time: {lora_t / full:.2f}")
 
 

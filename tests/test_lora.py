@@ -385,3 +385,29 @@ def test_a_fine_tune_keeps_its_bases_latent_normalisation(tmp_path):
   enc = encoders_lib.build(c.encoders)
   latent_stats.fit_or_load(c, enc, None, never, None, str(tmp_path / "run"))
   assert latent_stats.load(str(tmp_path / "run")) == latent_stats.load(str(tmp_path / "base"))
+
+
+def test_merged_and_intercepted_training_losses_agree(base_dir, tmp_path):
+  """Without dropout the loss merges the adapters into the base; the interceptor (the dropout
+  path) at dropout 0 gives the same loss and adapter gradients."""
+  config = _config(base_dir)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  model = train.make_model(config.model)
+  enc = encoders_lib.build(config.encoders)
+  enc_params, enc_sh = enc.load_params(config.encoders.weights, mesh, int(config.seed))
+  task = train.uvit_task(model, enc, int(config.seed))
+  lora_task, frozen, _ = lora.finetune(task, model, config, mesh, str(tmp_path), enc_params,
+                                       enc_sh)
+  ad = _adapters(model, 4, b_std=0.2)
+  batch = sharding.to_global(next(_iterator()), mesh)
+  key = jax.random.key(0)
+
+  def intercepted(adapters):
+    with lora.applied(adapters, lora.LoraConfig.from_config(config.train.lora).scale):
+      return task.loss(frozen["base"], frozen["encoders"], batch, key)[0]
+
+  (l1, _), g1 = jax.value_and_grad(lora_task.loss, has_aux=True)(ad, frozen, batch, key)
+  l2, g2 = jax.value_and_grad(intercepted)(ad)
+  assert float(l1) == pytest.approx(float(l2), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 1e-4

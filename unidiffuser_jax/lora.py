@@ -5,9 +5,12 @@ whose module path (e.g. "in_blocks_0/attn/qkv") fully matches config.train.lora.
 
   y = x W + b + (alpha / r) * dropout(x) A B,    A [in, r] (uniform +-1/sqrt(in)), B [r, out] = 0
 
-(peft's LoRA; B = 0 makes step 0 the base model). The model code is unchanged: during the loss,
-a flax method interceptor (`applied`) adds the low-rank term to those Dense calls of the U-ViT;
-for sampling and export `merge` folds W + (alpha / r) A B into the kernels once.
+(peft's LoRA; B = 0 makes step 0 the base model). The model code is unchanged. Without dropout
+the loss merges W + (alpha / r) A B (float32) into the base's kernels inside the step and runs the
+base network (its own matmuls; the gradient reaches A and B through the merge); with dropout,
+which acts on the adapters' input and so has no merged form, a flax method interceptor
+(`applied`) adds the low-rank term to those Dense calls of the U-ViT. The two agree to 1e-5
+(tests/test_lora.py). For sampling and export `merge` folds the adapters into the kernels once.
 
 In training the base weights are a frozen input of the step (next to the encoders: no gradient,
 no optimizer state, stored in train.lora.base_dtype), and the state's params / EMA / optimizer
@@ -177,8 +180,8 @@ def applied(adapters, scale: float, dropout: float = 0.0, dropout_key=None):
 
 
 def merge(params: dict, adapters, scale: float) -> dict:
-  """params with kernel + scale * A B for every adapted layer (in the kernel's dtype; the
-  product in float32). Jit it to merge on device."""
+  """params with kernel + scale * A B for every adapted layer, in float32 (a bfloat16 base's
+  kernel is widened first, so a small A B is not rounded away). Jit it to merge on device."""
   flat = flatten(adapters)
   def visit(node, prefix):
     out = {}
@@ -189,7 +192,7 @@ def merge(params: dict, adapters, scale: float) -> dict:
       elif k == "kernel" and prefix[:-1] in flat:
         ab = flat[prefix[:-1]]
         delta = jnp.asarray(ab[A], jnp.float32) @ jnp.asarray(ab[B], jnp.float32)
-        out[k] = (jnp.asarray(v, jnp.float32) + scale * delta).astype(v.dtype)
+        out[k] = jnp.asarray(v, jnp.float32) + scale * delta
       else:
         out[k] = v
     return out
@@ -400,8 +403,10 @@ def wrap_task(task, model, lcfg: LoraConfig, seed: int):
     return init_adapters(found, lcfg.rank, rng.key_for(seed, 0, "init/lora"))
 
   def loss(adapters, frozen, batch, key):
+    if lcfg.dropout == 0.0:   # W + s A B merged in the step: the base network's own matmuls
+      return task.loss(merge(frozen["base"], adapters, lcfg.scale), frozen["encoders"], batch, key)
     dkey = jax.random.fold_in(key, rng.purpose_id("lora/dropout"))
-    with applied(adapters, lcfg.scale, lcfg.dropout, dkey):
+    with applied(adapters, lcfg.scale, lcfg.dropout, dkey):   # dropout acts on the adapters' input
       return task.loss(frozen["base"], frozen["encoders"], batch, key)
 
   return dataclasses.replace(task, init_params=init_params, loss=loss)
