@@ -387,9 +387,10 @@ def test_a_fine_tune_keeps_its_bases_latent_normalisation(tmp_path):
   assert latent_stats.load(str(tmp_path / "run")) == latent_stats.load(str(tmp_path / "base"))
 
 
-def test_merged_and_intercepted_training_losses_agree(base_dir, tmp_path):
-  """Without dropout the loss merges the adapters into the base; the interceptor (the dropout
-  path) at dropout 0 gives the same loss and adapter gradients."""
+def test_the_three_forms_agree(base_dir, tmp_path):
+  """The training loss (kernels merged inside each layer) against the loss of the globally merged
+  params: same loss and adapter gradients; and the dropout form (output + dropout(x) A B) at a
+  dropout so small that no unit is dropped gives the same output."""
   config = _config(base_dir)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   model = train.make_model(config.model)
@@ -398,16 +399,22 @@ def test_merged_and_intercepted_training_losses_agree(base_dir, tmp_path):
   task = train.uvit_task(model, enc, int(config.seed))
   lora_task, frozen, _ = lora.finetune(task, model, config, mesh, str(tmp_path), enc_params,
                                        enc_sh)
+  scale = lora.LoraConfig.from_config(config.train.lora).scale
   ad = _adapters(model, 4, b_std=0.2)
   batch = sharding.to_global(next(_iterator()), mesh)
   key = jax.random.key(0)
 
-  def intercepted(adapters):
-    with lora.applied(adapters, lora.LoraConfig.from_config(config.train.lora).scale):
-      return task.loss(frozen["base"], frozen["encoders"], batch, key)[0]
+  def globally_merged(adapters):
+    return task.loss(lora.merge(frozen["base"], adapters, scale), frozen["encoders"], batch, key)[0]
 
   (l1, _), g1 = jax.value_and_grad(lora_task.loss, has_aux=True)(ad, frozen, batch, key)
-  l2, g2 = jax.value_and_grad(intercepted)(ad)
+  l2, g2 = jax.value_and_grad(globally_merged)(ad)
   assert float(l1) == pytest.approx(float(l2), rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
   assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 1e-4
+
+  params, x = frozen["base"], _inputs(model)
+  with lora.applied(ad, scale, dropout=1e-9, dropout_key=jax.random.key(0)):
+    additive = model.apply({"params": params}, *x)
+  for a, m in zip(additive, _forward(model, params, x, ad, scale)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(m), atol=1e-5, rtol=1e-5)

@@ -5,12 +5,12 @@ whose module path (e.g. "in_blocks_0/attn/qkv") fully matches config.train.lora.
 
   y = x W + b + (alpha / r) * dropout(x) A B,    A [in, r] (uniform +-1/sqrt(in)), B [r, out] = 0
 
-(peft's LoRA; B = 0 makes step 0 the base model). The model code is unchanged. Without dropout
-the loss merges W + (alpha / r) A B (float32) into the base's kernels inside the step and runs the
-base network (its own matmuls; the gradient reaches A and B through the merge); with dropout,
-which acts on the adapters' input and so has no merged form, a flax method interceptor
-(`applied`) adds the low-rank term to those Dense calls of the U-ViT. The two agree to 1e-5
-(tests/test_lora.py). For sampling and export `merge` folds the adapters into the kernels once.
+(peft's LoRA; B = 0 makes step 0 the base model). The model code is unchanged: during the loss
+a flax method interceptor (`applied`) computes those Dense calls of the U-ViT with the kernel
+W + (alpha / r) A B made inside the layer (float32; recomputed under remat, never a second copy
+of the model), or with dropout, which acts on the adapters' input and has no merged form, adds
+the low-rank term to the layer's output. For sampling and export `merge` folds the adapters into
+the kernels once. All forms agree to 1e-5 (tests/test_lora.py).
 
 In training the base weights are a frozen input of the step (next to the encoders: no gradient,
 no optimizer state, stored in train.lora.base_dtype), and the state's params / EMA / optimizer
@@ -147,8 +147,11 @@ def init_adapters(found: dict, rank: int, key) -> dict:
 
 @contextlib.contextmanager
 def applied(adapters, scale: float, dropout: float = 0.0, dropout_key=None):
-  """Within this context (while tracing), every U-ViT Dense call named by `adapters` returns
-  x W + b + scale * dropout(x) A B. Other modules (the encoders' Dense layers) are untouched."""
+  """Within this context (while tracing), every U-ViT Dense call named by `adapters` computes
+  x (W + scale A B) + b, the merged kernel made inside the layer (so it lives as long as the
+  layer's own temporaries and is recomputed under remat), or with dropout > 0, which acts on
+  the adapters' input and has no merged form, x W + b + scale * dropout(x) A B. Other modules
+  (the encoders' Dense layers) are untouched."""
   by_path = {tuple(m.split("/")): ab for m, ab in flatten(adapters).items()}
   inside = []   # UViT calls being traced (remat'd blocks have no module parent to walk up)
 
@@ -165,18 +168,30 @@ def applied(adapters, scale: float, dropout: float = 0.0, dropout_key=None):
     ab = by_path.get(tuple(module.path))
     if ab is None:
       return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
-    if dropout > 0.0:
-      k = jax.random.fold_in(dropout_key, rng.purpose_id("/".join(module.path)))
-      keep = jax.random.bernoulli(k, 1.0 - dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    if dropout == 0.0:
+      return _merged_dense(module, x, ab, scale)
+    y = next_fun(*args, **kwargs)
+    k = jax.random.fold_in(dropout_key, rng.purpose_id("/".join(module.path)))
+    keep = jax.random.bernoulli(k, 1.0 - dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
     dt = module.dtype or x.dtype
     delta = (x.astype(dt) @ ab[A].astype(dt)) @ ab[B].astype(dt)
     return y + (scale * delta).astype(y.dtype)
 
   with nn.intercept_methods(interceptor):
     yield
+
+
+def _merged_dense(module: nn.Dense, x, ab, scale: float):
+  """nn.Dense's computation (same dtype promotion and contraction) with its kernel + scale A B."""
+  kernel = module.get_variable("params", "kernel")
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  w = jnp.asarray(kernel, jnp.float32) + scale * (jnp.asarray(ab[A], jnp.float32) @
+                                                  jnp.asarray(ab[B], jnp.float32))
+  x, w, bias = module.promote_dtype(x, w, bias, dtype=module.dtype)
+  y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+  return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
 def merge(params: dict, adapters, scale: float) -> dict:
@@ -403,10 +418,8 @@ def wrap_task(task, model, lcfg: LoraConfig, seed: int):
     return init_adapters(found, lcfg.rank, rng.key_for(seed, 0, "init/lora"))
 
   def loss(adapters, frozen, batch, key):
-    if lcfg.dropout == 0.0:   # W + s A B merged in the step: the base network's own matmuls
-      return task.loss(merge(frozen["base"], adapters, lcfg.scale), frozen["encoders"], batch, key)
     dkey = jax.random.fold_in(key, rng.purpose_id("lora/dropout"))
-    with applied(adapters, lcfg.scale, lcfg.dropout, dkey):   # dropout acts on the adapters' input
+    with applied(adapters, lcfg.scale, lcfg.dropout, dkey):
       return task.loss(frozen["base"], frozen["encoders"], batch, key)
 
   return dataclasses.replace(task, init_params=init_params, loss=loss)
