@@ -163,11 +163,12 @@ def export(**kw) -> mc.ConfigDict:
 
 def sample(**kw) -> mc.ConfigDict:
   """config.sample: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform
-  (unidiffuser_jax/diffusion/solvers.py); tasks and inputs (unidiffuser_jax/sample.py)."""
+  (unidiffuser_jax/diffusion/solvers.py); tasks and inputs (unidiffuser_jax/sample.py).
+  guidance_scale serves every task but those task_guidance names ("task=scale", e.g. "i2t=3")."""
   return _section("sample", dict(
       tasks=("t2i",), num=4, batch_size=4, eval_num=4,
       steps=50, order=3, method="fast", skip_type="time_uniform",
-      guidance_scale=7.0, data_type=1, empty_prompt_uncond=False,
+      guidance_scale=7.0, task_guidance=(), data_type=1, empty_prompt_uncond=False,
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
       num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,
       # LoRA adapters (--mode=export's *.lora.safetensors) merged into the U-ViT once before

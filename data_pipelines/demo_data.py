@@ -225,7 +225,7 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
   params = dict(n_train=n_train, n_heldout=n_heldout, size=size, seed=seed,
                 shard_size=shard_size, version=2)
 
-  def example(rng):
+  def example(rng, split):  # pylint: disable=unused-argument
     a = sample_attrs(rng)
     img = render(a['colour'], a['shape'], a['position'], size, rng)
     return a, img, caption_for(a['colour'], a['shape'], a['position'], rng)
@@ -235,7 +235,7 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
 
 def write_set(out_dir: str, params: dict, build_tok, example, url: str) -> dict[str, Any]:
   """The build every generated set shares (idempotent on `params`): a tokenizer from
-  build_tok(dir), train and held-out shards of example(rng) -> (attrs, uint8 image,
+  build_tok(dir), train and held-out shards of example(rng, split) -> (attrs, uint8 image,
   caption), the held-out attributes, and a manifest out_dir/demo.json."""
   manifest = os.path.join(out_dir, 'demo.json')
   if os.path.exists(manifest):
@@ -260,7 +260,7 @@ def write_set(out_dir: str, params: dict, build_tok, example, url: str) -> dict[
     attrs_list = []
     with make_shards.ShardWriter(paths[split], params['shard_size']) as w:
       for _ in range(n):
-        a, img, cap = example(rng)
+        a, img, cap = example(rng, split)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, 'PNG')
         key = w.write(buf.getvalue(), 'png', cap,

@@ -6,13 +6,14 @@ caption). score_t2i / score_i2t here turn those into per-attribute accuracy.
 
   shapes  demo_data.py:  "a red circle on the left"   (colour, shape, position)
   glyphs  glyph_data.py: "purple 7, dark backdrop"    (digit, colour, background)
+  handwriting  handwriting_data.py: "a handwritten seven"  (digit; real scans, scikit-learn's)
 """
 from types import ModuleType
 from typing import Any, Sequence
 
-from data_pipelines import demo_data, glyph_data
+from data_pipelines import demo_data, glyph_data, handwriting_data
 
-SETS = {"shapes": demo_data, "glyphs": glyph_data}
+SETS = {"shapes": demo_data, "glyphs": glyph_data, "handwriting": handwriting_data}
 
 
 def get(name: str) -> ModuleType:

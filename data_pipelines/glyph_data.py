@@ -305,7 +305,7 @@ def build_demo(out_dir: str, n_train: int = 2000, n_heldout: int = 200,
   params = dict(set='glyph', n_train=n_train, n_heldout=n_heldout, size=size,
                 seed=seed, shard_size=shard_size, version=1)
 
-  def example(rng):
+  def example(rng, split):  # pylint: disable=unused-argument
     a = sample_attrs(rng)
     img = render(a['digit'], a['colour'], a['background'], size, rng)
     return a, img, caption_for(a['digit'], a['colour'], a['background'], rng)

@@ -132,3 +132,36 @@ def test_sample_imports_no_judge():
   names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
             for a in n.names]
   assert not [m for m in names if "demo" in m or "judge" in m], names
+
+
+def test_task_guidance_overrides_the_default_per_task(setup):
+  config, _, _, _ = setup
+  s = config.copy_and_resolve_references().sample
+  s.guidance_scale, s.task_guidance = 7.0, ("i2t=3", " gibbs = 0.5")
+  assert sample.guidance_scale(s, "i2t") == 3.0
+  assert sample.guidance_scale(s, "gibbs") == 0.5
+  assert sample.guidance_scale(s, "t2i") == 7.0
+  for bad in ("i2t", "x2y=3", "i2t=strong"):
+    s.task_guidance = (bad,)
+    with pytest.raises(errors.ConfigError, match="task_guidance entry"):
+      sample.guidance_scale(s, "t2i")
+
+
+@pytest.mark.slow
+def test_task_guidance_reaches_the_sampler(setup, tmp_path):
+  """t2i with task_guidance t2i=0 samples what guidance_scale=0 samples, not the default's."""
+  config, _, _, _ = setup
+  config = config.copy_and_resolve_references()
+  sampler = sample.load_sampler(config, str(tmp_path))
+  host, n = sample.task_inputs("t2i", sample.config_inputs(config), config)
+
+  def pixels(**overrides):
+    c = config.copy_and_resolve_references()
+    c.sample.update(overrides)
+    return np.stack([r["pixels"] for r in sample.generate("t2i", host, n, c, progress=False,
+                                                          **sampler)])
+
+  per_task = pixels(guidance_scale=20.0, task_guidance=("t2i=0",))
+  np.testing.assert_array_equal(per_task, pixels(guidance_scale=0.0))
+  # (a random U-ViT: guidance moves few pixels, but some)
+  assert (per_task != pixels(guidance_scale=20.0)).any()

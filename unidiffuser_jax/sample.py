@@ -61,25 +61,42 @@ class Task:
   body: Callable
 
 
-def _guidance(x, s):
+def guidance_scale(s, task: str) -> float:
+  """config.sample's guidance scale for `task`: its entry in s.task_guidance ("task=scale"
+  strings) if there is one, else s.guidance_scale."""
+  scales = {}
+  for entry in s.task_guidance:
+    name, sep, value = str(entry).partition("=")
+    try:
+      if not sep or name.strip() not in TASKS:
+        raise ValueError
+      scales[name.strip()] = float(value)
+    except ValueError:
+      raise errors.ConfigError(
+          f"config.sample.task_guidance entry {entry!r}: write task=scale with a task of "
+          f"{sorted(TASKS)}, e.g. \"i2t=3\"") from None
+  return scales.get(task, float(s.guidance_scale))
+
+
+def _guidance(x, s, task):
   """The sample's own guidance scale when the inputs carry one (a traced number: one program
   serves every scale; 0 then still runs the unconditional rows), else config.sample's."""
-  return x["guidance"][0] if "guidance" in x else float(s.guidance_scale)
+  return x["guidance"][0] if "guidance" in x else guidance_scale(s, task)
 
 
 def _t2i(nnet, x, key, s, kw):
-  z, _ = modes.t2i(nnet, x["text"], key, guidance_scale=_guidance(x, s),
+  z, _ = modes.t2i(nnet, x["text"], key, guidance_scale=_guidance(x, s, "t2i"),
                    uncond_text=x.get("uncond_text"), **kw)
   return {"z": z[0]}
 
 
 def _i2t(nnet, x, key, s, kw):
-  return {"text": modes.i2t(nnet, x["z"], x["clip"], key, guidance_scale=_guidance(x, s),
+  return {"text": modes.i2t(nnet, x["z"], x["clip"], key, guidance_scale=_guidance(x, s, "i2t"),
                             **kw)[0]}
 
 
 def _joint(nnet, x, key, s, kw):
-  z, _, text = modes.joint(nnet, key, batch_size=1, guidance_scale=_guidance(x, s), **kw)
+  z, _, text = modes.joint(nnet, key, batch_size=1, guidance_scale=_guidance(x, s, "joint"), **kw)
   return {"z": z[0], "text": text[0]}
 
 
@@ -92,19 +109,19 @@ def _text_only(nnet, x, key, s, kw):
 
 
 def _i2t2i(nnet, x, key, s, kw):
-  text, z, _ = modes.i2t2i(nnet, x["z"], x["clip"], key, guidance_scale=_guidance(x, s),
+  text, z, _ = modes.i2t2i(nnet, x["z"], x["clip"], key, guidance_scale=_guidance(x, s, "i2t2i"),
                            **kw)
   return {"text": text[0], "z": z[0]}
 
 
 def _t2i2t(nnet, x, key, s, kw):
-  z, _, text = modes.t2i2t(nnet, x["text"], key, guidance_scale=_guidance(x, s), **kw)
+  z, _, text = modes.t2i2t(nnet, x["text"], key, guidance_scale=_guidance(x, s, "t2i2t"), **kw)
   return {"z": z[0], "text": text[0]}
 
 
 def _gibbs(nnet, x, key, s, kw):
   texts, zs, _ = modes.gibbs(nnet, x["z"], x["clip"], key, rounds=int(s.gibbs_rounds),
-                             guidance_scale=_guidance(x, s), **kw)
+                             guidance_scale=_guidance(x, s, "gibbs"), **kw)
   return {"text": texts[:, 0], "z": zs[:, 0]}   # one per round
 
 
@@ -421,8 +438,9 @@ def run(config, workdir: str, inputs: dict | None = None) -> dict:
   except ValueError as e:
     raise errors.ConfigError(f"config.sample: {e}") from None
   inputs = config_inputs(config) if inputs is None else inputs
-  for task in s.tasks:  # fail on missing prompts/images before loading anything
+  for task in s.tasks:  # fail on missing prompts/images or a bad scale before loading anything
     task_inputs(task, inputs, config)
+    guidance_scale(s, task)
   sampler = load_sampler(config, workdir)
   results = {}
   for task in s.tasks:

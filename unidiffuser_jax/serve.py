@@ -230,7 +230,7 @@ class Server:
     steps = self.steps_choices[0] if steps is None else _number(steps, "Steps", 1, 10**4, True)
     if steps not in self.steps_choices:
       raise BadInput(f"Steps must be one of {list(self.steps_choices)}, got {steps}.")
-    guidance = float(s.guidance_scale) if guidance is None else guidance
+    guidance = sample.guidance_scale(s, task) if guidance is None else guidance
     guidance = _number(guidance, "Guidance scale", 0.0, float(sv.max_guidance), False)
     num = _number(num, "Number of samples", 1, int(sv.max_samples), True)
     seed = secrets.randbelow(MAX_SEED + 1) if randomize else _number(seed, "Seed", 0, MAX_SEED,
@@ -415,7 +415,7 @@ def build_page(server: Server) -> gr.Blocks:
                                  interactive=False))
               guidance = gr.Slider(label="Guidance scale", minimum=0.0,
                                    maximum=float(sv.max_guidance), step=0.5,
-                                   value=float(s.guidance_scale),
+                                   value=sample.guidance_scale(s, task),
                                    interactive=task != "interpolate")
               with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
