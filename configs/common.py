@@ -156,6 +156,13 @@ def extract(**kw) -> mc.ConfigDict:
   return _section("extract", dict(text="tokens", shard_size=10000, batch_size=0), kw)
 
 
+def export(**kw) -> mc.ConfigDict:
+  """config.export: --mode=export (weight_jobs.py). A LoRA run (train.lora.rank > 0) exports its
+  adapters alone (DIR/export/uvit_<version>.lora.safetensors); merge_lora=True writes the base
+  with the adapters merged in, in the released layout, instead."""
+  return _section("export", dict(merge_lora=False), kw)
+
+
 def sample(**kw) -> mc.ConfigDict:
   """config.sample: the reference's DPM-Solver++ "fast", order 3, 50 steps, time-uniform
   (unidiffuser_jax/diffusion/solvers.py); tasks and inputs (unidiffuser_jax/sample.py).
@@ -167,6 +174,9 @@ def sample(**kw) -> mc.ConfigDict:
       prompts=(), prompt_file="", images=(), seed=1, checkpoint="",
       num_beams=5, max_caption_tokens=67, gibbs_rounds=3, interp_points=5,
       profile=False,  # --mode=sample: a jax.profiler trace of the job into <workdir>/profile
+      # LoRA adapters (--mode=export's *.lora.safetensors) merged into the U-ViT once before
+      # compiling: comma list of files, and their scales (one per file, or one for all).
+      lora="", lora_scale="1.0",
   ), kw)
 
 
@@ -235,6 +245,12 @@ def train(**kw) -> mc.ConfigDict:
       # Seconds between a preemption notice (SIGTERM) and the hard kill; the trainer agrees on a
       # step, saves it and exits 0, and warns if that took longer (preemption.py). TPU: 30 s.
       preemption_grace_s=30.0,
+      # LoRA fine-tuning of init_from (unidiffuser_jax/lora.py): rank 0 = full fine-tuning.
+      # Adapters W + (alpha / rank) * A @ B on the Dense layers whose module path fully matches
+      # `targets` (default: attention qkv/proj and MLP fc1/fc2 of every block); dropout on their
+      # input; base_dtype: the frozen base weights' storage ("float32" or "bfloat16").
+      lora=dict(rank=0, alpha=8.0, dropout=0.0, base_dtype="float32",
+                targets=r"(in_blocks_\d+|mid_block|out_blocks_\d+)/(attn/(qkv|proj)|mlp/(fc1|fc2))"),
   ), kw)
 
 

@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # held-out shards (the runbook points eval.source/path at them); no metric networks.
   c.eval = common.eval_(num=64, metrics=("loss",), clip="", loss_examples=64)
   c.debug = common.debug()
+  c.export = common.export()
   # The runbook ends by sampling the first `num` held-out prompts (t2i) and images (i2t)
   # and judging them; eval_num of them are judged every train.eval_every steps.
   # i2t samples at guidance 3, t2i at the reference's 7 (docs/SMALL_DATA.md, session 7: i2t

@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   c.extract = common.extract()
   c.eval = common.eval_()
   c.debug = common.debug()
+  c.export = common.export()
   c.sample = common.sample()
   c.serve = common.serve(steps=(25, 50))
   c.compile = common.compile_plan()

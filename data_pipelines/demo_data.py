@@ -80,8 +80,9 @@ def caption_for(colour: str, shape: str, position: str,
 
 
 def render(colour: str, shape: str, position: str, size: int = 32,
-           rng: np.random.Generator | None = None) -> np.ndarray:
-  """uint8 [size, size, 3] image of one shape (antialiased by supersampling)."""
+           rng: np.random.Generator | None = None, fill=None) -> np.ndarray:
+  """uint8 [size, size, 3] image of one shape (antialiased by supersampling); `fill`: an RGB
+  for a colour outside COLOURS."""
   rng = rng if rng is not None else np.random.default_rng(0)
   big = size * _SUPERSAMPLE
   img = Image.new('RGB', (big, big), BACKGROUND)
@@ -90,7 +91,7 @@ def render(colour: str, shape: str, position: str, size: int = 32,
   cx, cy = _CENTRES[position]
   cx = (cx + rng.uniform(-0.03, 0.03)) * big
   cy = (cy + rng.uniform(-0.03, 0.03)) * big
-  fill = COLOURS[colour]
+  fill = COLOURS[colour] if fill is None else tuple(fill)
   if shape == 'circle':
     d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
   elif shape == 'square':
@@ -113,7 +114,7 @@ def sample_attrs(rng: np.random.Generator) -> dict[str, str]:
 # The judge.
 
 
-def judge_image(img: np.ndarray) -> dict[str, Any]:
+def judge_image(img: np.ndarray, palette: dict | None = None) -> dict[str, Any]:
   """Attributes from pixels: uint8 [H, W, 3] -> {colour, shape, position}.
 
   Background = median of the border pixels; foreground = pixels whose
@@ -121,7 +122,8 @@ def judge_image(img: np.ndarray) -> dict[str, Any]:
   edge pixel counts half the time, keeping areas unbiased). Colour: mean of
   the clearly-foreground pixels -> nearest palette colour. Position: centroid
   offset from the centre, larger axis wins. Shape: coverage-weighted moments
-  (see _shape_from_moments). Values are None when no foreground is found.
+  (see _shape_from_moments). Values are None when no foreground is found. `palette`:
+  {name: RGB} to name colours from (default COLOURS).
   """
   x = np.asarray(img)
   if x.dtype != np.uint8:
@@ -137,8 +139,9 @@ def judge_image(img: np.ndarray) -> dict[str, Any]:
   mask = dist > 0.5 * peak
   core = dist > 0.75 * peak
   mean = x[core].mean(axis=0)
-  names = list(COLOURS)
-  pal = np.array([COLOURS[n] for n in names], np.float32)
+  palette = COLOURS if palette is None else palette
+  names = list(palette)
+  pal = np.array([palette[n] for n in names], np.float32)
   colour = names[int(np.argmin(np.linalg.norm(pal - mean, axis=-1)))]
   ys, xs = np.nonzero(mask)
   dx = xs.mean() + 0.5 - w / 2

@@ -9,7 +9,7 @@ import collections
 import jax
 import numpy as np
 
-from unidiffuser_jax import sharding, train
+from unidiffuser_jax import lora, sharding, train
 
 
 def describe(config, num_devices: int | None = None) -> str:
@@ -42,6 +42,8 @@ def describe(config, num_devices: int | None = None) -> str:
   eb = sharding.bytes_per_device(state.ema_params, specs.ema_params, mesh)
   lines += [f"per-device bytes: params {_gib(pb)}, ema {_gib(eb)}, optimizer state {_gib(ob)}, "
             f"total {_gib(pb + eb + ob)}"]
+  if lora.enabled(config):   # the LoRA fine-tune of the same model, against the full one above
+    lines += lora.describe_lines(config, model, built.tx, mesh, built.rules, pb + eb + ob)
   return "\n".join(lines)
 
 

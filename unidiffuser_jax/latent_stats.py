@@ -90,15 +90,21 @@ def fit(encoders: encoders_lib.Encoders, enc_params, data_iterator, mesh, num_ex
 
 
 def fit_or_load(config, encoders, enc_params, make_iterator, mesh, workdir: str):
-  """Encoders normalised as config.encoders.fit_latent_stats says (unchanged when it is 0)."""
+  """Encoders normalised as config.encoders.fit_latent_stats says (unchanged when it is 0): the
+  statistics in `workdir`, else those of the run config.train.init_from names (a fine-tune
+  keeps its base's normalisation), else fitted now and written to `workdir`."""
   n = int(config.encoders.fit_latent_stats)
   if n <= 0:
     return encoders
   path = path_in(workdir)
+  base = str(config.train.init_from)   # a fine-tune keeps the normalisation its base learned with
   if os.path.exists(path):
     stats = load(workdir)
   else:
-    stats = fit(encoders, enc_params, make_iterator(), mesh, n, int(config.seed))
+    if base and os.path.exists(path_in(base)):
+      stats = load(base)
+    else:
+      stats = fit(encoders, enc_params, make_iterator(), mesh, n, int(config.seed))
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
       with open(path + ".tmp", "w") as f:

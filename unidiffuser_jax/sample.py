@@ -34,7 +34,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from data_pipelines import shards, transforms
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, latent_stats, rng
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, latent_stats, lora, rng
 from unidiffuser_jax import sharding, train
 from unidiffuser_jax import weight_jobs
 from unidiffuser_jax.diffusion import modes, solvers
@@ -302,7 +302,9 @@ def load_sampler(config, workdir: str) -> dict:
   """The model, encoders, weights (config.sample.checkpoint, else the workdir's newest
   checkpoint) and tokenizers: generate(task, host, n, config, **load_sampler(config, workdir))."""
   ctx = _setup(config, workdir)
-  params = jax.device_put(load_uvit_params(config, workdir), ctx["replicated"])
+  params = lora.for_sampling(config, config.sample.checkpoint or workdir,
+                             load_uvit_params(config, workdir),
+                             lambda p: jax.device_put(p, ctx["replicated"]))
   return dict(params=params, **_ctx_args(ctx))
 
 
@@ -481,7 +483,8 @@ class Evaluator:
   def __call__(self, step: int, state) -> dict:
     if self._ctx is None:
       self._ctx = _setup(self._config, self._workdir)
-    params = jax.device_put(state.ema_params, self._ctx["replicated"])
+    params = lora.eval_params(self._config, jax.device_put(state.ema_params,
+                                                           self._ctx["replicated"]), self._ctx)
     scalars = {}
     for task in self._tasks:
       host, n = task_inputs(task, self._inputs, self._config)

@@ -21,8 +21,8 @@ import optax
 from flax import struct
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, heldout, input_pipeline
-from unidiffuser_jax import latent_stats, nonfinite, perf, preemption, profiling, rng, sharding
-from unidiffuser_jax import weight_jobs
+from unidiffuser_jax import latent_stats, lora, nonfinite, perf, preemption, profiling, rng
+from unidiffuser_jax import sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
 
@@ -354,7 +354,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   encoders = latent_stats.fit_or_load(config, encoders, encoder_params, make_iterator, mesh, workdir)
   if data_iterator is None:
     data_iterator = make_iterator()
-  built = build(config, mesh, encoders=encoders, frozen=(encoder_params, encoder_shardings))
+  task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
+  frozen, frozen_shardings, init_from = encoder_params, encoder_shardings, config.train.init_from
+  if lora.enabled(config):   # the state holds adapters; the base weights are frozen inputs
+    task, frozen, frozen_shardings = lora.finetune(task, model, config, mesh, workdir, frozen,
+                                                   frozen_shardings)
+    init_from = ""
+  built = build_task(config, config.train, task, mesh, frozen, frozen_shardings)
   evaluate = heldout.training_evaluate(config, model, encoders, encoder_params, mesh, evaluate)
-  return run_loop(config, config.train, built, workdir, data_iterator,
-                  init_from=config.train.init_from, evaluate=evaluate)
+  return run_loop(config, config.train, built, workdir, data_iterator, init_from=init_from,
+                  evaluate=evaluate)

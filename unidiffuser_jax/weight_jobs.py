@@ -28,7 +28,11 @@ sample, export and fine-tuning refuse a config.model that differs
 Export: the U-ViT's EMA params (config.sample.checkpoint, else the workdir's
 newest checkpoint) and the caption decoder (config.encoders.weights.captioner,
 else DIR/captioner) -> DIR/export/uvit_<version>.safetensors and
-DIR/export/caption_decoder.safetensors in the released thu-ml key layout.
+DIR/export/caption_decoder.safetensors in the released thu-ml key layout. A LoRA run's
+workdir (train.lora.rank > 0; lora.py) exports its adapters alone instead,
+DIR/export/uvit_<version>.lora.safetensors (its base's identity and LoRA config in the
+metadata; sample with --config.sample.lora=...), or with --config.export.merge_lora=True its
+base (the run's train.init_from) with the adapters merged, in the released layout.
 
 Sources are local (files, directories, the local Hugging Face cache; nothing is
 downloaded); DIR may be local or remote (gs://...). Both jobs run on one host.
@@ -45,7 +49,7 @@ import tqdm
 from etils import epath
 
 from data_pipelines import hub_cache
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, rng, train
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, lora, rng, train
 from unidiffuser_jax.errors import ConfigError
 from unidiffuser_jax.models.uvit import abstract_variables, resize_pos_embed
 from unidiffuser_jax.models.vae import AutoencoderKL
@@ -506,12 +510,20 @@ def export_uvit_to(config, src: str, path: str) -> int:
         f"wrongly there, so it is not exported")
   check_imported_uvit(model, src, "sample.checkpoint")
   params = checkpoints.load_params(src)
+  if lora.is_adapters(params):   # a LoRA run, export.merge_lora: its base with them merged in
+    params = lora.merged_run(src, params, config.train.init_from)
   checkpoints.check_params(params, nn.meta.unbox(abstract_variables(model))["params"],
                            "the checkpoint", "config.model")
   tensors = wuvit.export_uvit(params, model)
   save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
                                    "config": json.dumps(dict(config.model))})
   return _count(tensors)
+
+
+def export_lora_to(config, src: str, path: str) -> int:
+  """A LoRA run's EMA adapters alone, with its base's identity and LoRA config (lora.py)."""
+  adapters, lcfg, base = lora.run_adapters(train.make_model(config.model), src)
+  return lora.save_adapters(path, adapters, lcfg, base, config.model)
 
 
 def export_captioner_to(config, src: str, path: str) -> int:
@@ -532,8 +544,12 @@ def run_export(config, workdir: str) -> dict:
   cap_src = config.encoders.weights.captioner or os.path.join(workdir, "captioner")
   jobs = []
   if _is_params_source(uvit_src):
-    name = f"uvit_{config.model.version}.safetensors"
-    jobs.append(("uvit", uvit_src, os.path.join(out_dir, name)))
+    if lora.is_run(uvit_src) and not config.export.merge_lora:
+      name = f"uvit_{config.model.version}.lora.safetensors"
+      jobs.append(("lora", uvit_src, os.path.join(out_dir, name)))
+    else:
+      name = f"uvit_{config.model.version}.safetensors"
+      jobs.append(("uvit", uvit_src, os.path.join(out_dir, name)))
   if _is_params_source(cap_src):
     jobs.append(("captioner", cap_src, os.path.join(out_dir, "caption_decoder.safetensors")))
   if not jobs:
@@ -543,7 +559,7 @@ def run_export(config, workdir: str) -> dict:
         f"--config.encoders.weights.captioner)")
   done = {}
   for name, src, path in tqdm.tqdm(jobs, desc="export", unit="part"):
-    fn = export_uvit_to if name == "uvit" else export_captioner_to
+    fn = dict(uvit=export_uvit_to, lora=export_lora_to, captioner=export_captioner_to)[name]
     try:
       n = fn(config, src, path)
     except WeightJobError:
@@ -551,10 +567,11 @@ def run_export(config, workdir: str) -> dict:
     except (ValueError, FileNotFoundError, KeyError) as e:
       raise WeightJobError(f"export {name} from {src}: {e}") from None
     done[name] = dict(path=_abs(path), source=src, params=n)
-  lines = ["exported (released thu-ml key layout, float32 safetensors):"]
+  lines = ["exported (float32 safetensors; the U-ViT and caption decoder in the released thu-ml "
+           "key layout, LoRA adapters in ours):"]
   lines += [f"  {k:<10} {d['params']:>13,}  {d['path']}  (from {d['source']})"
             for k, d in done.items()]
-  skipped = {"uvit", "captioner"} - set(done)
+  skipped = {"uvit", "captioner"} - set(done) - ({"uvit"} if "lora" in done else set())
   if skipped:
     lines.append(f"  skipped (no source found): {', '.join(sorted(skipped))}")
   print("\n".join(lines), flush=True)
