@@ -131,7 +131,7 @@ def main():
   mesh = sharding.make_mesh(config.mesh)
   model = train.make_model(config.model)
   enc = encoders_lib.build(config.encoders)
-  enc_params, enc_sh = enc.load_params(config.encoders.weights, mesh, int(config.seed))
+  enc_params, enc_sh = train.build_frozen(config, mesh, enc)
   task = train.uvit_task(model, enc, int(config.seed), train.objective_kwargs(config.train))
   it = synthetic.make_iterator(resolution=config.data.resolution,
                                clip_resolution=config.data.clip_resolution,

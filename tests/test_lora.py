@@ -392,7 +392,7 @@ def test_the_three_forms_agree(base_dir, tmp_path):
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   model = train.make_model(config.model)
   enc = encoders_lib.build(config.encoders)
-  enc_params, enc_sh = enc.load_params(config.encoders.weights, mesh, int(config.seed))
+  enc_params, enc_sh = train.build_frozen(config, mesh, enc)
   task = train.uvit_task(model, enc, int(config.seed))
   lora_task, frozen, _ = lora.finetune(task, model, config, mesh, str(tmp_path), enc_params,
                                        enc_sh)
