@@ -131,15 +131,20 @@ def _iterator():
                                  host_batch=8, seed=5)
 
 
-def _step(config, devices, workdir):
-  """One LoRA train step on `devices` -> (state before, state after, metrics, frozen base)."""
-  mesh = sharding.make_mesh(config.mesh, devices=devices)
+def _lora_task(config, mesh, workdir):
+  """(model, full task, LoRA task, frozen inputs, their shardings) as train.train builds them."""
   model = train.make_model(config.model)
   enc = encoders_lib.build(config.encoders)
   enc_params, enc_sh = train.build_frozen(config, mesh, enc)
   task = train.uvit_task(model, enc, int(config.seed))
-  task, frozen, frozen_sh = lora.finetune(task, model, config, mesh, str(workdir), enc_params,
-                                          enc_sh)
+  return (model, task, *lora.finetune(task, model, config, mesh, str(workdir), enc_params,
+                                      enc_sh))
+
+
+def _step(config, devices, workdir):
+  """One LoRA train step on `devices` -> (state before, state after, metrics, frozen base)."""
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  _, _, task, frozen, frozen_sh = _lora_task(config, mesh, workdir)
   built = train.build_task(config, config.train, task, mesh, frozen, frozen_sh)
   state, state_sh = built.state, built.state_shardings
   before = jax.device_get(state)
@@ -390,12 +395,7 @@ def test_the_three_forms_agree(base_dir, tmp_path):
   dropout so small that no unit is dropped gives the same output."""
   config = _config(base_dir)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  model = train.make_model(config.model)
-  enc = encoders_lib.build(config.encoders)
-  enc_params, enc_sh = train.build_frozen(config, mesh, enc)
-  task = train.uvit_task(model, enc, int(config.seed))
-  lora_task, frozen, _ = lora.finetune(task, model, config, mesh, str(tmp_path), enc_params,
-                                       enc_sh)
+  model, task, lora_task, frozen, _ = _lora_task(config, mesh, tmp_path)
   scale = lora.LoraConfig.from_config(config.train.lora).scale
   ad = _adapters(model, 4, b_std=0.2)
   batch = sharding.to_global(next(_iterator()), mesh)
