@@ -17,6 +17,7 @@ def config(**weights) -> mc.ConfigDict:
   c = mc.ConfigDict()
   c.seed = 0
   c.mesh = common.mesh()
+  c.sharding = common.sharding()
   c.model = dict(version="v1", **uvit_ref.CFG, num_data_types=2, dtype="float32", remat="none")
   c.data = common.data()
   c.encoders = common.encoders(
