@@ -2,7 +2,7 @@
 # N trainer processes on this machine, the way a pod runs them: one process per "host", each
 # with DEVICES/N fake CPU devices, joined by jax.distributed (gloo collectives on CPU).
 #
-#   launch/local.sh 2 --config=configs/demo.py:tiny --workdir=/tmp/w2 --config.train.steps=20
+#   launch/local.sh 2 --config=configs/demo.py:tiny --workdir=workdirs/w2 --config.train.steps=20
 #
 # Every process runs `python -m unidiffuser_jax.main --multihost ARGS` (the pod launcher's
 # command) with JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i.

@@ -1,6 +1,6 @@
 """Fault drills on real trainer processes: SIGKILL at random moments (then restart), SIGTERM.
 
-  python -m tools.faults --rounds=20 --workdir=/tmp/faults         # by hand (benchmarks/README.md)
+  python -m tools.faults --rounds=20 --workdir=workdirs/faults         # by hand (benchmarks/README.md)
   (tests/test_pod.py runs kill_drill with 2 rounds)
 
 Each round starts the tiny config (configs/demo.py:tiny, a checkpoint every 3 steps) in the same
