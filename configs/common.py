@@ -19,6 +19,10 @@ SHARDING_RULES = (
     ("io", None),
     ("norm", None),
     ("pos", None),
+    # The U-ViT's position tables' width: replicated (7 MB). Sharded over fsdp, their batch-
+    # summed gradient f32[1105, 1536] became an all-reduce-scatter fusion that libtpu 0.0.42.1
+    # aborts on for v5p (SIGABRT, RotatedPincerFusionEmitter; benchmarks/README.md).
+    ("pos_width", None),
     ("layers", None),
     # Activations (models/uvit.constrain_activation): batch over the data-parallel axes.
     ("act_batch", ("data", "fsdp")),

@@ -62,7 +62,7 @@ ANCHORS = {
     "uvit/out_blocks_0/attn/proj/kernel": ("1536x1536", P("tensor", "fsdp")),
     "uvit/mid_block/mlp/fc1/bias": ("6144", P("tensor")),
     "uvit/in_blocks_0/mlp/fc2/kernel": ("6144x1536", P("tensor", "fsdp")),
-    "uvit/pos_embed": ("1x1104x1536", P(None, None, "fsdp")),
+    "uvit/pos_embed": ("1x1104x1536", P()),  # replicated: configs/common.py, pos_width
     "uvit/mid_block/norm2/scale": ("1536", P()),
     "uvit/text_out/kernel": ("1536x64", P("fsdp")),
 }

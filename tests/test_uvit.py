@@ -185,7 +185,7 @@ def test_every_param_has_logical_names():
   assert names["['in_blocks_0']['attn']['proj']['kernel']"] == ('heads', 'embed')
   assert names["['mid_block']['mlp']['fc1']['kernel']"] == ('embed', 'mlp')
   assert names["['out_blocks_0']['mlp']['fc2']['kernel']"] == ('mlp', 'embed')
-  assert names["['pos_embed']"] == (None, 'pos', 'embed')
+  assert names["['pos_embed']"] == (None, 'pos', 'pos_width')
   assert names["['norm']['scale']"] == ('norm',)
 
 
@@ -227,7 +227,7 @@ def test_runs_sharded_over_data_fsdp_tensor(tiny):
   """The logical names shard on a (data, fsdp, tensor) = (2, 2, 2) mesh and give the same outputs."""
   model, x, params = tiny
   rules = (('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'), ('io', None),
-           ('norm', None), ('pos', None))  # as configs/common.py
+           ('norm', None), ('pos', None), ('pos_width', None))  # as configs/common.py
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:8],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   shardings = nn.logical_to_mesh_sharding(

@@ -17,11 +17,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 # 'einsum': explicit float32 logits/softmax (every backend). 'xla' / 'cudnn':
 # jax.nn.dot_product_attention with that implementation ('cudnn' = fused flash
 # attention on NVIDIA GPUs, bf16/fp16 only); both also keep logits and softmax float32.
-ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
+# 'splash': the Pallas TPU splash-attention kernel (flash attention: float32 logits and
+# softmax in on-chip memory, never written to HBM); elsewhere the same kernel in Pallas'
+# interpreter (slow; for tests). No mask.
+ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn', 'splash')
+SPLASH_BLOCK = 128  # splash's tile along the sequence; sequences are padded to a multiple
 
 Initializer = Callable[..., jax.Array]
 
@@ -60,6 +66,10 @@ def attention(q_blhd: jax.Array, k_bmhd: jax.Array, v_bmhd: jax.Array, *,
   `mask_lm` [L, M] bool: key m is visible from query l where True (masked logits
   become float32's minimum, as the reference models do). `impl`: one of ATTENTION_IMPLS.
   """
+  if impl == 'splash':
+    if mask_lm is not None:
+      raise ValueError('attention="splash" takes no mask')
+    return splash_attention(q_blhd, k_bmhd, v_bmhd)
   if impl in ('xla', 'cudnn'):
     mask = None if mask_lm is None else mask_lm[None, None]
     out_blhd = jax.nn.dot_product_attention(q_blhd, k_bmhd, v_bmhd, mask=mask, implementation=impl)
@@ -79,3 +89,48 @@ def attention(q_blhd: jax.Array, k_bmhd: jax.Array, v_bmhd: jax.Array, *,
   out_bhld = jnp.einsum('bhlm,bhmd->bhld', probs_bhlm.astype(v_bhmd.dtype), v_bhmd,
                         preferred_element_type=jnp.float32)
   return out_bhld.transpose(0, 2, 1, 3).astype(v_bhmd.dtype)
+
+
+def _splash_local(q_bhld: jax.Array, k_bhmd: jax.Array, v_bhmd: jax.Array, m: int) -> jax.Array:
+  """Splash attention of one device's shard; keys at padded positions >= m are masked."""
+  _, h, lp, _ = q_bhld.shape
+  mp = k_bhmd.shape[2]
+  mask = np.broadcast_to(np.arange(mp)[None, :] < m, (lp, mp))
+  heads = splash.MultiHeadMask([splash.NumpyMask(mask)] * h)
+  blocks = splash.BlockSizes(*(SPLASH_BLOCK,) * 8)
+
+  def kernel(interpret: bool):
+    fn = splash.make_splash_mha(heads, head_shards=1, q_seq_shards=1, block_sizes=blocks,
+                                interpret=interpret)
+    return jax.vmap(fn)
+  # The compiled kernel where the program is lowered for TPU (also libtpu's compile-only
+  # devices), Pallas' interpreter on every other platform.
+  return jax.lax.platform_dependent(q_bhld, k_bhmd, v_bhmd, tpu=kernel(False),
+                                    default=kernel(True))
+
+
+def splash_attention(q_blhd: jax.Array, k_bmhd: jax.Array, v_bmhd: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v by the splash kernel -> [B, L, H, D] in v's dtype.
+
+  Sequences are zero-padded to a multiple of SPLASH_BLOCK (the padded keys masked, the
+  padded queries dropped). A Pallas kernel has no sharding rule, so under a mesh (traced in
+  sharding.tracing_context) it runs in shard_map: batch over the axes of the logical name
+  'act_batch', heads over those of 'heads' (config.sharding.rules), nothing gathered.
+  """
+  _, l, _, d = q_blhd.shape
+  m = k_bmhd.shape[1]
+
+  def heads_major(a, n):
+    a = a.transpose(0, 2, 1, 3)
+    return jnp.pad(a, ((0, 0), (0, 0), (0, -n % SPLASH_BLOCK), (0, 0)))
+
+  q, k, v = (heads_major(a, n) for a, n in
+             ((q_blhd * jnp.asarray(d ** -0.5, q_blhd.dtype), l), (k_bmhd, m), (v_bmhd, m)))
+  local = lambda q, k, v: _splash_local(q, k, v.astype(q.dtype), m)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    batch, heads = nn.logical_to_mesh_axes(('act_batch', 'heads'))
+    spec = jax.sharding.PartitionSpec(batch, heads, None, None)
+    local = jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  out_bhld = local(q, k, v)
+  return out_bhld[:, :, :l].transpose(0, 2, 1, 3).astype(v_bmhd.dtype)

@@ -303,7 +303,7 @@ class UViT(nn.Module):
     prefix = [t_img_b1d, t_text_b1d]
     pos_table = self.param(
         'pos_embed', _part(_pos_table_init(self.pos_init, self.num_text_tokens, self.grid_size),
-                           (None, 'pos', 'embed')),
+                           (None, 'pos', 'pos_width')),
         (1, 2 + self.num_text_tokens + 1 + self.num_patches, w_), jnp.float32)
     pos_parts = [pos_table[:, :2]]
     if self.version == 'v1':
@@ -316,7 +316,7 @@ class UViT(nn.Module):
           name='token_embedding')(data_type)[:, None]
       prefix.append(type_b1d)
       pos_parts.append(self.param(
-          'pos_embed_token', _part(nn.initializers.zeros_init(), (None, None, 'embed')),
+          'pos_embed_token', _part(nn.initializers.zeros_init(), (None, None, 'pos_width')),
           (1, 1, w_), jnp.float32))
     pos_parts.append(pos_table[:, 2:2 + self.num_text_tokens + 1])
     pos_parts.append(interpolate_patch_pos(
