@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       num_text_tokens=c.data.get_ref("max_length"),
       clip_img_dim=c.encoders.clip_image.get_ref("proj_dim"),
       num_data_types=2, dtype="bfloat16", remat="block", pos_init="normal", prediction="eps",
+      attention="einsum",  # layers.ATTENTION_IMPLS; "splash" on TPU (see the docstring)
   ))
 
   c.train = common.train(steps=200_000, batch_size=2112, lr=2e-4, warmup_steps=5000,

@@ -70,6 +70,7 @@ def _check_train_row(row, config, tmp_path):
   assert 0.5 < row["model_flops_per_device"] / row["xla_flops_per_device"] < 1.05
   assert row["step_seconds"] > 0 and row["examples_per_s"] > 0
   assert 0 < row["mfu"] <= 1.0
+  assert 0 < row["mfu_serial"] <= row["mfu"]  # no overlap: slower than the roofline's max
   assert row["batch"] % sharding._axis_size(mesh, sharding.BATCH_AXES) == 0
   with open(row["hlo"]) as f:
     assert f.read(9) == "HloModule"

@@ -62,6 +62,10 @@ def test_splash_attention_under_a_mesh_runs_per_shard():
   assert "sdy.manual_computation" in lowered.as_text()  # the shard_map
   compiled = lowered.compile().as_text()
   assert "all-gather" not in compiled and "all-to-all" not in compiled
+  # A batch the mesh does not divide (init traces one example) runs whole on every device.
+  with sharding.tracing_context(mesh, common.sharding().rules):
+    one = fn(q[:1], k[:1], v[:1])
+  np.testing.assert_allclose(np.asarray(one), _reference(q[:1], k[:1], v[:1]), atol=2e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(got), _reference(q, k, v), atol=2e-5, rtol=0)
 
 

@@ -19,7 +19,11 @@ estimated step time and where it comes from, and from it examples/s and MFU:
              bandwidth) per device, peaks from perf.CHIPS (on CPU: the measured matmul peak,
              compute only)
   MFU        analytic model FLOPs / (step time x devices x peak FLOP/s per device); printed
-             as "<=" when the step time is the roofline's (a lower bound of the time)
+             as "<=" when the step time is the roofline's (a lower bound of the time), next
+             to the MFU of the no-overlap roofline (the sum of the three times, mfu_serial):
+             a real step on the chip overlaps some of its HBM traffic and collectives with
+             compute, so it lands between the two when the counts are right (the roofline
+             takes XLA's "bytes accessed" as the HBM traffic and every MXU pass at peak)
 
 Each candidate compiles in a child process (config.compile.isolate), so a compiler abort
 (libtpu can SIGABRT) is one row of the report with the signal and the last lines the
@@ -218,6 +222,8 @@ def analyse(config, cand: Candidate, devices, out_dir: str) -> dict:
              peak_source=peak_src, examples_per_s=examples / seconds if seconds > 0 else None)
   row["mfu"] = (model_flops / (seconds * n_dev * peak_flops)
                 if model_flops and seconds > 0 else None)
+  row["mfu_serial"] = (model_flops / (roof["serial_s"] * n_dev * peak_flops)
+                       if model_flops and roof["serial_s"] > 0 else None)
   return row
 
 
@@ -293,7 +299,7 @@ def format_row(row: dict) -> str:
   head = f"[{row['candidate']}]"
   if row["status"] in ("crashed", "error") or "memory" not in row:
     return f"{head} {row['status'].upper()}: {row.get('error', '')}"
-  m = row["memory"]
+  m, roof = row["memory"], row["roofline"]
   lines = [
       f"{head} {row['devices']} x {row['device_kind']}, mesh {row['mesh']}, batch {row['batch']}; "
       f"lowered {row['lower_s']} s, compiled {row['compile_s']} s",
@@ -310,7 +316,11 @@ def format_row(row: dict) -> str:
       f"  step {row['step_seconds'] * 1e3:.4g} ms [{row['step_seconds_source']}] -> "
       f"{row['examples_per_s']:.4g} examples/s"
       + (f", MFU {'<= ' if row['step_seconds_source'].startswith('roofline') else ''}"
-         f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "")]
+         f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""),
+      f"  roofline per device: compute {roof['compute_s'] * 1e3:.4g} ms | HBM "
+      f"{roof['hbm_s'] * 1e3:.4g} ms | ICI {roof['ici_s'] * 1e3:.4g} ms"
+      + (f"; nothing overlapping: {roof['serial_s'] * 1e3:.4g} ms, MFU "
+         f"{100 * row['mfu_serial']:.1f}%" if row.get("mfu_serial") is not None else "")]
   return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ One place for the facts every performance number uses: --mode=compile's estimate
   CHIPS / chip_for(device)          per device kind: peak bf16 FLOP/s, HBM GiB, HBM and ICI
                                     bytes/s (public spec sheets; per chip)
   matmul_peak_flops()               the local machine's float32 matmul FLOP/s, measured once
-  roofline_seconds(...)             max(FLOPs / peak, HBM bytes / bandwidth, ICI bytes / bandwidth)
+  roofline_seconds(...)             max(FLOPs / peak, HBM bytes / bandwidth, ICI bytes / bandwidth),
+                                    and their sum (nothing overlapping)
 """
 import dataclasses
 import functools
@@ -107,9 +108,10 @@ def device_peak_flops(device, num_local_devices: int = 1) -> tuple[float, str]:
 
 
 def roofline_seconds(flops: float, hbm_bytes: float, ici_bytes: float, chip: Chip) -> dict:
-  """Per-device lower bounds of one step and the binding one: compute, HBM traffic, ICI
-  traffic (each as if nothing overlapped except the others)."""
+  """Per-device times of one step at the chip's peaks: compute, HBM traffic, ICI traffic;
+  `seconds` their maximum (everything overlapping perfectly: a lower bound of the step, at
+  these counts) and its `bound`, `serial_s` their sum (nothing overlapping)."""
   parts = {"compute_s": flops / chip.peak_flops, "hbm_s": hbm_bytes / chip.hbm_bytes_s,
            "ici_s": ici_bytes / chip.ici_bytes_s}
   bound = max(parts, key=parts.get)
-  return {**parts, "seconds": parts[bound], "bound": bound[:-2]}
+  return {**parts, "seconds": parts[bound], "bound": bound[:-2], "serial_s": sum(parts.values())}

@@ -133,11 +133,14 @@ def run(config, workdir: str, devices, hbm: float, compile_one) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
   ranked = rank(rows)
-  lines = [f"{'rank':>4}  {'candidate':<52} {'peak GiB':>9} {'step ms':>9} {'ex/s':>10} {'MFU':>6}"]
+  lines = [f"{'rank':>4}  {'candidate':<52} {'peak GiB':>9} {'step ms':>9} {'ex/s':>10} {'MFU':>6}"
+           f" {'no-overlap MFU':>15}"]
   for i, r in enumerate(ranked, 1):
+    serial = r.get("mfu_serial")
     lines.append(f"{i:>4}  {r['candidate']:<52} {r['memory']['peak'] / 2**30:>9.3f} "
                  f"{r['step_seconds'] * 1e3:>9.4g} {r['examples_per_s']:>10.4g} "
-                 f"{100 * (r['mfu'] or 0):>5.1f}%")
+                 f"{100 * (r['mfu'] or 0):>5.1f}% "
+                 + (f"{100 * serial:>14.1f}%" if serial is not None else f"{'-':>15}"))
   for r in rows:
     if r.get("status") != "ok":
       lines.append(f"   -  {r['candidate']:<52} {r['status']}: {r.get('error', '')}")

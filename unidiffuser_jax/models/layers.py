@@ -109,6 +109,12 @@ def _splash_local(q_bhld: jax.Array, k_bhmd: jax.Array, v_bhmd: jax.Array, m: in
                                     default=kernel(True))
 
 
+def _mesh_size(mesh, axes) -> int:
+  """Devices along mesh axis name(s) `axes` (None: 1)."""
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return int(np.prod([mesh.shape[a] for a in names]))
+
+
 def splash_attention(q_blhd: jax.Array, k_bmhd: jax.Array, v_bmhd: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v by the splash kernel -> [B, L, H, D] in v's dtype.
 
@@ -129,8 +135,10 @@ def splash_attention(q_blhd: jax.Array, k_bmhd: jax.Array, v_bmhd: jax.Array) ->
   local = lambda q, k, v: _splash_local(q, k, v.astype(q.dtype), m)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
-    batch, heads = nn.logical_to_mesh_axes(('act_batch', 'heads'))
-    spec = jax.sharding.PartitionSpec(batch, heads, None, None)
+    # An axis that does not divide (e.g. init's batch of one) stays whole on every device.
+    axes = [a if n % _mesh_size(mesh, a) == 0 else None
+            for a, n in zip(nn.logical_to_mesh_axes(('act_batch', 'heads')), q.shape)]
+    spec = jax.sharding.PartitionSpec(*axes, None, None)
     local = jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
   out_bhld = local(q, k, v)
   return out_bhld[:, :, :l].transpose(0, 2, 1, 3).astype(v_bmhd.dtype)
