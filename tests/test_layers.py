@@ -38,9 +38,11 @@ def test_attention_matches_reference(impl, masked):
   np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, mask), atol=2e-5, rtol=0)
 
 
-def test_splash_attention_matches_reference_and_its_gradient():
-  # Pallas' interpreter runs the TPU kernel here; 5 queries and 7 keys are padded to 128.
-  q, k, v = _qkv()
+@pytest.mark.parametrize("l,m", [(5, 7), (300, 260)])
+def test_splash_attention_matches_reference_and_its_gradient(l, m):
+  # Pallas' interpreter runs the TPU kernel here. 5 queries and 7 keys are padded to one block
+  # of 128; 300 and 260 to 384: one block of 384, its logits in tiles of 128.
+  q, k, v = _qkv(l=l, m=m)
   got = layers.attention(q, k, v, impl="splash")
   assert got.shape == q.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), _reference(q, k, v), atol=2e-5, rtol=0)

@@ -28,6 +28,10 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 # interpreter (slow; for tests). No mask.
 ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn', 'splash')
 SPLASH_BLOCK = 128  # splash's tile along the sequence; sequences are padded to a multiple
+# Query / key blocks up to this long: the kernels re-read K and V (forward, dq) or Q and dO
+# (dkv) from HBM once per block of the other side, so one block per sequence reads each once
+# (the traffic XLA's cost model counts for the custom call). Logits tiles stay SPLASH_BLOCK wide.
+SPLASH_MAX_BLOCK = 2048
 
 Initializer = Callable[..., jax.Array]
 
@@ -91,13 +95,22 @@ def attention(q_blhd: jax.Array, k_bmhd: jax.Array, v_bmhd: jax.Array, *,
   return out_bhld.transpose(0, 2, 1, 3).astype(v_bhmd.dtype)
 
 
+def _splash_block(n: int) -> int:
+  """The longest multiple of SPLASH_BLOCK up to SPLASH_MAX_BLOCK that divides `n`."""
+  return max(b for b in range(SPLASH_BLOCK, min(n, SPLASH_MAX_BLOCK) + 1, SPLASH_BLOCK)
+             if n % b == 0)
+
+
 def _splash_local(q_bhld: jax.Array, k_bhmd: jax.Array, v_bhmd: jax.Array, m: int) -> jax.Array:
   """Splash attention of one device's shard; keys at padded positions >= m are masked."""
   _, h, lp, _ = q_bhld.shape
   mp = k_bhmd.shape[2]
   mask = np.broadcast_to(np.arange(mp)[None, :] < m, (lp, mp))
   heads = splash.MultiHeadMask([splash.NumpyMask(mask)] * h)
-  blocks = splash.BlockSizes(*(SPLASH_BLOCK,) * 8)
+  bq, bkv = _splash_block(lp), _splash_block(mp)
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=SPLASH_BLOCK,
+                             block_q_dkv=bq, block_kv_dkv=bkv,
+                             block_kv_dkv_compute=SPLASH_BLOCK, block_q_dq=bq, block_kv_dq=bkv)
 
   def kernel(interpret: bool):
     fn = splash.make_splash_mha(heads, head_shards=1, q_seq_shards=1, block_sizes=blocks,
