@@ -213,8 +213,9 @@ def compile_plan(**kw) -> mc.ConfigDict:
       # search=True: rank meshes x remat x grad accumulation for the topology (search.py)
       search=False,
       search_tensor=(1, 2, 4),                       # tensor-parallel sizes to try
-      search_remat=("none", "block", "dots_saveable"),  # uvit.REMAT_POLICIES to try
-      search_accum=(1, 2, 4),                        # train.grad_accum values to try
+      # uvit.REMAT_POLICIES to try (the laion plan's best: dots_with_no_batch_dims_saveable)
+      search_remat=("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+      search_accum=(1, 2, 3, 4),  # train.grad_accum values to try (those dividing the per-chip batch)
       # Persistent XLA compilation cache for train, sample and compile (profiling.py):
       # "" = <workdir>/compile_cache, "none" = off, else a directory (e.g. shared by runs).
       cache_dir="",

@@ -9,6 +9,22 @@
   # resumed with optimizer state: same workdir, new shards, --config.train.steps=420000
   #   --config.data.min_side=512 --config.data.max_watermark=0.5 --config.data.min_aesthetic=5
 
+Planned pod configurations (--mode=compile with libtpu 0.0.42.1 on compile-only devices:
+XLA's memory plan and a roofline, not measured step times; benchmarks/README.md, "configs/laion.py
+on v5p-128 and v5e-256"). Both add to the train command
+
+  --config.model.remat=dots_with_no_batch_dims_saveable --config.model.attention=splash
+
+  v5p-128 (v5p:4x4x4, 64 chips): fsdp=64 (the default mesh), batch 2112 = 33 per chip;
+      39.9 of 95 GiB per chip; estimated MFU 57.7% (compute, HBM and ICI times not
+      overlapping; compute-bound, so <= 100% with perfect overlap)
+  v5e-256 (v5e:16x16): fsdp=256, --config.train.batch_size=2048 = 8 per chip;
+      10.0 of 16 GiB per chip; estimated MFU 36.2% (HBM-bound; <= 63.6%)
+
+The defaults (einsum attention, remat per block) run on every backend (splash is a TPU kernel;
+elsewhere it runs in Pallas' interpreter); on v5p-128 they fit (21.6 GiB) but recompute every
+matmul and move float32 attention logits through HBM: ~36% estimated (<= 70.7%).
+
 Reproduces the recipe of Bao et al. 2023 (REFERENCE.md): AdamW lr 2e-4, weight decay 0.03,
 betas (0.9, 0.9), 5K warm-up then constant, EMA 0.9999, bfloat16 compute with float32 master
 weights and float32 softmax, remat per block. Frozen encoders: SD KL-f8 VAE (scale 0.18215),
