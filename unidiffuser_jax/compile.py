@@ -21,13 +21,18 @@ estimated step time and where it comes from, and from it examples/s and MFU:
   MFU        analytic model FLOPs / (step time x devices x peak FLOP/s per device); printed
              as "<=" when the step time is the roofline's (a lower bound of the time), next
              to the MFU of the no-overlap roofline (the sum of the three times, mfu_serial):
-             a real step on the chip overlaps some of its HBM traffic and collectives with
-             compute, so it lands between the two when the counts are right (the roofline
-             takes XLA's "bytes accessed" as the HBM traffic and every MXU pass at peak)
+             a real step overlaps much of its HBM traffic and collectives with compute
+             (faster than the sum) but runs its matmuls below the peak the roofline assumes,
+             so neither is a bound on what the chip will do; benchmarks/README.md quotes the
+             sum as the estimate. XLA counts nothing inside Pallas kernels (splash attention):
+             the roofline takes the larger of its FLOPs and the analytic count
 
 Each candidate compiles in a child process (config.compile.isolate), so a compiler abort
 (libtpu can SIGABRT) is one row of the report with the signal and the last lines the
-compiler printed, not a dead run. Writes <workdir>/compile/<candidate>.hlo.txt (the optimised
+compiler printed, not a dead run (libtpu 0.0.42.1 aborted the laion step on v5p:2x2x1 on the
+position tables' gradient; configs/common.py's pos_width rule avoids it, benchmarks/README.md,
+"The v5p compiler abort"; LIBTPU_INIT_ARGS=--xla_tpu_enable_all_reduce_scatter_fusion=false is
+the blunt alternative). Writes <workdir>/compile/<candidate>.hlo.txt (the optimised
 per-device HLO) and <workdir>/compile/report.json.
 """
 import dataclasses
