@@ -283,9 +283,17 @@ def _setup(config, workdir: str) -> dict:
     encoders = latent_stats.apply(encoders, latent_stats.load(s.checkpoint or workdir))
   enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed),
                                        config.sharding.rules)
+  return dict(context(config, mesh, model, encoders, enc_params),
+              replicated=NamedSharding(mesh, P()))  # sampling is data-parallel: weights replicated
+
+
+def context(config, mesh, model, encoders, enc_params) -> dict:
+  """generate's keyword arguments but the U-ViT params, for a model and encoders already built
+  (the sampler's own set-up, or a trainer's: evaluation during training)."""
+  sharding.check_batch_divisible(int(config.sample.batch_size), mesh,
+                                 what="config.sample.batch_size")
   return dict(
       mesh=mesh, model=model, encoders=encoders, enc_params=enc_params,
-      replicated=NamedSharding(mesh, P()),  # sampling is data-parallel: weights replicated
       tokenizer=transforms.load_tokenizer(config.data.tokenizer),
       cap_tokenizer=transforms.load_tokenizer(config.captioner.tokenizer or config.data.tokenizer),
       shapes=modes.LatentShapes(
