@@ -70,14 +70,15 @@ class HeldoutLoss:
                                    timesteps=(ts, ts), **kw)
       return total
 
-    self._loss = jax.jit(loss)
+    # traced under the config's mesh and rules, as train.build's step: the same constraints
+    self._loss = jax.jit(sharding.traced_under(
+        loss, mesh, sharding.rules_from_config(config.sharding.rules)))
 
   def __call__(self, params) -> dict:
     params = jax.device_put(params, self._replicated)
     out = {}
-    with jax.set_mesh(self._mesh):
-      values = [self._loss(params, self._enc_params, self._batch, t,
-                           rng.key_for(self._seed, t, "heldout")) for t in self._timesteps]
+    values = [self._loss(params, self._enc_params, self._batch, t,
+                         rng.key_for(self._seed, t, "heldout")) for t in self._timesteps]
     for t, v in zip(self._timesteps, jax.device_get(values)):
       out[f"heldout/loss_t{t}"] = float(v)
     out["heldout/loss"] = float(np.mean([out[f"heldout/loss_t{t}"] for t in self._timesteps]))
