@@ -93,6 +93,22 @@ def test_sampler_program_pins_samples_to_the_data_axes(tiny):
   assert all('<@mesh, [{"data", "fsdp"}, {}' in c for c in constraints), constraints[:3]
 
 
+def test_heldout_loss_carries_the_constraints(tiny):
+  """The held-out loss (heldout.HeldoutLoss, --mode=eval and during training) lowers with the
+  U-ViT's activation constraints on the data-parallel axes, as the train step does."""
+  from unidiffuser_jax import encoders as encoders_lib, heldout
+  mesh = sharding.make_mesh(tiny.mesh)
+  model = train.make_model(tiny.model)
+  encoders = encoders_lib.build(tiny.encoders)
+  enc_params, _ = train.build_frozen(tiny, mesh, encoders)
+  host = {k: v for k, v in _host_batch(tiny).items() if k != "skipped"}
+  loss = heldout.HeldoutLoss(tiny, model, encoders, enc_params, mesh, host)
+  params = train.build(tiny, mesh, abstract=True, encoders=encoders).state.ema_params
+  text = loss._loss.lower(params, enc_params, loss._batch, 500,  # noqa: SLF001
+                          jax.random.key(0)).as_text()
+  assert _pinned(text) >= 3 * tiny.model.depth, _pinned(text)
+
+
 def test_no_second_build_remains():
   """No second way to create a train state or jit a step remains (grep-able)."""
   import pathlib
