@@ -33,6 +33,7 @@ from unidiffuser_jax import errors, eval_data, evaluate, fid, heldout, lora, sam
 from unidiffuser_jax.models.inception import POOL_DIM
 from unidiffuser_jax.weights import clip as wclip
 
+
 def metric_networks(config) -> tuple[tuple[str, ...], list[str]]:
   """(the metrics of config.eval.metrics whose networks' weights are present, among "fid" and
   "clip_score"; one reason for each that is asked for but missing)."""
@@ -67,8 +68,9 @@ def _tasks(config, have) -> list[str]:
 
 
 class MetricEvaluation:
-  """FID / CLIP score of the EMA weights on a small fixed set (module docs); the metric
-  networks and the sampler's tokenizers are built at the first evaluation."""
+  """FID / CLIP score of the EMA weights on a small fixed set (module docs). The inputs, the
+  sampler's tokenizers and the metric networks are set up here, at the start of training, so
+  that a bad setting stops the run before its first step, not at its first evaluation."""
 
   def __init__(self, config, workdir: str, model, encoders, enc_params, mesh, eval_set,
                have: tuple[str, ...]):
@@ -80,25 +82,22 @@ class MetricEvaluation:
                                f"CLIP score needs at least 2 samples")
     self._inputs = evaluate.select_inputs(
         config, eval_set, self._num, os.path.join(workdir, "eval", "train_prompts.jsonl"))
-    for task in self._tasks:   # fail now, not at the first evaluation hours later
+    for task in self._tasks:
       key = "prompts" if task == "t2i" else "images"
       if len(self._inputs[key]) < 2:
         raise errors.ConfigError(
             f"config.eval: the training-time {task} evaluation has {len(self._inputs[key])} "
             f"{key}; name a set (config.eval.source) or config.sample.{key}, or leave {task} "
             f"out of config.eval.tasks")
-    self._build = lambda: sample.context(config, mesh, model, encoders, enc_params)
-    self._mesh, self._ctx, self._nets = mesh, None, None
+    self._ctx = sample.context(config, mesh, model, encoders, enc_params)
+    self._nets = {}
+    if "fid" in have:
+      self._nets["fid"] = evaluate.InceptionStats(config, mesh)
+    if "clip_score" in have:
+      self._nets["clip"] = evaluate.ClipScorer(config, mesh)
 
   def __call__(self, params) -> dict:
     """params: the U-ViT params to sample with (replicated) -> scalars."""
-    if self._ctx is None:
-      self._ctx = self._build()
-      self._nets = {}
-      if "fid" in self._have:
-        self._nets["fid"] = evaluate.InceptionStats(self._config, self._mesh)
-      if "clip_score" in self._have:
-        self._nets["clip"] = evaluate.ClipScorer(self._config, self._mesh)
     sampler = dict(self._ctx, params=params)
     scalars = {}
     for task in self._tasks:
