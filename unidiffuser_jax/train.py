@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, heldout, input_pipeline
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, eval_training, input_pipeline
 from unidiffuser_jax import latent_stats, lora, nonfinite, perf, preemption, profiling, rng
 from unidiffuser_jax import sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
@@ -365,6 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
                 workdir=workdir)
   # A LoRA state holds adapters alone: its base came in through the build, not init_from.
   init_from = "" if lora.enabled(config) else config.train.init_from
-  evaluate = heldout.training_evaluate(config, model, encoders, encoder_params, mesh, evaluate)
+  evaluate = eval_training.training_evaluate(config, workdir, model, encoders, encoder_params, mesh,
+                                             evaluate)
   return run_loop(config, config.train, built, workdir, data_iterator, init_from=init_from,
                   evaluate=evaluate)
