@@ -11,7 +11,7 @@ import pytest
 from configs import demo
 from data_pipelines import synthetic
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, lora, sharding
-from unidiffuser_jax import train, vocab, weight_jobs
+from unidiffuser_jax import compile as compile_plan, train, vocab, weight_jobs
 from unidiffuser_jax.models import uvit
 
 
@@ -436,3 +436,25 @@ def test_the_three_forms_agree(base_dir, tmp_path):
     additive = model.apply({"params": params}, *x)
   for a, m in zip(additive, _forward(model, params, x, ad, scale)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(m), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_plans_the_lora_step_against_the_full_one(tmp_path):
+  """--mode=compile builds through train.build, so with train.lora.rank it plans the LoRA step
+  (no weights needed): XLA's argument bytes per device drop by exactly the state that LoRA
+  does not hold (full: params, EMA, AdamW moments of every weight; LoRA: a frozen base and the
+  adapters' state), and that is most of the full fine-tune's state."""
+  per_device = lambda tree: sum(
+      int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  args, state = {}, {}
+  for name, rank in (("full", 0), ("lora", 4)):
+    c = vocab.derive(demo.get_config("tiny"))
+    c.mesh = dict(data=2, fsdp=4, tensor=1, num_devices=0)
+    c.compile.update(isolate=False)
+    c.train.lora.rank = rank
+    (row,) = [r for r in compile_plan.run(c, str(tmp_path / name)) if r["candidate"] == "train"]
+    assert row["status"] == "ok", row
+    args[name] = row["memory"]["arguments"]
+    built = train.build(c, sharding.make_mesh(c.mesh), abstract=True)
+    state[name] = per_device((built.state, built.frozen))
+  assert args["full"] - args["lora"] == state["full"] - state["lora"], (args, state)
+  assert state["lora"] < state["full"]
