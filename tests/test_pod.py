@@ -25,6 +25,9 @@ from unidiffuser_jax import sharding, train, vocab
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 STEPS = 20
+# The preemption tests start from the unbroken run's checkpoint of step HALF (half the steps to
+# train; a run resumed from a checkpoint is preempted like a fresh one) and must end as it did.
+HALF = STEPS // 2
 LOCAL = (os.path.join(faults.ROOT, "launch", "local.sh"),)
 
 
@@ -73,6 +76,14 @@ def test_two_processes_train_exactly_as_one(one_process, two_processes):
   assert faults.max_abs_diff(faults.final_state(one_process), faults.final_state(two)) <= 1e-6
 
 
+def _from_step(reference, workdir, step):
+  """A workdir holding only `reference`'s checkpoint of `step` (a run resumes from there)."""
+  os.makedirs(os.path.join(workdir, "checkpoints"))
+  shutil.copytree(os.path.join(reference, "checkpoints", str(step)),
+                  os.path.join(workdir, "checkpoints", str(step)))
+  return workdir
+
+
 def _preempt_and_resume(workdir, args, launcher, target, stop_at):
   """SIGTERM once `stop_at` is logged (twice: the second lands during the save), then rerun."""
   run = faults.Run(workdir, args, workdir + ".log", launcher=launcher)
@@ -98,10 +109,11 @@ def _preempt_and_resume(workdir, args, launcher, target, stop_at):
 
 
 def test_sigterm_single_process_stops_cleanly_and_resumes_bitwise(one_process, args, tmp_path):
-  stop_at = random.Random(os.getpid()).randint(2, STEPS - 6)
-  _preempt_and_resume(str(tmp_path / "w"), args, (), lambda run: run.proc.pid, stop_at)
-  a, b = faults.final_state(str(tmp_path / "w")), faults.final_state(one_process)
-  assert faults.max_abs_diff(a, b) == 0.0
+  stop_at = random.Random(os.getpid()).randint(HALF + 1, STEPS - 5)
+  w = _from_step(one_process, str(tmp_path / "w"), HALF)
+  _preempt_and_resume(w, args, (), lambda run: run.proc.pid, stop_at)
+  assert faults.resumed_from(open(w + ".log").read()) == HALF
+  assert faults.max_abs_diff(faults.final_state(w), faults.final_state(one_process)) == 0.0
 
 
 def _trainer(launcher_proc, process_id):
@@ -117,10 +129,11 @@ def _trainer(launcher_proc, process_id):
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_processes, args, tmp_path):
-  stop_at = random.Random(os.getpid() + 1).randint(2, STEPS - 8)
-  w = str(tmp_path / "w")
+  stop_at = random.Random(os.getpid() + 1).randint(HALF + 1, STEPS - 6)
+  w = _from_step(two_processes[0], str(tmp_path / "w"), HALF)
   _preempt_and_resume(w, args, _launcher(2), lambda run: _trainer(run.proc, 1), stop_at)
   text = open(w + ".log").read()
+  assert faults.resumed_from(text) == HALF
   assert "[p0] preempted: stopped at step" in text and "[p1] preempted: stopped at step" in text
   assert faults.max_abs_diff(faults.final_state(w), faults.final_state(two_processes[0])) <= 1e-6
 
