@@ -103,7 +103,7 @@ def main():
   p.add_argument("--seed", type=int, default=7)
   p.add_argument("--replay", type=int, default=160,
                  help="images of the base's training set mixed in (0: the new images alone)")
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=600)
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--alpha", type=float, default=8.0)
   p.add_argument("--lr", type=float, default=1e-3)
