@@ -336,6 +336,7 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
     profiler.stop(state)
     last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
   finally:
+    profiler.stop()   # a trace cut short by an error or a preemption is still written
     notice.close()
     logger.close()
     checkpoints.finish(mngr)
