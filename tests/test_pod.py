@@ -181,19 +181,20 @@ def test_a_two_process_checkpoint_restores_into_one_process_on_another_mesh(two_
   assert leaf.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
-def test_a_one_process_checkpoint_restores_into_two_processes(one_process, args, tmp_path):
-  """Elastic restore, growing: 1 process x 8 devices -> 2 processes x 4, one more step. The step
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_one_process_checkpoint_restores_into_more_processes(one_process, args, tmp_path, n):
+  """Elastic restore, growing: 1 process x 8 devices -> n processes x 8/n, one more step. The step
   starts from exactly the saved state: its EMA is 0.1 x its params + 0.9 x the saved EMA
   (ema_decay 0.9), and its params moved from the saved ones by one Adam step (<= a few lr)."""
   w = str(tmp_path / "w")
   shutil.copytree(one_process, w)
   grow = [*args, f"--config.train.steps={STEPS + 1}", "--config.train.restart_data_on_resize=True"]
-  run = faults.Run(w, grow, w + ".log", launcher=_launcher(2))
+  run = faults.Run(w, grow, w + ".log", launcher=_launcher(n))
   assert run.wait() == 0, run.text()[-3000:]
   text = run.text()
   assert faults.resumed_from(text) == STEPS
-  for p in (0, 1):
-    assert f"[p{p}] " in text and "written by 1 processes, this run has 2" in text
+  for p in range(n):
+    assert f"[p{p}] " in text and f"written by 1 processes, this run has {n}" in text
   before, after = faults.final_state(one_process), faults.final_state(w)
   assert int(after["step"]) == STEPS + 1
   jax.tree.map(lambda e1, p1, e0: np.testing.assert_allclose(e1, 0.1 * p1 + 0.9 * e0, rtol=1e-5,
