@@ -84,26 +84,11 @@ def laion_memory(args):
   config = laion_config.get_config()
   config.mesh = dict(data=1, fsdp=1, tensor=1, num_devices=1)
   config.train.lora.update(rank=args.rank, base_dtype=args.base_dtype)
-  seed = int(config.seed)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model = train.make_model(config.model)
-  encoders = encoders_lib.build(config.encoders)
-  full_task = train.uvit_task(model, encoders, seed)
-  enc, enc_sh = train.build_frozen(config, mesh, encoders, abstract=True)
-  abstract = uvit.abstract_variables(model)["params"]
-  base_sh = sharding.named_shardings(sharding.logical_to_specs(abstract, mesh, rules), mesh)
-  base = sharding.abstract_with(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, args.base_dtype), nn.unbox(abstract)),
-      base_sh)
-  lcfg = lora.LoraConfig.from_config(config.train.lora)
-  sides = {"full": (full_task, enc, enc_sh),
-           "lora": (lora.wrap_task(full_task, model, lcfg, seed), {"encoders": enc, "base": base},
-                    {"encoders": enc_sh, "base": base_sh})}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}: configs/laion.py, one device, "
         f"batch {args.batch}, LoRA rank {args.rank}, base {args.base_dtype}", flush=True)
-  for name, (task, frozen, frozen_sh) in sides.items():
-    built = train.build_task(config, config.train, task, mesh, frozen, frozen_sh, abstract=True)
+  for name, cfg in (("full", lora.full_config(config)), ("lora", config)):
+    built = train.build(cfg, mesh, abstract=True)   # the trainer's build, no weights
     t0 = time.perf_counter()
     compiled = built.lower(aot.features_batch(config, args.batch, mesh)).compile()
     for hbm in (16, 24):

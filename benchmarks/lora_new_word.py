@@ -6,7 +6,9 @@
 1. data: --n new captioned images of one new colour (--colour, --rgb; shapes and positions as
    the demo's, same caption grammar), plus --n_heldout held-out ones, as shards;
 2. a LoRA fine-tune of the base's EMA U-ViT (train.train with train.init_from = the base and
-   train.lora.rank = --rank) on those images only, for --steps steps, timed;
+   train.lora.rank = --rank) on those images plus --replay images of the base's own training
+   set (replay, so the old words keep their meaning; --replay=0: the new images alone), for
+   --steps steps, timed;
 3. t2i for the held-out new-colour prompts and the base's 64 held-out prompts, with the base
    and with the fine-tuned model (its adapters merged into the base), judged by the demo's
    judge (the new colour added to its palette for the new prompts).
@@ -26,14 +28,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from configs import demo as demo_config  # noqa: E402
-from data_pipelines import demo_data, demo_sets  # noqa: E402
+from data_pipelines import demo_data, demo_sets, make_shards, shards  # noqa: E402
 from unidiffuser_jax import demo, sample, train, vocab  # noqa: E402
 
 
 def make_data(args, tokenizer: str) -> dict:
   rgb = tuple(int(v) for v in args.rgb.split(","))
 
-  def example(rng):
+  def example(rng, split):  # pylint: disable=unused-argument
     a = dict(colour=args.colour, shape=demo_data.SHAPES[rng.integers(len(demo_data.SHAPES))],
              position=demo_data.POSITIONS[rng.integers(len(demo_data.POSITIONS))])
     img = demo_data.render(args.colour, a["shape"], a["position"], args.size, rng, fill=rgb)
@@ -43,6 +45,23 @@ def make_data(args, tokenizer: str) -> dict:
                 shard_size=500, colour=args.colour, rgb=list(rgb))
   return demo_data.write_set(os.path.join(args.workdir, "data"), params, lambda _: tokenizer,
                              example, url="newword")
+
+
+def write_replay(base: str, out_dir: str, n: int) -> list[str]:
+  """The first n records of the base run's training shards, copied to shards of their own."""
+  src = sorted(os.path.join(base, "demo_data", "train", f)
+               for f in os.listdir(os.path.join(base, "demo_data", "train")) if f.endswith(".tar"))
+  done = 0
+  with make_shards.ShardWriter(out_dir, 500) as w:
+    for path in src:
+      for e in shards.iter_entries(path):
+        if done == n:
+          return w.paths
+        if "files" in e:
+          ext = next(x for x in shards.IMAGE_EXTS if x in e["files"])
+          w.write(e["files"][ext], ext, e["files"]["txt"].decode(), dict(url="replay"))
+          done += 1
+  return w.paths
 
 
 def base_config(args):
@@ -82,7 +101,9 @@ def main():
   p.add_argument("--n_heldout", type=int, default=48)
   p.add_argument("--size", type=int, default=16)
   p.add_argument("--seed", type=int, default=7)
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--replay", type=int, default=160,
+                 help="images of the base's training set mixed in (0: the new images alone)")
+  p.add_argument("--steps", type=int, default=600)
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--alpha", type=float, default=8.0)
   p.add_argument("--lr", type=float, default=1e-3)
@@ -92,7 +113,9 @@ def main():
   config = base_config(args)
   paths = make_data(args, config.data.tokenizer)
   ft = config.copy_and_resolve_references()
-  ft.data.shards = ",".join(paths["train_shards"])
+  replay = (write_replay(args.base, os.path.join(args.workdir, "data", "replay"), args.replay)
+            if args.replay else [])
+  ft.data.shards = ",".join(paths["train_shards"] + replay)
   ft.train.update(init_from=args.base, steps=args.steps, batch_size=args.batch, lr=args.lr,
                   warmup_steps=10, log_every=50, checkpoint_every=args.steps, eval_every=0)
   ft.train.lora.update(rank=args.rank, alpha=args.alpha)
@@ -105,8 +128,9 @@ def main():
   new_prompts = [a["caption"] for a in new_truth]
   palette = dict(demo_data.COLOURS, **{args.colour: tuple(int(v) for v in args.rgb.split(","))})
   shapes = demo_sets.get("shapes")
-  with open(os.path.join(args.base, "demo_data", "demo.json")) as f:
-    old_shards = json.load(f)["paths"]["heldout_shards"]
+  with open(os.path.join(args.base, "demo_data", "demo.json")) as f:   # paths relative to the
+    old_shards = [os.path.join(args.base, "demo_data", "heldout", os.path.basename(p))  # base's cwd
+                  for p in json.load(f)["paths"]["heldout_shards"]]
   old = demo.read_heldout(shapes, old_shards, 64)
   judge = demo.Judge("shapes", old)
   results = {"train_seconds": train_s, "args": vars(args)}

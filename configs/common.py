@@ -234,7 +234,9 @@ def train(**kw) -> mc.ConfigDict:
       loss_weight="eps",  # "eps" (paper) or "v": per-timestep loss weight (objective.py)
       min_snr_gamma=0.0,  # loss weight min(SNR, gamma) / SNR per part (objective.py); paper: 0
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
-      eval_every=0,  # steps between a runbook's evaluations (the demo's judge); 0 = none
+      # steps between evaluations during training (eval_training.py: held-out loss, FID / CLIP
+      # score where their weights are present; a runbook's own, the demo's judge); 0 = none
+      eval_every=0,
       init_from="",  # fine-tune: params dir from --mode=import, or a workdir (its EMA)
       profile_steps=(),  # (first, last) step of a jax.profiler trace into <workdir>/profile; () = none
       # A step with a NaN/Inf loss or gradient norm is skipped in-graph (nonfinite.py); the run
@@ -287,6 +289,9 @@ def eval_(**kw) -> mc.ConfigDict:
   loss_examples, loss_timesteps   the held-out loss: the set's first loss_examples pairs at each
                       fixed timestep (image and text at the same t), noise from the seed.
   save_samples        samples per (task, scale) written as PNGs + grid (captions: all).
+  train_num           during training (every train.eval_every steps, eval_training.py): FID /
+                      CLIP score of the first train_num inputs of the selection, where the
+                      metric networks' weights are present (else the held-out loss alone).
   """
   return _section("eval", dict(
       tasks=("t2i", "i2t"), num=30000, guidance_scales=(),
@@ -296,7 +301,7 @@ def eval_(**kw) -> mc.ConfigDict:
       inception="", ref_stats="", clip="openai/clip-vit-large-patch14",
       stats_only=False, ref_crop="center", ref_resolution=256, ref_filter="lanczos",
       feature_batch_size=64, loss_examples=256, loss_timesteps=(100, 300, 500, 700, 900),
-      save_samples=64,
+      save_samples=64, train_num=1000,
   ), kw)
 
 

@@ -138,5 +138,7 @@ def _tiny(c: mc.ConfigDict) -> None:
   c.encoders.captioner.update(prefix_inner_dim=32, prefix_hidden_dim=8, n_embd=32, n_layer=1,
                               n_positions=16)
   c.model.update(width=32, depth=2, num_heads=4, mlp_dim=64)
+  # 6 text tokens + 8 caption tokens fit the caption decoder's 16 positions.
+  c.captioner.max_caption_tokens = c.sample.max_caption_tokens = 8
   c.train.update(steps=6, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=3,
                  ema_decay=0.9)

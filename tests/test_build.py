@@ -80,6 +80,35 @@ def test_compile_and_sampler_paths_carry_the_constraints(tiny):
   assert _pinned(aot.lower_sampler(config, built.state.ema_params, mesh, 8).as_text()) >= 2 * 3
 
 
+def test_sampler_program_pins_samples_to_the_data_axes(tiny):
+  """The samplers (sample.sampler_program: generate, --mode=compile) carry the U-ViT's
+  constraints, with the vmapped samples' axis on (data, fsdp) and the guided pair inside one
+  sample unsplit (the legacy `with mesh:` dropped them; naive rules split the pair of 2)."""
+  from unidiffuser_jax import compile as compile_plan
+  mesh = sharding.make_mesh(tiny.mesh)
+  lowered, _, _ = compile_plan._lower(tiny, compile_plan.Candidate("sample/t2i", 8), mesh)  # noqa: SLF001
+  text = lowered.as_text()
+  constraints = re.findall(r"sdy.sharding_constraint [^\n]*", text)
+  assert len(constraints) >= 3 * tiny.model.depth, len(constraints)
+  assert all('<@mesh, [{"data", "fsdp"}, {}' in c for c in constraints), constraints[:3]
+
+
+def test_heldout_loss_carries_the_constraints(tiny):
+  """The held-out loss (heldout.HeldoutLoss, --mode=eval and during training) lowers with the
+  U-ViT's activation constraints on the data-parallel axes, as the train step does."""
+  from unidiffuser_jax import encoders as encoders_lib, heldout
+  mesh = sharding.make_mesh(tiny.mesh)
+  model = train.make_model(tiny.model)
+  encoders = encoders_lib.build(tiny.encoders)
+  enc_params, _ = train.build_frozen(tiny, mesh, encoders)
+  host = {k: v for k, v in _host_batch(tiny).items() if k != "skipped"}
+  loss = heldout.HeldoutLoss(tiny, model, encoders, enc_params, mesh, host)
+  params = train.build(tiny, mesh, abstract=True, encoders=encoders).state.ema_params
+  text = loss._loss.lower(params, enc_params, loss._batch, 500,  # noqa: SLF001
+                          jax.random.key(0)).as_text()
+  assert _pinned(text) >= 3 * tiny.model.depth, _pinned(text)
+
+
 def test_no_second_build_remains():
   """No second way to create a train state or jit a step remains (grep-able)."""
   import pathlib

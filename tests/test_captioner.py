@@ -158,3 +158,13 @@ def test_weight_problems_are_named(trained):
   wcap.import_caption_decoder(with_buffers, params)
   with pytest.raises(WeightMismatchError, match='not a caption decoder'):
     wcap.import_caption_decoder({'foo': np.zeros(1)}, params)
+
+
+
+def test_a_caption_longer_than_the_positions_names_the_setting(trained):
+  model, params, _ = trained
+  feats, _, _ = _batch()
+  prefix = model.apply(params, jnp.asarray(feats), method=CaptionDecoder.encode_prefix)
+  greedy(model, params, prefix, max_new_tokens=29)   # 4 prefix + 29 - 1 = 32 positions: fits
+  with pytest.raises(ValueError, match='needs 33 positions.*n_positions=32.*max_caption_tokens'):
+    greedy(model, params, prefix, max_new_tokens=30)

@@ -22,15 +22,9 @@ N = 8
 pytestmark = pytest.mark.slow   # Inception at 299 on CPU, twice, plus sampling: ~1-2 minutes
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_sampler, tmp_path_factory):
-  config, _, _, root = tiny_sampler
-  config = config.copy_and_resolve_references()
-  d = tmp_path_factory.mktemp("metric_nets")
-  sd = _random_state_dict(0)
-  pth = d / inception_weights.FID_WEIGHTS_FILE
-  torch.save(sd, pth)
-  # A tiny random CLIPModel over the data tokenizer's vocabulary, saved with that tokenizer.
+def tiny_clip(config, clip_dir) -> str:
+  """A tiny random transformers CLIPModel over the data tokenizer's vocabulary, saved with
+  that tokenizer in clip_dir (config.eval.clip)."""
   vocab = int(config.encoders.clip_text.vocab_size)
   tok_dir = config.data.tokenizer
   clip_cfg = transformers.CLIPConfig(
@@ -40,10 +34,21 @@ def setup(tiny_sampler, tmp_path_factory):
       vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                          num_attention_heads=4, image_size=24, patch_size=8),
       projection_dim=16)
-  clip_dir = d / "clip"
   clip_ref.randomise(transformers.CLIPModel(clip_cfg), 3).save_pretrained(clip_dir)
   for f in os.listdir(tok_dir):
-    shutil.copy(os.path.join(tok_dir, f), clip_dir / f)
+    shutil.copy(os.path.join(tok_dir, f), os.path.join(clip_dir, f))
+  return str(clip_dir)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sampler, tmp_path_factory):
+  config, _, _, root = tiny_sampler
+  config = config.copy_and_resolve_references()
+  d = tmp_path_factory.mktemp("metric_nets")
+  sd = _random_state_dict(0)
+  pth = d / inception_weights.FID_WEIGHTS_FILE
+  torch.save(sd, pth)
+  clip_dir = tiny_clip(config, d / "clip")
   config.eval.update(source="tfds", num=N, tasks=("t2i", "i2t"), guidance_scales=(1.0, 3.0),
                      metrics=evaluate.METRICS,
                      inception=str(pth), clip=str(clip_dir), feature_batch_size=8,

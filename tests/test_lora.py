@@ -11,7 +11,7 @@ import pytest
 from configs import demo
 from data_pipelines import synthetic
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, lora, sharding
-from unidiffuser_jax import train, vocab, weight_jobs
+from unidiffuser_jax import compile as compile_plan, train, vocab, weight_jobs
 from unidiffuser_jax.models import uvit
 
 
@@ -137,8 +137,8 @@ def _lora_task(config, mesh, workdir):
   enc = encoders_lib.build(config.encoders)
   enc_params, enc_sh = train.build_frozen(config, mesh, enc)
   task = train.uvit_task(model, enc, int(config.seed))
-  return (model, task, *lora.finetune(task, model, config, mesh, str(workdir), enc_params,
-                                      enc_sh))
+  return (model, task, *lora.finetune(task, model, config, mesh, enc_params, enc_sh,
+                                      workdir=str(workdir)))
 
 
 def _step(config, devices, workdir):
@@ -151,6 +151,27 @@ def _step(config, devices, workdir):
   batch = sharding.to_global(next(_iterator()), mesh)
   after, m = built.step(state, frozen, batch)
   return before, jax.device_get(after), jax.device_get(m), frozen, state_sh
+
+
+def test_the_one_build_makes_the_lora_step_abstract_or_real(base_dir, tmp_path):
+  """train.build (describe, --mode=compile, train) builds the LoRA fine-tune: the state holds
+  adapters alone, the base is a frozen input of train.lora.base_dtype; abstract needs no weights
+  and has the real build's shapes, dtypes and shardings."""
+  config = _config(base_dir, base_dtype="bfloat16")
+  mesh = sharding.make_mesh(config.mesh)
+  real = train.build(config, mesh, workdir=str(tmp_path))
+  no_weights = config.copy_and_resolve_references()
+  no_weights.train.init_from = ""
+  abstract = train.build(no_weights, mesh, abstract=True)
+  names = {"/".join(str(k.key) for k in p)[-6:]
+           for p, _ in jax.tree_util.tree_flatten_with_path(abstract.state.params)[0]}
+  assert names == {lora.A, lora.B}
+  base = jax.tree.leaves(abstract.frozen["base"])
+  assert base and all(x.dtype == jnp.bfloat16 for x in base)
+  shape = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), t)
+  assert shape(abstract.state) == shape(real.state)
+  assert shape(abstract.frozen) == shape(real.frozen)
+  assert (tmp_path / lora.BASE_RECORD).exists()
 
 
 def test_only_adapters_are_trained(base_dir, tmp_path):
@@ -415,3 +436,25 @@ def test_the_three_forms_agree(base_dir, tmp_path):
     additive = model.apply({"params": params}, *x)
   for a, m in zip(additive, _forward(model, params, x, ad, scale)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(m), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_plans_the_lora_step_against_the_full_one(tmp_path):
+  """--mode=compile builds through train.build, so with train.lora.rank it plans the LoRA step
+  (no weights needed): XLA's argument bytes per device drop by exactly the state that LoRA
+  does not hold (full: params, EMA, AdamW moments of every weight; LoRA: a frozen base and the
+  adapters' state), and that is most of the full fine-tune's state."""
+  per_device = lambda tree: sum(
+      int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  args, state = {}, {}
+  for name, rank in (("full", 0), ("lora", 4)):
+    c = vocab.derive(demo.get_config("tiny"))
+    c.mesh = dict(data=2, fsdp=4, tensor=1, num_devices=0)
+    c.compile.update(isolate=False)
+    c.train.lora.rank = rank
+    (row,) = [r for r in compile_plan.run(c, str(tmp_path / name)) if r["candidate"] == "train"]
+    assert row["status"] == "ok", row
+    args[name] = row["memory"]["arguments"]
+    built = train.build(c, sharding.make_mesh(c.mesh), abstract=True)
+    state[name] = per_device((built.state, built.frozen))
+  assert args["full"] - args["lora"] == state["full"] - state["lora"], (args, state)
+  assert state["lora"] < state["full"]

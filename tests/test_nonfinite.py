@@ -1,5 +1,7 @@
 """Non-finite steps: skipped in-graph (state unchanged but the step count), counted, and the run
 stops after train.max_nonfinite_steps in a row with the last good checkpoint intact."""
+import glob
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,10 +91,12 @@ def test_poisoned_steps_leave_params_ema_and_optimizer_unchanged(tmp_path):
 
 @pytest.mark.slow
 def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint(tmp_path):
-  config = _tiny(steps=6, max_nonfinite_steps=2)
+  config = _tiny(steps=6, max_nonfinite_steps=2, profile_steps=(1, 6))
   config.debug.poison_steps = (2, 3, 4)
   with pytest.raises(nonfinite.NonFiniteError, match="stopped at step 3: the last 2 steps"):
     train.train(config, str(tmp_path))
+  # The trace of steps 1-6, cut short at step 3, was still stopped and written (run_loop's finally).
+  assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
   # Step 2 (one bad step: below the limit) was saved with step 1's weights; step 3 was not.
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
   jax.tree.map(np.testing.assert_array_equal, _saved(tmp_path, 2)["params"],

@@ -1,5 +1,10 @@
 """Pod behaviour on one machine with real processes: launch/local.sh's N processes against one,
-SIGTERM (preemption) in one and in two processes, and the SIGKILL drill (tools/faults.py)."""
+SIGTERM (preemption) in one and in two processes, the SIGKILL drill (tools/faults.py), elastic
+restore across process counts and the processes' agreement on the step they resume from.
+
+One unbroken single-process run and one unbroken two-process run (module fixtures) are the
+references of every test; all runs share one compilation cache, so only the first run of each
+process count compiles (the programs are the same ones, so the numbers are too)."""
 import os
 import random
 import shutil
@@ -20,7 +25,9 @@ from unidiffuser_jax import sharding, train, vocab
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 STEPS = 20
-ARGS = [*faults.TINY, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5"]
+# The preemption tests start from the unbroken run's checkpoint of step HALF (half the steps to
+# train; a run resumed from a checkpoint is preempted like a fresh one) and must end as it did.
+HALF = STEPS // 2
 LOCAL = (os.path.join(faults.ROOT, "launch", "local.sh"),)
 
 
@@ -29,17 +36,25 @@ def _launcher(n):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def args(tmp_path_factory):
+  """The trainer's arguments: the tiny config, STEPS steps, the module's compilation cache."""
+  cache = tmp_path_factory.mktemp("compile_cache")
+  return [*faults.TINY, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5",
+          f"--config.compile.cache_dir={cache}"]
+
+
+@pytest.fixture(scope="module")
+def one_process(args, tmp_path_factory):
   d = str(tmp_path_factory.mktemp("one"))
-  run = faults.Run(d, ARGS, d + ".log")
+  run = faults.Run(d, args, d + ".log")
   assert run.wait() == 0, run.text()[-3000:]
   return d
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def two_processes(args, tmp_path_factory):
   d = str(tmp_path_factory.mktemp("two"))
-  run = faults.Run(d, ARGS, d + ".log", launcher=_launcher(2))
+  run = faults.Run(d, args, d + ".log", launcher=_launcher(2))
   assert run.wait() == 0, run.text()[-3000:]
   return d, run.text()
 
@@ -61,9 +76,17 @@ def test_two_processes_train_exactly_as_one(one_process, two_processes):
   assert faults.max_abs_diff(faults.final_state(one_process), faults.final_state(two)) <= 1e-6
 
 
-def _preempt_and_resume(workdir, launcher, target, stop_at):
+def _from_step(reference, workdir, step):
+  """A workdir holding only `reference`'s checkpoint of `step` (a run resumes from there)."""
+  os.makedirs(os.path.join(workdir, "checkpoints"))
+  shutil.copytree(os.path.join(reference, "checkpoints", str(step)),
+                  os.path.join(workdir, "checkpoints", str(step)))
+  return workdir
+
+
+def _preempt_and_resume(workdir, args, launcher, target, stop_at):
   """SIGTERM once `stop_at` is logged (twice: the second lands during the save), then rerun."""
-  run = faults.Run(workdir, ARGS, workdir + ".log", launcher=launcher)
+  run = faults.Run(workdir, args, workdir + ".log", launcher=launcher)
   assert run.wait_for_step(stop_at, timeout=1800), run.text()[-3000:]
   t0 = time.monotonic()
   for _ in range(2):
@@ -79,17 +102,18 @@ def _preempt_and_resume(workdir, launcher, target, stop_at):
   stopped = int(line[-1].split("stopped at step ")[1].split()[0])
   assert stop_at <= stopped < STEPS and stopped in faults.complete_steps(workdir)
   assert not faults.interrupted(workdir)
-  rerun = faults.Run(workdir, ARGS, workdir + ".2.log", launcher=launcher)
+  rerun = faults.Run(workdir, args, workdir + ".2.log", launcher=launcher)
   assert rerun.wait() == 0, rerun.text()[-3000:]
   assert faults.resumed_from(rerun.text()) == stopped
   return stopped
 
 
-def test_sigterm_single_process_stops_cleanly_and_resumes_bitwise(one_process, tmp_path):
-  stop_at = random.Random(os.getpid()).randint(2, STEPS - 6)
-  _preempt_and_resume(str(tmp_path / "w"), (), lambda run: run.proc.pid, stop_at)
-  a, b = faults.final_state(str(tmp_path / "w")), faults.final_state(one_process)
-  assert faults.max_abs_diff(a, b) == 0.0
+def test_sigterm_single_process_stops_cleanly_and_resumes_bitwise(one_process, args, tmp_path):
+  stop_at = random.Random(os.getpid()).randint(HALF + 1, STEPS - 5)
+  w = _from_step(one_process, str(tmp_path / "w"), HALF)
+  _preempt_and_resume(w, args, (), lambda run: run.proc.pid, stop_at)
+  assert faults.resumed_from(open(w + ".log").read()) == HALF
+  assert faults.max_abs_diff(faults.final_state(w), faults.final_state(one_process)) == 0.0
 
 
 def _trainer(launcher_proc, process_id):
@@ -104,18 +128,21 @@ def _trainer(launcher_proc, process_id):
   raise LookupError(f"no trainer process {process_id} under {launcher_proc.pid}")
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_processes, tmp_path):
-  stop_at = random.Random(os.getpid() + 1).randint(2, STEPS - 8)
-  w = str(tmp_path / "w")
-  _preempt_and_resume(w, _launcher(2), lambda run: _trainer(run.proc, 1), stop_at)
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_processes, args, tmp_path):
+  stop_at = random.Random(os.getpid() + 1).randint(HALF + 1, STEPS - 6)
+  w = _from_step(two_processes[0], str(tmp_path / "w"), HALF)
+  _preempt_and_resume(w, args, _launcher(2), lambda run: _trainer(run.proc, 1), stop_at)
   text = open(w + ".log").read()
+  assert faults.resumed_from(text) == HALF
   assert "[p0] preempted: stopped at step" in text and "[p1] preempted: stopped at step" in text
   assert faults.max_abs_diff(faults.final_state(w), faults.final_state(two_processes[0])) <= 1e-6
 
 
-def test_sigkill_drill_resumes_only_complete_checkpoints(tmp_path):
-  record = faults.kill_drill(str(tmp_path / "drill"), str(tmp_path / "reference"),
-                             rounds=2, steps=24, seed=1)
+def test_sigkill_drill_resumes_only_complete_checkpoints(one_process, args, tmp_path):
+  # The unbroken reference is the module's single-process run (the same steps; it saved every
+  # 5 steps, the drill every 3: saving does not change the training, so bitwise equal).
+  record = faults.kill_drill(str(tmp_path / "drill"), one_process, rounds=2, steps=STEPS, seed=1,
+                             args=args[-1:])
   assert not record["violations"], record
   assert record["killed"] >= 1 and record["max_abs_diff"] == 0.0
 
@@ -152,3 +179,45 @@ def test_a_two_process_checkpoint_restores_into_one_process_on_another_mesh(two_
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved["params"])
   leaf = jax.tree.leaves(restored.params)[0]
   assert leaf.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_one_process_checkpoint_restores_into_more_processes(one_process, args, tmp_path, n):
+  """Elastic restore, growing: 1 process x 8 devices -> n processes x 8/n, one more step. The step
+  starts from exactly the saved state: its EMA is 0.1 x its params + 0.9 x the saved EMA
+  (ema_decay 0.9), and its params moved from the saved ones by one Adam step (<= a few lr)."""
+  w = str(tmp_path / "w")
+  shutil.copytree(one_process, w)
+  grow = [*args, f"--config.train.steps={STEPS + 1}", "--config.train.restart_data_on_resize=True"]
+  run = faults.Run(w, grow, w + ".log", launcher=_launcher(n))
+  assert run.wait() == 0, run.text()[-3000:]
+  text = run.text()
+  assert faults.resumed_from(text) == STEPS
+  for p in range(n):
+    assert f"[p{p}] " in text and f"written by 1 processes, this run has {n}" in text
+  before, after = faults.final_state(one_process), faults.final_state(w)
+  assert int(after["step"]) == STEPS + 1
+  jax.tree.map(lambda e1, p1, e0: np.testing.assert_allclose(e1, 0.1 * p1 + 0.9 * e0, rtol=1e-5,
+                                                             atol=1e-6),
+               after["ema_params"], after["params"], before["ema_params"])
+  lr = demo.get_config("tiny").train.lr
+  assert 0 < faults.max_abs_diff(after["params"], before["params"]) <= 5 * lr
+
+
+def test_processes_agree_on_the_step_when_only_one_cannot_read_it(two_processes, args, tmp_path):
+  """Process 1's data position of the newest step is garbage, process 0's is fine: both must
+  skip that step and resume from the previous one (alone, process 0 would take the newest and
+  the two would train different steps), and the run ends as the unbroken one."""
+  w = str(tmp_path / "w")
+  shutil.copytree(two_processes[0], w)
+  with open(os.path.join(w, "checkpoints", str(STEPS), "data", "process_1-of-2.json"), "w") as f:
+    f.write("{not json")
+  run = faults.Run(w, args, w + ".log", launcher=_launcher(2))
+  assert run.wait(timeout=600) == 0, run.text()[-3000:]
+  text = run.text()
+  p1 = [l for l in text.splitlines() if l.startswith("[p1] ") and "cannot read checkpoint" in l]
+  assert p1 and f"/checkpoints/{STEPS} (" in p1[0], text[-3000:]
+  assert "cannot be read (unreadable on process(es) [1]" in text, text[-3000:]
+  assert faults.resumed_from(text) == STEPS - 5
+  assert os.path.isdir(os.path.join(w, "checkpoints", f"{STEPS}.unreadable"))
+  assert faults.max_abs_diff(faults.final_state(w), faults.final_state(two_processes[0])) <= 1e-6

@@ -5,9 +5,9 @@
 
 Each round starts the tiny config (configs/demo.py:tiny, a checkpoint every 3 steps) in the same
 workdir, lets it train for a random moment (a fifth of the rounds are killed during start-up,
-before the first step; the others a moment after a random step 1-8 steps past the resume point)
-and kills it with SIGKILL, often in the middle of an async checkpoint
-write. Before each restart it lists the complete steps (digit directories with
+at the latest when the first new step is logged; the others a moment after a random step 1-8
+steps past the resume point) and kills it with SIGKILL, often in the middle of an async
+checkpoint write. Before each restart it lists the complete steps (digit directories with
 commit_success.txt) and the interrupted ones (orbax tmp dirs); the restart must resume from the
 newest complete step, never from an interrupted one. A last run finishes the training, and its
 final state (params, EMA, optimizer state) must equal, bitwise, an unbroken run's.
@@ -131,8 +131,11 @@ def kill_drill(workdir: str, reference: str, *, rounds: int, steps: int, seed: i
     run = Run(workdir, train_args, os.path.join(workdir, f"round{r:03d}.log"))
     last = r == rounds
     if not last:
-      if rng.random() < 0.2:
-        time.sleep(rng.uniform(0.5, 15.0))     # during start-up / restore / compile
+      if rng.random() < 0.2:                   # during start-up / restore / compile: a random
+        try:                                   # moment, at the latest the first new step
+          run.wait_for_step(max(before, default=0) + 1, timeout=rng.uniform(0.5, 15.0))
+        except TimeoutError:
+          pass
       elif run.wait_for_step(max(before, default=0) + rng.randint(1, 8)):
         time.sleep(rng.uniform(0.0, 1.0))      # while training and saving (every 3 steps)
       run.signal(signal.SIGKILL)

@@ -12,8 +12,10 @@ written under `<step>.orbax-checkpoint-tmp` and renamed to `<step>` (with commit
 only once every item is complete, so a kill at any moment leaves finished steps and at most
 one tmp dir. orbax never lists tmp dirs; `manager` logs and removes them. `restore_latest`
 tries the complete steps newest first and skips (naming it) any that cannot be read, unless
-the user asked for exactly that step. `save` and `finish` turn a failed write (a full disk
-above all) into one StopError line; a failed save never deletes older steps.
+the user asked for exactly that step. In a multi-process run the processes agree on each
+step (a failure on any one process skips it on all), so they always resume from the same step.
+`save` and `finish` turn a failed write (a full disk above all) into one StopError line; a
+failed save never deletes older steps.
 """
 import errno
 import logging
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STATE, DATA, CONFIG = "state", "data", "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's in-progress marker (path/atomicity_types.py)
+_RESTORE_BARRIER = ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix="")
 _SHOWN_PROBLEMS = 8  # check_params names this many mismatches, then counts the rest
 
 
@@ -121,24 +124,21 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, st
       raise ConfigError(f"train.restore_step={step}: {mngr.directory} also holds the newer steps "
                         f"{sorted(newer)}, which training on from {step} would overwrite; move "
                         f"them out of the folder first")
-    try:
-      return _restore(mngr, step, abstract_state, data_iter, restart_data_on_resize)
-    except ConfigError:
-      raise
-    except Exception as e:  # the user asked for this step: no fallback
+    restored, error = _restore_everywhere(mngr, step, abstract_state, data_iter,
+                                          restart_data_on_resize)
+    if error is not None:  # the user asked for this step: no fallback
       raise StopError(f"train.restore_step={step}: the checkpoint {mngr.directory / str(step)} "
-                      f"cannot be read ({_first_line(e)})") from e
+                      f"cannot be read ({error})")
+    return restored
   problems = []
   for s in steps:
-    try:
-      restored = _restore(mngr, s, abstract_state, data_iter, restart_data_on_resize)
-    except ConfigError:
-      raise
-    except Exception as e:  # any unreadable file or metadata: name it, try the previous step
-      problems.append(f"step {s}: {_first_line(e)}")
+    restored, error = _restore_everywhere(mngr, s, abstract_state, data_iter,
+                                          restart_data_on_resize)
+    if error is not None:  # any unreadable file or metadata: name it, try the previous step
+      problems.append(f"step {s}: {error}")
       if jax.process_index() == 0:
         log.warning("checkpoint %s cannot be read (%s); trying the previous one",
-                    mngr.directory / str(s), _first_line(e))
+                    mngr.directory / str(s), error)
       continue
     if jax.process_index() == 0:   # a warning: absl shows nothing below it on the console
       skipped = ", ".join(p.split(":")[0] for p in problems)
@@ -151,6 +151,31 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, *, st
     raise StopError(f"no checkpoint in {mngr.directory} can be read (" + "; ".join(problems)
                     + "); move the folder away to start afresh, or repair it")
   return None
+
+
+def _restore_everywhere(mngr, step, abstract_state, data_iter, restart_data_on_resize):
+  """(restored, None) when every process read `step`, else (None, why): the processes must
+  resume from one step, and a file that only one of them reads (its shards, its data position)
+  can fail on that one alone. Each failure is logged by its process."""
+  try:
+    restored, error = _restore(mngr, step, abstract_state, data_iter, restart_data_on_resize), None
+  except ConfigError:
+    raise
+  except Exception as e:  # any unreadable file or metadata
+    restored, error = None, _first_line(e)
+    if jax.process_count() > 1:
+      log.warning("process %d cannot read checkpoint %s (%s)", jax.process_index(),
+                  mngr.directory / str(step), error)
+      # Join the barrier that ends orbax's restore on the processes that succeeded (orbax
+      # 0.12.8: Checkpointer.restore's last act, with the prefix "" a CheckpointManager gives
+      # its checkpointer; a failure is raised before it), so that all meet in the gather below.
+      multihost_utils.sync_global_devices(_RESTORE_BARRIER)
+  if jax.process_count() > 1:
+    failed = multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
+    if error is None and np.any(failed):
+      restored, error = None, (f"unreadable on process(es) {np.flatnonzero(failed).tolist()} "
+                               f"(see their log)")
+  return restored, error
 
 
 def _set_aside(mngr, steps) -> None:

@@ -162,7 +162,7 @@ def _lower(config, cand: Candidate, mesh):
   shapes = modes.LatentShapes(
       z=(model.latent_size, model.latent_size, model.latent_channels),
       clip=(1, model.clip_img_dim), text=(model.num_text_tokens, model.text_dim))
-  program = jax.jit(sample.mode_program(task, model, encoders, config.sample, shapes))
+  program = sample.sampler_program(task, config, model, encoders, shapes, mesh)
   return program.lower(params, built.frozen, inputs, keys), None, cand.batch
 
 

@@ -17,7 +17,7 @@ def describe(config, num_devices: int | None = None) -> str:
   mesh = sharding.abstract_mesh(config.mesh, num_devices)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
   model = train.make_model(config.model)
-  built = train.build(config, mesh, abstract=True)
+  built = train.build(lora.full_config(config), mesh, abstract=True)   # full fine-tuning's state
   state, specs = built.state, built.state_specs
 
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))

@@ -241,17 +241,17 @@ def write_reference_stats(config, eval_set, mesh, out_dir: str) -> str:
 
 # ---------------------------------------------------------------- the job
 
-def _inputs(config, eval_set, out_dir: str) -> dict:
-  """{'prompts', 'images', 'image_names', 'references', 'index'} for the tasks."""
-  ecfg = config.eval
+def select_inputs(config, eval_set, num: int, prompts_path: str | None = None) -> dict:
+  """{'prompts', 'images', 'image_names', 'references', 'index'}: the first `num` of the set's
+  seeded selection (eval_data.select; its list written to prompts_path by process 0), or of
+  config.sample's prompts/images when there is no set."""
   if eval_set is None:
     own = sample.config_inputs(config)
-    return dict(prompts=own["prompts"][:int(ecfg.num)], images=own["images"][:int(ecfg.num)],
-                image_names=[os.path.basename(i) for i in own["images"][:int(ecfg.num)]],
+    return dict(prompts=own["prompts"][:num], images=own["images"][:num],
+                image_names=[os.path.basename(i) for i in own["images"][:num]],
                 references=None, index=None)
-  sel = eval_data.select(eval_set, int(ecfg.num), int(ecfg.caption_seed),
-                         os.path.join(out_dir, "prompts.jsonl")
-                         if jax.process_index() == 0 else None)
+  sel = eval_data.select(eval_set, num, int(config.eval.caption_seed),
+                         prompts_path if jax.process_index() == 0 else None)
   return dict(prompts=sel.prompts, images=eval_data.LazyImages(eval_set.items, sel.order),
               image_names=sel.names, references=sel.references, index=sel.order)
 
@@ -266,7 +266,10 @@ def _runs(config) -> list[tuple[str, float]]:
 
 
 def evaluate_task(task, scale, config, inputs, sampler, nets, out_dir, score=None) -> dict:
-  """Samples and scores one (task, guidance scale); returns its eval.json row."""
+  """Samples and scores one (task, guidance scale); returns its eval.json row. nets: the
+  metric networks to use ({'fid': InceptionStats, 'clip': ClipScorer}, any of them); out_dir:
+  where process 0 writes the first config.eval.save_samples samples and the captions (None:
+  nowhere)."""
   ecfg = config.eval
   key = "prompts" if task == "t2i" else "images"
   n = len(inputs[key])
@@ -327,7 +330,7 @@ def evaluate_task(task, scale, config, inputs, sampler, nets, out_dir, score=Non
     for k, v in score(task, host_all, kept).items():
       if isinstance(v, (int, float)) and k != "n":
         row[f"judge_{k}"] = float(v)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and out_dir is not None:
     task_dir = os.path.join(out_dir, f"{task}_g{scale:g}")
     shown = [r for r in kept if r["index"] < int(ecfg.save_samples)]
     sample.write_outputs(shown, task_dir)
@@ -354,7 +357,7 @@ def run(config, workdir: str, score: Callable | None = None) -> dict:
     return {"ref_stats": write_reference_stats(config, eval_set,
                                                sharding.make_mesh(config.mesh), out_dir)}
   check(config, eval_set)
-  inputs = _inputs(config, eval_set, out_dir)
+  inputs = select_inputs(config, eval_set, int(ecfg.num), os.path.join(out_dir, "prompts.jsonl"))
   sampler = sample.load_sampler(config, workdir)
   mesh = sampler["mesh"]
   nets = {}

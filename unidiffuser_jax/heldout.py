@@ -7,10 +7,8 @@ same weights on every run, so a curve over training steps compares like with lik
 as 'heldout/loss_t<t>' per timestep and 'heldout/loss' (their mean), with the objective's
 own weighting (config.train.loss_weight, min_snr_gamma).
 
-`training_evaluate` wraps a runbook's evaluate(step, state) (or none) so that train.run_loop
-logs the held-out loss every config.train.eval_every steps, with its wall time.
+During training, eval_training.py logs it every config.train.eval_every steps.
 """
-from collections.abc import Callable
 import functools
 
 import jax
@@ -72,38 +70,16 @@ class HeldoutLoss:
                                    timesteps=(ts, ts), **kw)
       return total
 
-    self._loss = jax.jit(loss)
+    # traced under the config's mesh and rules, as train.build's step: the same constraints
+    self._loss = jax.jit(sharding.traced_under(
+        loss, mesh, sharding.rules_from_config(config.sharding.rules)))
 
   def __call__(self, params) -> dict:
     params = jax.device_put(params, self._replicated)
     out = {}
-    with jax.set_mesh(self._mesh):
-      values = [self._loss(params, self._enc_params, self._batch, t,
-                           rng.key_for(self._seed, t, "heldout")) for t in self._timesteps]
+    values = [self._loss(params, self._enc_params, self._batch, t,
+                         rng.key_for(self._seed, t, "heldout")) for t in self._timesteps]
     for t, v in zip(self._timesteps, jax.device_get(values)):
       out[f"heldout/loss_t{t}"] = float(v)
     out["heldout/loss"] = float(np.mean([out[f"heldout/loss_t{t}"] for t in self._timesteps]))
     return out
-
-
-def training_evaluate(config, model, encoders, enc_params, mesh,
-                      evaluate: Callable | None) -> Callable | None:
-  """run_loop's evaluate(step, state): the held-out loss of the EMA weights (when
-  config.eval names a set and "loss" is among its metrics) and then `evaluate`'s scalars."""
-  ecfg = config.get("eval")
-  if ecfg is None or "loss" not in ecfg.metrics or not ecfg.source:
-    return evaluate
-  if int(config.train.eval_every) <= 0:
-    return evaluate
-  held = {}
-
-  def run(step, state):
-    if "loss" not in held:  # built at the first evaluation: no cost when it never comes
-      held["loss"] = HeldoutLoss(config, model, encoders, enc_params, mesh,
-                                 heldout_batch(config, eval_data.load(ecfg)))
-    scalars = held["loss"](state.ema_params)
-    if evaluate is not None:
-      scalars.update(evaluate(step, state))
-    return scalars
-
-  return run

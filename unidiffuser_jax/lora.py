@@ -393,15 +393,19 @@ def eval_params(config, params, cache: dict):
 
 # ---------------------------------------------------------------- the fine-tune
 
+def _base_shardings(model, mesh, rules):
+  abstract = uvit.abstract_variables(model)["params"]
+  return abstract, sharding.named_shardings(sharding.logical_to_specs(abstract, mesh, rules), mesh)
+
+
 def load_base(model, path: str, mesh, rules, base_dtype: str):
   """-> (base params on device, their shardings, identity) from `path` (train.init_from)."""
   if not path:
     raise ConfigError("config.train.lora.rank > 0 fine-tunes a trained U-ViT: set "
                       "--config.train.init_from=DIR (an imported params dir or a workdir)")
-  abstract = uvit.abstract_variables(model)["params"]
+  abstract, shardings = _base_shardings(model, mesh, rules)
   loaded = checkpoints.load_params(path)
   checkpoints.check_params(loaded, nn.unbox(abstract), f"init_from={path}", "the model config")
-  shardings = sharding.named_shardings(sharding.logical_to_specs(abstract, mesh, rules), mesh)
   identity = base_identity(loaded, path)
   base = jax.device_put(jax.tree.map(lambda x: np.asarray(x, jnp.dtype(base_dtype)), loaded), shardings)
   return base, shardings, identity
@@ -425,16 +429,34 @@ def wrap_task(task, model, lcfg: LoraConfig, seed: int):
   return dataclasses.replace(task, init_params=init_params, loss=loss)
 
 
-def finetune(task, model, config, mesh, workdir: str, frozen, frozen_shardings):
-  """A U-ViT fine-tune made a LoRA fine-tune: -> (task, frozen, frozen_shardings) for run_loop,
-  the base (config.train.init_from) loaded as a frozen input and recorded in the workdir."""
+def finetune(task, model, config, mesh, frozen, frozen_shardings, *, workdir: str | None = None,
+             abstract: bool = False):
+  """A U-ViT fine-tune made a LoRA fine-tune (train.build): -> (task, frozen, frozen_shardings),
+  the base (config.train.init_from) a frozen input next to the encoders, recorded in `workdir`
+  when given; abstract: the base as ShapeDtypeStructs of train.lora.base_dtype (plans, compiles
+  and describe need no weights)."""
   lcfg = LoraConfig.from_config(config.train.lora)
   rules = sharding.rules_from_config(config.sharding.rules)
-  base, base_shardings, identity = load_base(model, config.train.init_from, mesh, rules,
-                                             lcfg.base_dtype)
-  record_run(workdir, identity, lcfg)
+  if abstract:
+    shapes, base_shardings = _base_shardings(model, mesh, rules)
+    dtype = jnp.dtype(lcfg.base_dtype)
+    base = sharding.abstract_with(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.unbox(shapes)),
+        base_shardings)
+  else:
+    base, base_shardings, identity = load_base(model, config.train.init_from, mesh, rules,
+                                               lcfg.base_dtype)
+    if workdir is not None:
+      record_run(workdir, identity, lcfg)
   return (wrap_task(task, model, lcfg, int(config.seed)), {"encoders": frozen, "base": base},
           {"encoders": frozen_shardings, "base": base_shardings})
+
+
+def full_config(config):
+  """The same config fine-tuning every weight (train.lora.rank 0): describe's comparison."""
+  config = config.copy_and_resolve_references()
+  config.train.lora.rank = 0
+  return config
 
 
 # ---------------------------------------------------------------- the memory plan

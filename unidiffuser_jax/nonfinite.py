@@ -6,9 +6,9 @@ params, EMA and optimizer state (a select, no host sync) and only `step` advance
 was consumed; the next step draws the next step's keys). metrics["nonfinite"] is 1.0 for such
 a step, so the logged mean is the fraction of skipped steps in the logging period.
 
-`Watch` counts consecutive skipped steps on the device (one tiny jitted update per step, no
-sync) and is read only where the loop already waits: at logging steps and before a checkpoint
-is saved. `Watch.check` raises NonFiniteError once train.max_nonfinite_steps steps in a row
+`Watch` keeps each step's metrics["nonfinite"] (a device scalar: no dispatch, no sync) and
+reads them only where the loop already waits: at logging steps and before a checkpoint is
+saved. `Watch.check` raises NonFiniteError once train.max_nonfinite_steps steps in a row
 were skipped, before anything is saved, so the newest checkpoint holds the last good weights.
 With log_every > max_nonfinite_steps the run may take up to log_every further (skipped, harmless)
 steps before it stops: the price of not syncing every step.
@@ -49,38 +49,24 @@ def guard(step: Callable, poison_steps: Sequence[int] = ()) -> Callable:
   return guarded
 
 
-@jax.jit
-def _count(streak, total, bad):
-  bad = (bad > 0).astype(jnp.int32)
-  return jnp.where(bad > 0, streak + 1, 0), total + bad
-
-
-@jax.jit
-def _first(bad):
-  # The counters start from the first metric so they live where it lives (a global array
-  # across processes in a multi-process run).
-  bad = (bad > 0).astype(jnp.int32)
-  return bad, bad
-
-
 class Watch:
-  """Consecutive and total skipped steps, kept on the device; `check` reads them."""
+  """Consecutive and total skipped steps; `check` reads the steps recorded since the last one."""
 
   def __init__(self, max_consecutive: int):
     self.max_consecutive = int(max_consecutive)
-    self._streak = self._total = None
+    self._pending = []   # metrics["nonfinite"] of the steps not yet read, oldest first
+    self._streak = self._total = 0
 
   def record(self, metrics: dict) -> None:
-    if self._streak is None:
-      self._streak, self._total = _first(metrics["nonfinite"])
-    else:
-      self._streak, self._total = _count(self._streak, self._total, metrics["nonfinite"])
+    self._pending.append(metrics["nonfinite"])
 
   def check(self, step: int) -> int:
     """Returns the total skipped steps so far; raises NonFiniteError after too many in a row."""
-    if self._streak is None:
-      return 0
-    streak, total = (int(x) for x in jax.device_get((self._streak, self._total)))
+    for bad in jax.device_get(self._pending):
+      self._streak = self._streak + 1 if bad > 0 else 0
+      self._total += int(bad > 0)
+    self._pending = []
+    streak, total = self._streak, self._total
     if self.max_consecutive > 0 and streak >= self.max_consecutive:
       raise NonFiniteError(
           f"stopped at step {step}: the last {streak} steps had a non-finite loss or gradient "

@@ -23,10 +23,10 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
@@ -38,7 +38,7 @@ from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, laten
 from unidiffuser_jax import sharding, train
 from unidiffuser_jax import weight_jobs
 from unidiffuser_jax.diffusion import modes, solvers
-from unidiffuser_jax.models import captioner as captioner_lib
+from unidiffuser_jax.models import captioner as captioner_lib, uvit
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,14 @@ def _solver_kw(s, shapes):
               skip_type=s.skip_type, data_type=int(s.data_type))
 
 
-def mode_program(task: str, model, encoders, s, shapes, on_eval: Callable | None = None):
+def mode_program(task: str, model, encoders, s, shapes, on_eval: Callable | None = None,
+                 sample_axes=None):
   """(params, enc_params, inputs, keys) -> outputs for one batch; vmapped over samples.
 
   on_eval(t_img, t_text): called on the host at every network evaluation of every sample
-  (jax.debug.callback; the network times of its conditional row), for progress reports."""
+  (jax.debug.callback; the network times of its conditional row), for progress reports.
+  sample_axes: mesh axes of the samples' (vmapped) axis in sharding constraints met inside
+  (vmap's spmd_axis_name; sampler_program)."""
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; choose from {tuple(TASKS)}")
   body, kw = TASKS[task].body, _solver_kw(s, shapes)
@@ -167,7 +170,8 @@ def mode_program(task: str, model, encoders, s, shapes, on_eval: Callable | None
     return body(nnet, {k: v[None] for k, v in inputs.items()}, key, s, kw)
 
   def program(params, enc_params, inputs, keys):
-    out = jax.vmap(per_sample, in_axes=(None, 0, 0))(params, inputs, keys)
+    out = jax.vmap(per_sample, in_axes=(None, 0, 0), spmd_axis_name=sample_axes)(
+        params, inputs, keys)
     if "z" in out:  # decode inside the same program: pixels in [-1, 1]
       z = out["z"]
       flat = z.reshape((-1,) + z.shape[-3:])
@@ -283,9 +287,17 @@ def _setup(config, workdir: str) -> dict:
     encoders = latent_stats.apply(encoders, latent_stats.load(s.checkpoint or workdir))
   enc_params, _ = encoders.load_params(config.encoders.weights, mesh, int(config.seed),
                                        config.sharding.rules)
+  return dict(context(config, mesh, model, encoders, enc_params),
+              replicated=NamedSharding(mesh, P()))  # sampling is data-parallel: weights replicated
+
+
+def context(config, mesh, model, encoders, enc_params) -> dict:
+  """generate's keyword arguments but the U-ViT params, for a model and encoders already built
+  (the sampler's own set-up, or a trainer's: evaluation during training)."""
+  sharding.check_batch_divisible(int(config.sample.batch_size), mesh,
+                                 what="config.sample.batch_size")
   return dict(
       mesh=mesh, model=model, encoders=encoders, enc_params=enc_params,
-      replicated=NamedSharding(mesh, P()),  # sampling is data-parallel: weights replicated
       tokenizer=transforms.load_tokenizer(config.data.tokenizer),
       cap_tokenizer=transforms.load_tokenizer(config.captioner.tokenizer or config.data.tokenizer),
       shapes=modes.LatentShapes(
@@ -308,23 +320,61 @@ def load_sampler(config, workdir: str) -> dict:
   return dict(params=params, **_ctx_args(ctx))
 
 
+def sampler_program(task: str, config, model, encoders, shapes, mesh,
+                    on_eval: Callable | None = None):
+  """mode_program jitted and traced under the config's mesh and logical-axis rules
+  (sharding.traced_under), as train.build traces the step: the U-ViT's activation constraints
+  reach the program. The samples' axis takes act_batch's mesh axes (the data-parallel split),
+  and inside one sample (a batch of 1, or 2 with guidance) act_batch is left unsplit."""
+  rules = sharding.rules_from_config(config.sharding.rules)
+  batch = uvit.ACT_AXES[0]
+  inner = tuple((name, None if name == batch else axes) for name, axes in rules)
+  fn = mode_program(task, model, encoders, config.sample, shapes, on_eval,
+                    sample_axes=dict(rules).get(batch))
+  return jax.jit(sharding.traced_under(fn, mesh, inner))
+
+
+def _sample_keys(seeds, ids, purpose: str):
+  return jax.vmap(lambda sd, i: rng.key_for(sd, i, purpose))(seeds, ids)
+
+
 _COMPILED: dict = {}
 
 
-def _compiled(task, config, model, encoders, shapes, on_eval=None):
-  """The task's jitted programs, built once per (task, model, encoders, sampler settings):
-  the training-time evaluator and the final sampling of the same process share them."""
-  key = (task, model, encoders, shapes, repr(sorted(config.sample.items())), on_eval)
+def _compiled(task, config, model, encoders, shapes, mesh, on_eval=None):
+  """The task's jitted programs, built once per (task, model, encoders, mesh, sampler and
+  sharding settings): the training-time evaluator and the final sampling of the same process
+  share them."""
+  key = (task, model, encoders, shapes, mesh, repr(sorted(config.sample.items())),
+         repr(config.sharding.rules), on_eval)
   if key not in _COMPILED:
     def encode_images(p, img, clip_img, keys):
       # The posterior sample of image i uses its own key, so it is the same in any batch.
       moments = encoders.image_moments(p, img)
       z = jax.vmap(lambda m, k: encoders.latent_from_moments(m[None], k)[0])(moments, keys)
       return z, encoders.clip_embedding(p, clip_img)
-    program = jax.jit(mode_program(task, model, encoders, config.sample, shapes, on_eval))
-    _COMPILED[key] = dict(text=jax.jit(encoders.text_latent), image=jax.jit(encode_images),
-                          program=program)
+    _COMPILED[key] = dict(
+        text=jax.jit(encoders.text_latent), image=jax.jit(encode_images),
+        keys=jax.jit(_sample_keys, static_argnames="purpose"),
+        program=sampler_program(task, config, model, encoders, shapes, mesh, on_eval))
   return _COMPILED[key]
+
+
+def _local_rows(mesh, bsz: int) -> list[int]:
+  """The rows of a bsz-row batch split over the data-parallel axes that this process's
+  devices hold (all rows on one process)."""
+  index = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((bsz,))
+  return sorted({r for (sl,) in index.values() for r in range(bsz)[sl]})
+
+
+def _stack_rows(rows: dict, bsz: int) -> np.ndarray:
+  """{row: array} -> [bsz, ...] with those rows filled in (the others, which other processes
+  hold, stay zero and are never read)."""
+  first = next(iter(rows.values()))
+  out = np.zeros((bsz,) + first.shape, first.dtype)
+  for j, r in rows.items():
+    out[j] = r
+  return out
 
 
 def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params, tokenizer,
@@ -335,56 +385,59 @@ def generate(task, host, n, config, *, mesh, model, encoders, params, enc_params
   Sample i is keyed by (seed, i) with seed = config.sample.seed; host may give each sample
   its own instead: 'seeds' and 'sample_ids' (lists of n; sample i is then keyed by
   (seeds[i], sample_ids[i]), as sample sample_ids[i] of a run with that seed) and
-  'guidance' (n scales, traced, so one compiled program serves them all)."""
+  'guidance' (n scales, traced, so one compiled program serves them all).
+
+  On several processes every process passes the same host inputs and gets every record: each
+  batch is split over the mesh's data-parallel axes (a process reads only the input images
+  of its own rows) and the outputs are gathered to every process (process_allgather)."""
   s = config.sample
   bsz = int(s.batch_size)
-  fns = _compiled(task, config, model, encoders, shapes, on_eval)
+  fns = _compiled(task, config, model, encoders, shapes, mesh, on_eval)
   seeds = np.asarray(host.get("seeds", np.full(n, int(s.seed))), np.int32)
   ids = np.asarray(host.get("sample_ids", np.arange(n)), np.int32)
-  key_for = lambda purpose, idx: jax.vmap(lambda sd, i: rng.key_for(sd, i, purpose))(
-      jnp.asarray(seeds[idx]), jnp.asarray(ids[idx]))
-  batch_sh = lambda x: NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (x.ndim - 1))))
+  mine = _local_rows(mesh, bsz)
+  put = lambda x: jax.make_array_from_callback(   # a batch, the same on every process
+      x.shape, sharding.batch_sharding(mesh, x.ndim), lambda i: x[i])
   results = []
-  with mesh:
-    for start in tqdm.trange(0, n, bsz, desc=f"sample {task}", unit="batch", disable=not progress):
-      idx = np.arange(start, start + bsz)
-      real = idx < n
-      idx = np.where(real, idx, n - 1)   # pad the last batch by repeating the last sample
-      inputs = {}
+  for start in tqdm.trange(0, n, bsz, desc=f"sample {task}", unit="batch", disable=not progress):
+    idx = np.arange(start, start + bsz)
+    real = idx < n
+    idx = np.where(real, idx, n - 1)   # pad the last batch by repeating the last sample
+    key_for = lambda purpose: fns["keys"](put(seeds[idx]), put(ids[idx]), purpose=purpose)
+    inputs = {}
+    if "prompts" in host:
+      toks = transforms.tokenize(tokenizer, [host["prompts"][i] for i in idx],
+                                 config.data.max_length)
+      inputs["text"] = fns["text"](enc_params, put(np.asarray(toks)))
+    for name, suffix in (("images", ""), ("images2", "2")):
+      if name not in host:
+        continue
+      arrs = {j: load_image(host[name][idx[j]], config.data.resolution,
+                            config.data.clip_resolution) for j in mine}
+      img = put(_stack_rows({j: a for j, (a, _) in arrs.items()}, bsz))
+      cimg = put(_stack_rows({j: c for j, (_, c) in arrs.items()}, bsz))
+      inputs["z" + suffix], inputs["clip" + suffix] = fns["image"](
+          enc_params, img, cimg, key_for(f"encode/{task}{suffix}"))
+    if "guidance" in host:
+      inputs["guidance"] = put(np.asarray(host["guidance"], np.float32)[idx])
+    out = fns["program"](params, enc_params, inputs, key_for(f"sample/{task}"))
+    out = multihost_utils.process_allgather(out, tiled=True)
+    for j in np.flatnonzero(real):
+      i = int(idx[j])
+      rec = {"index": i}
       if "prompts" in host:
-        toks = transforms.tokenize(tokenizer, [host["prompts"][i] for i in idx],
-                                   config.data.max_length)
-        inputs["text"] = fns["text"](enc_params, jnp.asarray(toks))
-      for name, suffix in (("images", ""), ("images2", "2")):
-        if name not in host:
-          continue
-        arrs = [load_image(host[name][i], config.data.resolution,
-                            config.data.clip_resolution) for i in idx]
-        img = np.stack([a for a, _ in arrs])
-        cimg = np.stack([c for _, c in arrs])
-        enc_keys = key_for(f"encode/{task}{suffix}", idx)
-        inputs["z" + suffix], inputs["clip" + suffix] = fns["image"](enc_params, img, cimg, enc_keys)
-      if "guidance" in host:
-        inputs["guidance"] = jnp.asarray(np.asarray(host["guidance"], np.float32)[idx])
-      keys = key_for(f"sample/{task}", idx)
-      inputs = {k: jax.device_put(v, batch_sh(v)) for k, v in inputs.items()}
-      out = jax.device_get(fns["program"](params, enc_params, inputs, keys))
-      for j in np.flatnonzero(real):
-        i = int(idx[j])
-        rec = {"index": i}
-        if "prompts" in host:
-          rec["prompt"] = host["prompts"][i]
-        for key, names in (("image", "image_names"), ("image2", "image2_names")):
-          if names in host and host[names][i] is not None:
-            rec[key] = host[names][i]
-        if "pixels" in out:
-          rec["pixels"] = _to_uint8(out["pixels"][j])
-        if "tokens" in out:
-          toks, lens = out["tokens"][j], out["lengths"][j]
-          texts = captioner_lib.decode_text(cap_tokenizer, np.atleast_2d(toks),
-                                            np.atleast_1d(lens), encoders.captioner.eos_id)
-          rec["caption"] = texts[0] if len(texts) == 1 else texts
-        results.append(rec)
+        rec["prompt"] = host["prompts"][i]
+      for key, names in (("image", "image_names"), ("image2", "image2_names")):
+        if names in host and host[names][i] is not None:
+          rec[key] = host[names][i]
+      if "pixels" in out:
+        rec["pixels"] = _to_uint8(out["pixels"][j])
+      if "tokens" in out:
+        toks, lens = out["tokens"][j], out["lengths"][j]
+        texts = captioner_lib.decode_text(cap_tokenizer, np.atleast_2d(toks),
+                                          np.atleast_1d(lens), encoders.captioner.eos_id)
+        rec["caption"] = texts[0] if len(texts) == 1 else texts
+      results.append(rec)
   return results
 
 

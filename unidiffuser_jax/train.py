@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, heldout, input_pipeline
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, eval_training, input_pipeline
 from unidiffuser_jax import latent_stats, lora, nonfinite, perf, preemption, profiling, rng
 from unidiffuser_jax import sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
@@ -228,14 +228,21 @@ def build_frozen(config, mesh, encoders, *, abstract: bool = False) -> tuple[dic
                               config.sharding.rules)
 
 
-def build(config, mesh, *, abstract: bool = False, encoders=None, frozen=None) -> Built:
+def build(config, mesh, *, abstract: bool = False, encoders=None, frozen=None,
+          workdir: str | None = None) -> Built:
   """The U-ViT trainer's build: model, encoders (default: encoders_lib.build(config.encoders)),
-  frozen params (default: build_frozen), task, state and step. train, describe, --mode=compile,
-  the benchmarks and the tests all start here."""
+  frozen params (default: build_frozen), task, state and step; with train.lora.rank > 0 the
+  LoRA fine-tune's (the state holds the adapters, the base is frozen: lora.finetune, which
+  records the base in `workdir` when given). train, describe, --mode=compile, the benchmarks
+  and the tests all start here."""
   model = make_model(config.model)
   encoders = encoders if encoders is not None else encoders_lib.build(config.encoders)
   frozen, frozen_shardings = frozen or build_frozen(config, mesh, encoders, abstract=abstract)
   task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
+  if lora.enabled(config):
+    task, frozen, frozen_shardings = lora.finetune(task, model, config, mesh, frozen,
+                                                   frozen_shardings, workdir=workdir,
+                                                   abstract=abstract)
   return build_task(config, config.train, task, mesh, frozen, frozen_shardings,
                     abstract=abstract)
 
@@ -329,6 +336,7 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
     profiler.stop(state)
     last = logger.flush(total, input_pipeline.skip_metrics(skipped_total)) or last
   finally:
+    profiler.stop()   # a trace cut short by an error or a preemption is still written
     notice.close()
     logger.close()
     checkpoints.finish(mngr)
@@ -354,13 +362,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   encoders = latent_stats.fit_or_load(config, encoders, encoder_params, make_iterator, mesh, workdir)
   if data_iterator is None:
     data_iterator = make_iterator()
-  task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
-  frozen, frozen_shardings, init_from = encoder_params, encoder_shardings, config.train.init_from
-  if lora.enabled(config):   # the state holds adapters; the base weights are frozen inputs
-    task, frozen, frozen_shardings = lora.finetune(task, model, config, mesh, workdir, frozen,
-                                                   frozen_shardings)
-    init_from = ""
-  built = build_task(config, config.train, task, mesh, frozen, frozen_shardings)
-  evaluate = heldout.training_evaluate(config, model, encoders, encoder_params, mesh, evaluate)
+  built = build(config, mesh, encoders=encoders, frozen=(encoder_params, encoder_shardings),
+                workdir=workdir)
+  # A LoRA state holds adapters alone: its base came in through the build, not init_from.
+  init_from = "" if lora.enabled(config) else config.train.init_from
+  evaluate = eval_training.training_evaluate(config, workdir, model, encoders, encoder_params, mesh,
+                                             evaluate)
   return run_loop(config, config.train, built, workdir, data_iterator, init_from=init_from,
                   evaluate=evaluate)

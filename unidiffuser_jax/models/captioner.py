@@ -130,6 +130,10 @@ def _start(model, params, prefix_latent_blc, max_new_tokens):
   b, l, _ = prefix_latent_blc.shape
   gpt = GPT2(**gpt_kwargs(model), parent=None)
   # The last generated token is never fed back, hence the -1.
+  if l + max_new_tokens - 1 > gpt.n_positions:
+    raise ValueError(f"a caption of up to {max_new_tokens} tokens after the {l}-token prefix "
+                     f"needs {l + max_new_tokens - 1} positions, the caption decoder has "
+                     f"n_positions={gpt.n_positions}: lower config.sample.max_caption_tokens")
   cache = init_kv_cache(gpt, b, l + max_new_tokens - 1)
   return model.apply(params, prefix_latent_blc, cache, method=CaptionDecoder.prefill)
 
