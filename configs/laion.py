@@ -21,9 +21,11 @@ on v5p-128 and v5e-256"). Both add to the train command
   v5e-256 (v5e:16x16): fsdp=256, --config.train.batch_size=2048 = 8 per chip;
       10.0 of 16 GiB per chip; estimated MFU 36.2% (HBM-bound; <= 63.6%)
 
-The defaults (einsum attention, remat per block) run on every backend (splash is a TPU kernel;
-elsewhere it runs in Pallas' interpreter); on v5p-128 they fit (21.6 GiB) but recompute every
-matmul and move float32 attention logits through HBM: ~36% estimated (<= 70.7%).
+The splash kernel has been compiled for these chips and checked against the reference in Pallas'
+interpreter (tests/test_layers.py), not yet run on a TPU. The defaults (einsum attention, remat
+per block) run on every backend (splash is a TPU kernel; elsewhere it runs in the interpreter); on v5p-128 they fit (22.2 GiB per chip) but
+recompute every matmul and move float32 attention logits through HBM: estimated MFU 30.2%
+(<= 51.1%).
 
 Reproduces the recipe of Bao et al. 2023 (REFERENCE.md): AdamW lr 2e-4, weight decay 0.03,
 betas (0.9, 0.9), 5K warm-up then constant, EMA 0.9999, bfloat16 compute with float32 master
