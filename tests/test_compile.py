@@ -116,3 +116,15 @@ def test_tiny_train_step_on_v5e_2x2(tmp_path):
   assert 0 < row["mfu"] <= 1.0 and row["xla_flops_per_device"] > 0
   assert os.path.getsize(row["hlo"]) > 0
   assert jax.devices()[0].platform == "cpu"  # the test process itself stays on the CPU
+
+
+@pytest.mark.skipif(not compile_plan.libtpu_available(), reason="libtpu is not installed")
+def test_tiny_train_step_with_splash_attention_on_v5e_2x2(tmp_path):
+  """The splash kernel compiles for TPU inside the real step (shard_map per device, Mosaic)."""
+  config = _tiny(topology="v5e:2x2", isolate=True)
+  config.mesh = dict(data=1, fsdp=4, tensor=1, num_devices=0)
+  config.model.attention = "splash"
+  row = compile_plan.run(config, str(tmp_path))[0]
+  assert row["status"] == "ok", row
+  with open(row["hlo"]) as f:
+    assert "tpu_custom_call" in f.read()  # the Pallas kernel, not the interpreter's loops
