@@ -1,18 +1,17 @@
 """Evaluation during training (eval_training.py): FID / CLIP score of a small fixed set where the
 metric networks' weights are present, the held-out loss alone (and one line saying why) where
 they are not; the numbers equal --mode=eval's on the same weights."""
-import glob
 import os
 import types
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import torch
 
 from data_pipelines import demo_data
 from unidiffuser_jax import errors, eval_training, evaluate, fid, train
 from unidiffuser_jax.weights import inception as inception_weights
+from tests import events
 from tests.test_evaluate import tiny_clip
 from tests.test_fid import _random_state_dict
 
@@ -78,17 +77,6 @@ def test_clip_score_during_training_equals_eval_mode(tiny_sampler, tmp_path, cap
   assert np.isfinite(got["eval/t2i_clip_score"]) and got["eval/t2i_seconds"] > 0
 
 
-def _scalars(workdir) -> dict:
-  out = {}
-  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        out.setdefault(v.tag, []).append(
-            (event.step, float(tf.make_ndarray(v.tensor)) if v.HasField("tensor")
-             else v.simple_value))
-  return out
-
-
 @pytest.mark.slow
 def test_training_logs_fid_and_clip_score_every_eval_every(tiny_sampler, tmp_path_factory):
   """train.train with a random-weight FID Inception file, reference statistics and a tiny
@@ -111,7 +99,7 @@ def test_training_logs_fid_and_clip_score_every_eval_every(tiny_sampler, tmp_pat
   config.data.update(source="shards", shards=shards, num_workers=0)
   workdir = str(d / "run")
   train.train(config, workdir)
-  scalars = _scalars(workdir)
+  scalars = events.scalars(workdir)
   for tag in ("eval/t2i_fid", "eval/t2i_clip_score", "eval/i2t_clip_score", "eval/i2t_bleu4",
               "eval/i2t_cider_d", "eval/t2i_seconds", "heldout/loss", "eval_time_s"):
     assert [s for s, _ in scalars[tag]] == [2, 4], (tag, scalars.get(tag))

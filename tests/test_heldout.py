@@ -1,17 +1,15 @@
 """The held-out loss (fixed timesteps and noise) in --mode=eval with the demo's judge, and every
 train.eval_every steps during training."""
-import glob
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from data_pipelines import demo_data, demo_sets
 from unidiffuser_jax import demo, encoders as encoders_lib, eval_data, evaluate, heldout, jobs
 from unidiffuser_jax import sample, train, weight_jobs
+from tests import events
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +57,13 @@ def test_eval_reports_judge_and_deterministic_heldout_loss(tiny_sampler, shapes_
   assert loss(shifted)["heldout/loss"] != a["heldout/loss"]
 
 
-def _scalars(workdir) -> dict:
-  out = {}
-  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        out.setdefault(v.tag, []).append(
-            (event.step, float(tf.make_ndarray(v.tensor)) if v.HasField("tensor")
-             else v.simple_value))
-  return out
-
-
 @pytest.mark.slow
 def test_training_logs_heldout_loss_every_eval_every(tiny_sampler, shapes_heldout, tmp_path):
   config = _config(tiny_sampler, shapes_heldout)
   config.train.update(steps=4, eval_every=2, checkpoint_every=4)
   config.data.update(source="shards", shards=shapes_heldout, num_workers=0)
   train.train(config, str(tmp_path))
-  scalars = _scalars(str(tmp_path))
+  scalars = events.scalars(str(tmp_path))
   steps = [s for s, _ in scalars["heldout/loss"]]
   assert steps == [2, 4]
   assert [s for s, _ in scalars["eval_time_s"]] == [2, 4]
