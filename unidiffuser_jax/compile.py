@@ -67,8 +67,11 @@ def devices_for(topology: str) -> list:
   if not topology:
     return jax.devices()
   from jax.experimental import topologies  # local: asks libtpu, only for a named topology
+  # A v4 chip's two TensorCores are one device in practice ("megacore"); libtpu's default for v4
+  # names is a device per core, which jax.make_mesh refuses. v5p names give megacore chips as is.
+  kwargs = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
   try:
-    return list(topologies.get_topology_desc(topology, "tpu").devices)
+    return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
   except (RuntimeError, ValueError) as e:
     raise errors.ConfigError(f"config.compile.topology={topology!r}: libtpu says "
                              f"{str(e).splitlines()[0]}") from None
