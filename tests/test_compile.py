@@ -9,7 +9,7 @@ import pytest
 
 from configs import demo
 from unidiffuser_jax import compile as compile_plan
-from unidiffuser_jax import perf, sharding, train, vocab
+from unidiffuser_jax import errors, perf, sharding, train, vocab
 
 
 def _tiny(**compile_kw):
@@ -120,6 +120,16 @@ def test_tiny_train_step_on_a_tpu_topology(tmp_path, topology, kind, hbm_gib):
   assert 0 < row["mfu"] <= 1.0 and row["xla_flops_per_device"] > 0
   assert os.path.getsize(row["hlo"]) > 0
   assert jax.devices()[0].platform == "cpu"  # the test process itself stays on the CPU
+
+
+@pytest.mark.skipif(not compile_plan.libtpu_available(), reason="libtpu is not installed")
+def test_a_mesh_that_splits_torus_axes_is_refused_in_one_line():
+  """v5p:4x4x4: fsdp=16 is two whole axes of the 4x4x4 torus; data=8 x fsdp=8 is not."""
+  devices = compile_plan.devices_for("v5p:4x4x4")
+  assert sharding.make_mesh(dict(data=4, fsdp=16, tensor=1), devices).shape["fsdp"] == 16
+  with pytest.raises(errors.ConfigError, match=r"^config.mesh \{'data': 8, 'fsdp': 8, 'tensor': "
+                     r"1\} cannot be laid out on these devices' torus: .*size 8"):
+    sharding.make_mesh(dict(data=8, fsdp=8, tensor=1), devices)
 
 
 @pytest.mark.skipif(not compile_plan.libtpu_available(), reason="libtpu is not installed")

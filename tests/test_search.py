@@ -37,6 +37,15 @@ def test_ranking_is_deterministic():
     assert [r["candidate"] for r in search.rank(rows)] == want
 
 
+def test_equal_throughput_is_ranked_by_the_no_overlap_estimate():
+  """Compute-bound candidates share the overlapped roofline (the same examples/s); the one that
+  moves fewer bytes (higher no-overlap MFU) ranks first."""
+  rows = [dict(candidate="a", status="ok", examples_per_s=10.0, mfu_serial=0.60),
+          dict(candidate="b", status="ok", examples_per_s=10.0, mfu_serial=0.70),
+          dict(candidate="c", status="ok", examples_per_s=9.0, mfu_serial=0.90)]
+  assert [r["candidate"] for r in search.rank(rows)] == ["b", "a", "c"]
+
+
 def test_search_prunes_caches_and_prints_the_best(tmp_path):
   config = _tiny()
   calls = []

@@ -95,9 +95,12 @@ def _key(config, topology: str, p: Point) -> str:
 
 
 def rank(rows: list[dict]) -> list[dict]:
-  """Fitting rows by estimated examples/s (descending), ties by name; deterministic."""
+  """Fitting rows by estimated examples/s (descending), then by the no-overlap MFU (compute-bound
+  rows share the overlapped bound, so that is what tells them apart), then by name;
+  deterministic."""
   ok = [r for r in rows if r.get("status") == "ok"]
-  return sorted(ok, key=lambda r: (-r["examples_per_s"], r["candidate"]))
+  return sorted(ok, key=lambda r: (-r["examples_per_s"], -(r.get("mfu_serial") or 0.0),
+                                   r["candidate"]))
 
 
 def run(config, workdir: str, devices, hbm: float, compile_one) -> list[dict]:

@@ -56,7 +56,11 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
                       f"present; lower it or set it to 0 (use all)")
   devices = devices[:wanted] if wanted else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  except NotImplementedError as e:   # a TPU torus: every mesh axis must be whole torus axes
+    raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, shape))} cannot be laid out on these "
+                      f"devices' torus: {str(e).splitlines()[0]}") from None
 
 
 def abstract_mesh(mesh_cfg: Mapping[str, int], num_devices: int) -> jax.sharding.AbstractMesh:
