@@ -11,7 +11,7 @@
 
 Planned pod configurations (--mode=compile with libtpu 0.0.42.1 on compile-only devices:
 XLA's memory plan and a roofline, not measured step times; benchmarks/README.md, "configs/laion.py
-on v5p-128 and v5e-256"):
+on v5p-128, v5e-256 and v4-128"):
 
   v5p-128 (v5p:4x4x4, 64 chips): fsdp=64 (the default mesh), batch 2112 = 33 per chip,
       --config.model.remat=dots_with_no_batch_dims_saveable --config.model.attention=splash
@@ -22,6 +22,11 @@ on v5p-128 and v5e-256"):
       15.68 of 16 GiB per chip (the compiler's limit is 15.75); estimated MFU 40.9% (HBM-bound;
       <= 78.9%). With headroom: --config.model.remat=dots_with_no_batch_dims_saveable, 10.0 GiB,
       36.2% (<= 63.6%)
+
+  v4-128 (v4:4x4x4, 64 chips of 32 GiB): fsdp=64, batch 2112 as --config.train.grad_accum=3
+      (11 per chip per pass), --config.model.remat=none --config.model.attention=splash
+      27.8 of 32 GiB per chip; estimated MFU 72.8% (compute-bound). With headroom:
+      --config.model.remat=dots_with_no_batch_dims_saveable, 14.9 GiB, 68.9%
 
 The splash kernel has been compiled for these chips and checked against the reference in Pallas'
 interpreter (tests/test_layers.py), not yet run on a TPU. The defaults (einsum attention, remat
