@@ -182,7 +182,8 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   # The paper's optimiser (configs/common.train), no warm-up or clipping (torch's side has none).
   train_cfg = common.train(lr=1e-4, warmup_steps=0, grad_clip_norm=0.0)
   # The trainer's build (train.build_task) on this one device.
-  config = ml_collections.ConfigDict(dict(seed=0, sharding=common.sharding()))
+  config = ml_collections.ConfigDict(dict(seed=0, sharding=common.sharding(),
+                                          debug=common.debug()))
   mesh = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
   built = train.build_task(config, train_cfg, task, mesh, {}, {})
   state = built.state
