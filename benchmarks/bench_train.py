@@ -162,8 +162,6 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   import jax
   import jax.numpy as jnp
 
-  import ml_collections
-
   from unidiffuser_jax import sharding, train
   from unidiffuser_jax.diffusion import objective
   from unidiffuser_jax.models import uvit
@@ -181,9 +179,9 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
                     loss)
   # The paper's optimiser (configs/common.train), no warm-up or clipping (torch's side has none).
   train_cfg = common.train(lr=1e-4, warmup_steps=0, grad_clip_norm=0.0)
-  # The trainer's build (train.build_task) on this one device.
-  config = ml_collections.ConfigDict(dict(seed=0, sharding=common.sharding(),
-                                          debug=common.debug()))
+  # The trainer's build (train.build_task) on this one device; the run-level fields it reads
+  # (seed, sharding rules, debug) from a whole config, so a field it starts reading is there.
+  config = demo_config.get_config("tiny")
   mesh = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
   built = train.build_task(config, train_cfg, task, mesh, {}, {})
   state = built.state
