@@ -100,9 +100,14 @@ def test_library_imports_are_at_the_top_or_say_why():
 
 
 @pytest.mark.slow
-def test_the_entry_point_loads_neither_torch_nor_tensorflow():
-  """What the `# local:` imports keep out of `python -m unidiffuser_jax.main` at startup."""
-  code = ("import sys, unidiffuser_jax.main\n"
+def test_the_entry_point_loads_neither_torch_nor_tensorflow(tmp_path):
+  """What the `# local:` imports keep out of `python -m unidiffuser_jax.main` at startup, and
+  out of the trainer's TensorBoard writing (TensorFlow's import alone is ~4 s per process)."""
+  code = ("import sys, unidiffuser_jax.main, unidiffuser_jax.train, unidiffuser_jax.evaluate\n"
+          "from unidiffuser_jax import metrics\n"
+          f"log = metrics.MetricLogger({str(tmp_path)!r}, total_steps=1, start_step=0, every=1,"
+          " examples_per_step=1)\n"
+          "log.step(1, {'loss': 1.0}); log.close()\n"
           "print(sorted(m for m in ('torch', 'tensorflow', 'transformers') if m in sys.modules))")
   res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=300, check=False)

@@ -8,6 +8,7 @@ import pytest
 
 from configs import demo
 from data_pipelines import synthetic
+from tests import events
 from unidiffuser_jax import metrics, perf, train, vocab
 
 
@@ -39,6 +40,9 @@ def test_data_wait_and_percentiles_from_host_clocks(tmp_path, monkeypatch):
   assert row["step_time_p50"] == row["step_time_p90"] == row["step_time_max"] == pytest.approx(0.04)
   assert row["tflops_per_device"] == pytest.approx(flops / 0.04 / jax.device_count() / 1e12)
   assert row["mfu"] == pytest.approx(row["tflops_per_device"] * 1e12 / peak)
+  written = events.scalars(str(tmp_path))   # TensorFlow's reader on tb_events' files
+  assert written["loss"] == [(4, 2.5), (8, 6.5)]
+  assert written["data_wait_frac"] == [(4, pytest.approx(0.75)), (8, pytest.approx(0.75))]
   line = metrics.console_line(8, row)
   assert "mfu=" in line and "data_wait_frac=" in line and "step_time_p90=" in line
 

@@ -48,7 +48,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from data_pipelines import transforms  # noqa: E402
 from unidiffuser_jax import caption_metrics, clip_score, errors, eval_data  # noqa: E402
-from unidiffuser_jax import eval_features, fid, heldout, sample, sharding  # noqa: E402
+from unidiffuser_jax import eval_features, fid, heldout, sample, sharding, tb_events  # noqa: E402
 from unidiffuser_jax.diffusion import solvers  # noqa: E402
 from unidiffuser_jax.models.inception import POOL_DIM  # noqa: E402
 from unidiffuser_jax.weights import clip as wclip  # noqa: E402
@@ -407,10 +407,9 @@ def _line(row: dict) -> str:
 
 
 def _write(result: dict, out_dir: str) -> None:
-  from clu import metric_writers  # local: clu's TensorBoard writer imports TensorFlow
   with open(os.path.join(out_dir, "eval.json"), "w") as f:
     json.dump(result, f, indent=1)
-  writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
+  writer = tb_events.ScalarWriter(out_dir)
   scalars = {f"{r['task']}_g{r['guidance_scale']:g}/{k}": v for r in result["rows"]
              for k, v in r.items() if isinstance(v, float) and k != "guidance_scale"}
   scalars.update(result.get("heldout", {}))

@@ -11,7 +11,7 @@ No logic lives here beyond choosing the job.
 import os
 import sys
 
-# Quieter TensorFlow (pulled in by clu's TensorBoard writer) before anything imports it.
+# Quieter TensorFlow (pulled in by tensorflow-datasets for --mode=eval's COCO) before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402

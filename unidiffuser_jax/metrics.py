@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard files through clu, a readable console line, a progress bar.
+"""Training metrics: TensorBoard files (tb_events, process 0), a readable console line, a progress bar.
 
 Metrics stay on device between logging steps (a list of small device arrays);
 they are fetched, averaged and written only at logging steps, so the train
@@ -21,9 +21,7 @@ import time
 import jax
 import numpy as np
 import tqdm
-from clu import metric_writers
-
-from unidiffuser_jax import perf
+from unidiffuser_jax import perf, tb_events
 
 
 class MetricLogger:
@@ -32,8 +30,7 @@ class MetricLogger:
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, every: int,
                examples_per_step: int, name: str = "train", flops_per_step: int = 0):
     is_lead = jax.process_index() == 0
-    self._writer = metric_writers.create_default_writer(
-        workdir, just_logging=not is_lead, asynchronous=True)
+    self._writer = tb_events.ScalarWriter(workdir) if is_lead else None
     self._every = max(1, every)
     self._pending: list[dict] = []
     self._examples_per_step = examples_per_step
@@ -81,7 +78,8 @@ class MetricLogger:
     scalars.update(self._telemetry(scalars["step_time_s"], now - self._last_time))
     self._last_time, self._last_step = now, step
     scalars.update(host_metrics or {})
-    self._writer.write_scalars(step, scalars)
+    if self._writer:
+      self._writer.write_scalars(step, scalars)
     self._bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.4f}")
     self._bar.write(console_line(step, scalars))
     return scalars
@@ -100,16 +98,14 @@ class MetricLogger:
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     """Scalars outside the per-step average (e.g. a periodic evaluation), with a console line."""
-    self._writer.write_scalars(step, scalars)
+    if self._writer:
+      self._writer.write_scalars(step, scalars)
     self._bar.write(console_line(step, scalars))
-
-  def write_text(self, step: int, texts: dict[str, str]) -> None:
-    self._writer.write_texts(step, texts)
 
   def close(self) -> None:
     self._bar.close()
-    self._writer.flush()
-    self._writer.close()
+    if self._writer:
+      self._writer.close()
 
 
 def console_line(step: int, scalars: dict) -> str:

@@ -21,7 +21,7 @@ import optax
 from flax import struct
 
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, eval_training, input_pipeline
-from unidiffuser_jax import latent_stats, lora, nonfinite, perf, preemption, profiling, rng
+from unidiffuser_jax import latent_stats, lora, metrics, nonfinite, perf, preemption, profiling, rng
 from unidiffuser_jax import sharding, weight_jobs
 from unidiffuser_jax.diffusion import objective
 from unidiffuser_jax.models import uvit
@@ -277,8 +277,6 @@ def run_loop(config, train_cfg, built: Built, workdir: str, data_iterator, init_
   evaluate(step, state) -> {name: scalar}, if given, runs every train_cfg.eval_every
   steps (and at the last step); its scalars and the seconds it took go to TensorBoard.
   """
-  from unidiffuser_jax import metrics  # local: clu's TensorBoard writer imports TensorFlow
-
   task, mesh, frozen = built.task, built.mesh, built.frozen
   state, state_shardings, step_fn = built.state, built.state_shardings, built.step
   mngr = checkpoints.manager(workdir, keep=train_cfg.keep_checkpoints)

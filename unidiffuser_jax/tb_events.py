@@ -1,0 +1,40 @@
+"""TensorBoard event files without TensorFlow: scalars as TFRecords of tensorboard's protos.
+
+Importing TensorFlow (clu's and tf.summary's writers do, and so does tensorboard's own
+EventFileWriter when TensorFlow is installed) costs ~4 s of CPU in every process that trains or
+evaluates. The file format is small: records of Event protos (tensorboard's pure-Python copies
+of TensorFlow's), each framed by its length and masked CRC-32C. Files are opened through
+etils.epath, so a gs:// workdir works where epath's backend does.
+"""
+import os
+import socket
+import time
+
+from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+
+class ScalarWriter:
+  """write_scalars(step, {tag: value}) into <logdir>/events.out.tfevents.*; float32 values,
+  flushed at every call (a crash loses nothing written)."""
+
+  def __init__(self, logdir: str):
+    path = epath.Path(logdir)
+    path.mkdir(parents=True, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self._records = RecordWriter((path / name).open("wb"))
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
+              for tag, v in scalars.items()]
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                summary=summary_pb2.Summary(value=values)))
+
+  def _write(self, event: event_pb2.Event) -> None:
+    self._records.write(event.SerializeToString())
+    self._records.flush()
+
+  def close(self) -> None:
+    self._records.close()
