@@ -9,6 +9,7 @@ import pytest
 from configs import demo
 from data_pipelines import synthetic
 from tests import events
+from tools import faults
 from unidiffuser_jax import metrics, perf, train, vocab
 
 
@@ -42,6 +43,7 @@ def test_data_wait_and_percentiles_from_host_clocks(tmp_path, monkeypatch):
   assert row["mfu"] == pytest.approx(row["tflops_per_device"] * 1e12 / peak)
   written = events.scalars(str(tmp_path))   # TensorFlow's reader on tb_events' files
   assert written["loss"] == [(4, 2.5), (8, 6.5)]
+  assert faults.logged(str(tmp_path)) == {4: 2.5, 8: 6.5}   # tensorboard's own reader
   assert written["data_wait_frac"] == [(4, pytest.approx(0.75)), (8, pytest.approx(0.75))]
   line = metrics.console_line(8, row)
   assert "mfu=" in line and "data_wait_frac=" in line and "step_time_p90=" in line

@@ -11,13 +11,18 @@ import socket
 import time
 
 from etils import epath
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 
+_SCALAR = scalar_metadata.create_summary_metadata(display_name="", description="")
+
+
 class ScalarWriter:
-  """write_scalars(step, {tag: value}) into <logdir>/events.out.tfevents.*; float32 values,
-  flushed at every call (a crash loses nothing written)."""
+  """write_scalars(step, {tag: value}) into <logdir>/events.out.tfevents.*, as tf.summary.scalar
+  writes them (a float32 scalar tensor, the scalars plugin's metadata); flushed at every call
+  (a crash loses nothing written)."""
 
   def __init__(self, logdir: str):
     path = epath.Path(logdir)
@@ -27,8 +32,10 @@ class ScalarWriter:
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def write_scalars(self, step: int, scalars: dict) -> None:
-    values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
-              for tag, v in scalars.items()]
+    values = [summary_pb2.Summary.Value(
+        tag=tag, metadata=_SCALAR,
+        tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[float(v)]))
+        for tag, v in scalars.items()]
     self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
                                 summary=summary_pb2.Summary(value=values)))
 
