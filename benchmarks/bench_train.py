@@ -17,7 +17,9 @@ the reference is diffusers.pipelines.deprecated.unidiffuser.modeling_uvit.
 UniDiffuserModel configured as the released post-LN network (GELU MLP, no
 timestep MLP, data-type token = v1), torch threads = the machine's cores.
 
-Reported per side: median step time over --steps timed steps after --warmup,
+Reported per side: median step time over --steps timed steps after --warmup (the
+sides take turns, --block steps each: 1 alternates every step; a training run's steps follow
+each other, which --block 4 measures),
 achieved GFLOP/s = FLOPs per step / median time, the fraction of the measured
 matmul peak (benchmarks/matmul_peak.py, measured in the same run), and the
 ratio ours/torch. FLOPs per step are counted two ways: analytically (matmuls
@@ -140,18 +142,21 @@ def make_batch(s: Size, seed: int = 0) -> dict:
       data_type=rng.integers(0, 2, (s.batch,)).astype(np.int32))
 
 
-def _interleaved_times(fns: dict, warmup: int, steps: int) -> dict:
-  """{name: [seconds per call]}: the calls alternate between the sides (ours, torch, ours, ...)
-  so that a change in the machine's load hits both alike."""
+def _interleaved_times(fns: dict, warmup: int, steps: int, block: int = 1) -> dict:
+  """{name: [seconds per call]}: the sides take turns, `block` consecutive calls each (ours x
+  block, torch x block, ours ...), so that a change in the machine's load hits both alike. With
+  block 1 every call follows the other side's, whose freed memory and cache contents it inherits;
+  a training run calls one step after another (block > 1; the median then reflects that)."""
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   times = {name: [] for name in fns}
-  for _ in range(steps):
+  while min(len(t) for t in times.values()) < steps:
     for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
+      for _ in range(min(block, steps - len(times[name]))):
+        t0 = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t0)
   return times
 
 
@@ -320,6 +325,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=0)
   parser.add_argument("--warmup", type=int, default=0)
   parser.add_argument("--steps", type=int, default=0)
+  parser.add_argument("--block", type=int, default=1,
+                      help="consecutive timed calls per side before the other side's turn (1: "
+                           "strict alternation)")
   parser.add_argument("--peak_gflops", type=float, default=0.0,
                       help="skip measuring the matmul peak and use this value")
   parser.add_argument("--hlo_dir", default="", help="write our optimised HLO here")
@@ -359,8 +367,9 @@ def main() -> None:
 
   ours = jax_side(size, args.hlo_dir or None)
   ref = torch_side(size)
-  step_t = _interleaved_times({"ours": ours["step"], "torch": ref["step"]}, warmup, steps)
-  fwd_t = _interleaved_times({"ours": ours["fwd"], "torch": ref["fwd"]}, warmup, steps)
+  step_t = _interleaved_times({"ours": ours["step"], "torch": ref["step"]}, warmup, steps,
+                              args.block)
+  fwd_t = _interleaved_times({"ours": ours["fwd"], "torch": ref["fwd"]}, warmup, steps, args.block)
   for name, r in (("ours", ours), ("torch", ref)):
     r.update(times=step_t[name], step_s=statistics.median(step_t[name]),
              step_min=min(step_t[name]), fwd_s=statistics.median(fwd_t[name]))

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 def test_bench_train_quick_runs_both_sides_and_reports_a_ratio():
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), "--quick",
-       "--warmup", "1", "--steps", "1", "--peak_gflops", "100"],
+       "--warmup", "1", "--steps", "3", "--block", "2", "--peak_gflops", "100"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -29,3 +29,5 @@ def test_bench_train_quick_runs_both_sides_and_reports_a_ratio():
   ours, torch = (int(g.replace(",", "")) for g in counts.groups())
   assert ours == torch > 0, counts.group(0)
   assert "ratio ours/torch (time): train step" in out, out
+  times = re.search(r"^step times \(s\): ours ([\d. ]+) \| torch ([\d. ]+)$", out, re.M)
+  assert times and [len(t.split()) for t in times.groups()] == [3, 3], out   # blocks of 2, 1
