@@ -10,7 +10,7 @@ from configs import demo
 from data_pipelines import synthetic
 from tests import events
 from tools import faults
-from unidiffuser_jax import metrics, perf, train, vocab
+from unidiffuser_jax import metrics, perf, tb_events, train, vocab
 
 
 def test_data_wait_and_percentiles_from_host_clocks(tmp_path, monkeypatch):
@@ -47,6 +47,16 @@ def test_data_wait_and_percentiles_from_host_clocks(tmp_path, monkeypatch):
   assert written["data_wait_frac"] == [(4, pytest.approx(0.75)), (8, pytest.approx(0.75))]
   line = metrics.console_line(8, row)
   assert "mfu=" in line and "data_wait_frac=" in line and "step_time_p90=" in line
+
+
+def test_a_second_writer_in_the_same_second_keeps_the_first_file(tmp_path):
+  """A run resumed in the same process (tests do) opens a new file, not the first one again."""
+  for step in (1, 2):
+    writer = tb_events.ScalarWriter(str(tmp_path))
+    writer.write_scalars(step, {"loss": float(step)})
+    writer.close()
+  assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+  assert faults.logged(str(tmp_path)) == {1: 1.0, 2: 2.0}
 
 
 def test_cpu_peak_is_measured_once_and_plausible():

@@ -6,6 +6,7 @@ evaluates. The file format is small: records of Event protos (tensorboard's pure
 of TensorFlow's), each framed by its length and masked CRC-32C. Files are opened through
 etils.epath, so a gs:// workdir works where epath's backend does.
 """
+import itertools
 import os
 import socket
 import time
@@ -17,6 +18,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 
 _SCALAR = scalar_metadata.create_summary_metadata(display_name="", description="")
+_WRITERS = itertools.count()   # a second writer of this process in the same second gets its own file
 
 
 class ScalarWriter:
@@ -27,7 +29,8 @@ class ScalarWriter:
   def __init__(self, logdir: str):
     path = epath.Path(logdir)
     path.mkdir(parents=True, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}."
+            f"{next(_WRITERS)}")
     self._records = RecordWriter((path / name).open("wb"))
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
