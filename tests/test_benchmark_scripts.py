@@ -1,8 +1,8 @@
 """The benchmark scripts still run: each in a subprocess at its quick size (they are scripts, never
 imported by the tests; their numbers live in benchmarks/README.md, not here).
 
-bench_train.py builds our step through train.build_task with a hand-made config; a new field
-the trainer reads once went unnoticed there until the next full measurement failed.
+bench_train.py builds our step through train.build_task; when it passed a hand-made config, a new
+field the trainer reads went unnoticed there until the next full measurement failed.
 """
 import os
 import re
