@@ -9,6 +9,7 @@ make_feature_iterator reads them back as per-host batches.
 from __future__ import annotations
 
 import io
+import threading
 
 from array_record.python import array_record_module
 from etils import epath
@@ -28,8 +29,15 @@ def serialize_features(features: dict[str, np.ndarray]) -> bytes:
   return buf.getvalue()
 
 
+# numpy parses each .npy header with ast.literal_eval, which CPython 3.11
+# (before 3.12's fix of gh-106905) cannot run in two threads at once: it
+# raises "SystemError: AST constructor recursion depth mismatch". The batch
+# function runs in grain's reader threads, so records are read one at a time.
+_NPZ_LOCK = threading.Lock()
+
+
 def deserialize_features(data: bytes) -> dict[str, np.ndarray]:
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+  with _NPZ_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
 
 

@@ -1,6 +1,8 @@
 """Shards -> grain pipeline: exactly-once, determinism, process split, resume."""
+import concurrent.futures
 import csv
 import os
+import sys
 
 import grain
 import numpy as np
@@ -236,6 +238,29 @@ def test_feature_shards_round_trip(tmp_path):
   it2 = mk()
   it2.set_state(st)
   assert [next(it2)['tokens'][:, 0].tolist() for _ in range(11)] == ref[4:]
+
+
+def test_feature_records_decode_in_many_threads_at_once():
+  """grain's reader threads decode records concurrently; on CPython 3.11
+  numpy's header parser (ast.literal_eval) raised SystemError when two
+  threads ran it at once (CI hit it in the round-trip test above). A tiny
+  switch interval makes the threads interleave inside every parse."""
+  rec = features.serialize_features({
+      'moments': np.zeros((2, 2, 8), np.float32),
+      'tokens': np.arange(6, dtype=np.int32)})
+
+  def decode(_):
+    for _ in range(300):
+      out = features.deserialize_features(rec)
+    return int(out['tokens'].sum())
+
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)
+  try:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      assert list(pool.map(decode, range(8))) == [15] * 8
+  finally:
+    sys.setswitchinterval(interval)
 
 
 def test_wait_timer():
