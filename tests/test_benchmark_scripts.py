@@ -31,3 +31,18 @@ def test_bench_train_quick_runs_both_sides_and_reports_a_ratio():
   assert "ratio ours/torch (time): train step" in out, out
   times = re.search(r"^step times \(s\): ours ([\d. ]+) \| torch ([\d. ]+)$", out, re.M)
   assert times and [len(t.split()) for t in times.groups()] == [3, 3], out   # blocks of 2, 1
+
+
+def test_probe_glyph_classifier_reports_held_out_accuracy():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "probe_glyph_classifier.py"),
+       "--steps", "20", "--every", "10", "--n_train", "64", "--backgrounds", "dark"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  acc = [float(a) for a in re.findall(r"^step +\d+: ([\d.]+) ", proc.stdout, re.M)]
+  assert len(acc) == 2 and all(0 <= a <= 1 for a in acc), proc.stdout
+  bad = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "probe_glyph_classifier.py"),
+       "--backgrounds", "grey"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "--backgrounds" in bad.stderr, bad.stderr[-500:]
