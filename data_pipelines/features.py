@@ -29,10 +29,12 @@ def serialize_features(features: dict[str, np.ndarray]) -> bytes:
   return buf.getvalue()
 
 
-# numpy parses each .npy header with ast.literal_eval, which CPython 3.11
-# (before 3.12's fix of gh-106905) cannot run in two threads at once: it
-# raises "SystemError: AST constructor recursion depth mismatch". The batch
-# function runs in grain's reader threads, so records are read one at a time.
+# numpy parses each .npy header with ast.literal_eval, which CPython 3.11 (the
+# version CI runs) cannot run in two threads at once: its AST constructor keeps
+# a recursion depth shared between threads and raises "SystemError: AST
+# constructor recursion depth mismatch" (cpython gh-106905 and its reports).
+# The batch function runs in grain's reader threads, so records are read one
+# at a time.
 _NPZ_LOCK = threading.Lock()
 
 
