@@ -4,8 +4,8 @@
       [--steps=2000] [--lr=1e-3]
 
 Renders the glyph set (data_pipelines/glyph_data.py: 2,048 training and 512 held-out
-images, 16 px) and trains a plain pre-LayerNorm transformer of the demo U-ViT's size (width
-128, depth 6, 4 heads, MLP 512, tokens of patch x patch pixels, learned positions, mean-pooled)
+images, 16 px) and trains six of the U-ViT's blocks at the demo's size (models/uvit.py's Block:
+width 128, 4 heads, MLP 512; tokens of patch x patch pixels, learned positions, mean-pooled)
 to classify the digit with cross-entropy, with the demo's optimiser (AdamW, betas (0.9, 0.9),
 weight decay 0.03, 50 warm-up steps, clip 1, batch 32). Prints held-out accuracy every 250
 steps. docs/SMALL_DATA.md ("Session 12") compares its speed with the diffusion objective's:
@@ -26,6 +26,7 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_pipelines import glyph_data  # noqa: E402
+from unidiffuser_jax.models import uvit  # noqa: E402
 
 SIZE = 16
 
@@ -48,16 +49,8 @@ def to_tokens(x_bhwc: np.ndarray, patch: int) -> np.ndarray:
   return x.reshape(b, g * g, patch * patch * 3)
 
 
-class Block(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = x + nn.MultiHeadDotProductAttention(num_heads=4)(nn.LayerNorm()(x))
-    return x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(x))))
-
-
 class Classifier(nn.Module):
+  """The U-ViT's own blocks (models/uvit.py: post-LN, exact GELU) on patch tokens, mean-pooled."""
   width: int = 128
   depth: int = 6
 
@@ -66,8 +59,8 @@ class Classifier(nn.Module):
     pos = self.param("pos", nn.initializers.normal(0.02), (1,) + tokens_bnd.shape[1:2] + (self.width,))
     x = nn.Dense(self.width)(tokens_bnd) + pos
     for _ in range(self.depth):
-      x = Block(self.width)(x)
-    return nn.Dense(len(glyph_data.DIGITS))(nn.LayerNorm()(x).mean(axis=1))
+      x = uvit.Block(self.width, num_heads=4, mlp_dim=4 * self.width)(x)
+    return nn.Dense(len(glyph_data.DIGITS))(x.mean(axis=1))
 
 
 def main(argv=None):
@@ -88,7 +81,7 @@ def main(argv=None):
   tok_tr, tok_te = (to_tokens((x - mean) / std, a.patch) for x in (x_tr, x_te))
 
   model = Classifier()
-  params = model.init(jax.random.key(0), tok_tr[:2])
+  params = nn.unbox(model.init(jax.random.key(0), tok_tr[:2]))
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       optax.linear_schedule(0.0, a.lr, 50), b1=0.9, b2=0.9, weight_decay=0.03))
   opt_state = opt.init(params)
