@@ -7,11 +7,17 @@
   ``cov()`` give what ``np.mean(x, 0)`` and ``np.cov(x, rowvar=False)`` give
   on all rows (n - 1 denominator).
 * ``frechet_distance(mu1, sigma1, mu2, sigma2)``:
-  ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2))``
-  with ``scipy.linalg.sqrtm``; when the square root is not finite (singular
-  product) both covariances get ``eps * I`` added and it is taken again, and a
-  small imaginary part from rounding is dropped (an imaginary diagonal above
-  1e-3 is an error) -- pytorch-fid's ``calculate_frechet_distance`` rules.
+  ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2))``,
+  pytorch-fid's ``calculate_frechet_distance``. Only the trace of the square
+  root is needed, and for covariances (symmetric, positive semi-definite) the
+  eigenvalues of ``sigma1 sigma2`` are those of the symmetric
+  ``r sigma2 r`` with ``r = sigma1^(1/2)``, so it is the sum of their square
+  roots: two symmetric eigenproblems instead of ``scipy.linalg.sqrtm``'s Schur
+  form (1.6 s instead of 14 s at 2048 dimensions on a 2-core Xeon), real by
+  construction, and defined for the singular covariances of fewer samples than
+  dimensions, where sqrtm needs pytorch-fid's ``eps * I`` retry. It agrees
+  with pytorch-fid to ~1e-7 relative then, to ~1e-14 otherwise
+  (tests/test_fid.py).
 * ``save_stats`` / ``load_stats``: pytorch-fid's reference-statistics ``.npz``
   files (arrays ``mu`` [D] and ``sigma`` [D, D]).
 
@@ -21,7 +27,6 @@ import os
 import zipfile
 
 import numpy as np
-from scipy import linalg
 
 
 class StatsFileError(ValueError):
@@ -71,7 +76,7 @@ class FeatureStats:
     return (c + c.T) / 2  # exactly symmetric despite rounding
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """FID between N(mu1, sigma1) and N(mu2, sigma2), float64 (see module docs)."""
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(
       np.asarray(mu2, np.float64))
@@ -84,16 +89,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     raise ValueError(f"FID covariances must be [{d}, {d}]: got {sigma1.shape} and "
                      f"{sigma2.shape}")
   diff = mu1 - mu2
-  covmean = linalg.sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(covmean).all():
-    offset = np.eye(d) * eps
-    covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"FID: sqrtm has an imaginary part of "
-                       f"{np.max(np.abs(covmean.imag)):.3g}")
-    covmean = covmean.real
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+               - 2 * _trace_sqrt_product(sigma1, sigma2))
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+  """tr(sqrtm(sigma1 sigma2)) for symmetric positive semi-definite matrices; rounding's tiny
+  negative eigenvalues count as 0."""
+  w, v = np.linalg.eigh(sigma1)
+  root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  inner = root1 @ sigma2 @ root1
+  lam = np.linalg.eigvalsh((inner + inner.T) / 2)
+  return float(np.sqrt(np.clip(lam, 0, None)).sum())
 
 
 def save_stats(path: str, mu, sigma) -> None:
