@@ -217,7 +217,8 @@ def compile_plan(**kw) -> mc.ConfigDict:
       search_remat=("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable"),
       search_accum=(1, 2, 3, 4),  # train.grad_accum values to try (those dividing the per-chip batch)
       # Persistent XLA compilation cache for train, sample and compile (profiling.py):
-      # "" = <workdir>/compile_cache, "none" = off, else a directory (e.g. shared by runs).
+      # "" = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/compile_cache; "none" = off;
+      # else a directory (e.g. shared by runs).
       cache_dir="",
   ), kw)
 

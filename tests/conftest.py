@@ -3,7 +3,10 @@
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before
 anything imports jax's backend; conftest.py is imported by pytest first.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 # The test models are tiny, so XLA's compile time dominates the suite; its cheapest
 # backend optimisation level halves it, and the tests check numbers, not speed.
@@ -11,6 +14,15 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + FAST_COMPILE
 ).strip()
+# One persistent compilation cache per test process (per pytest-xdist worker; never shared
+# between workers): many tests compile the same programs (the tiny config's train step, its
+# samplers), and a cached one loads in a fraction of its compile time. Jobs use it too
+# (compile.cache_dir "" defers to this variable), and subprocesses inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix=f"unidiffuser-test-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

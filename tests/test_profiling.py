@@ -18,7 +18,9 @@ def test_bad_profile_steps_are_one_config_error(steps, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_writes_a_trace_and_fills_the_compilation_cache(tmp_path):
+def test_train_writes_a_trace_and_fills_the_compilation_cache(tmp_path, monkeypatch):
+  suite_cache = jax.config.jax_compilation_cache_dir   # tests/conftest.py's
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   cache = profiling.enable_compilation_cache("", str(tmp_path))
   try:
     assert cache == str(tmp_path / "compile_cache")
@@ -31,5 +33,18 @@ def test_train_writes_a_trace_and_fills_the_compilation_cache(tmp_path):
     assert traces and os.path.getsize(traces[0]) > 0
     assert os.listdir(cache), "the train step's compiled program is in the cache"
   finally:
-    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_dir", suite_cache)
+    compilation_cache.reset_cache()
+
+
+def test_cache_dir_defers_to_jax_environment_variable(tmp_path, monkeypatch):
+  suite_cache = jax.config.jax_compilation_cache_dir
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+  try:
+    assert profiling.enable_compilation_cache("", str(tmp_path)) == str(tmp_path / "env")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+    assert profiling.enable_compilation_cache(str(tmp_path / "mine"), "w") == str(tmp_path / "mine")
+    assert profiling.enable_compilation_cache("none", str(tmp_path)) == ""
+  finally:
+    jax.config.update("jax_compilation_cache_dir", suite_cache)
     compilation_cache.reset_cache()

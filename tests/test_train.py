@@ -104,13 +104,14 @@ def test_timesteps_independent_and_cover_range():
 @pytest.mark.slow
 def test_overfits_fixed_batch():
   """One fixed batch with fixed timesteps and noise (the step counter is held at 0, so
-  the derived key never changes): a tiny model must memorise it, loss down 10x."""
+  the derived key never changes): a tiny model must memorise it, loss down 100x in 100 steps
+  (measured: 14x by step 50, 585x by step 100)."""
   config = _tiny(lr=3e-3, warmup_steps=0, grad_clip_norm=0.0)
   config.model.update(width=64, mlp_dim=256)   # enough capacity to memorise 8 examples
   built, _, _ = _setup(config, jax.devices())
   batch = sharding.to_global(_host_batch(config), built.mesh)
   state, losses = built.state, []
-  for _ in range(300):
+  for _ in range(100):
     state, m = built.step(state, built.frozen, batch)
     state = state.replace(step=jnp.zeros_like(state.step))
     losses.append(m)
@@ -118,7 +119,7 @@ def test_overfits_fixed_batch():
   first, last = losses[0], losses[-1]
   for k in ("loss_img", "loss_clip", "loss_text"):
     assert all(np.isfinite(m[k]) for m in losses)
-  assert last["loss"] < first["loss"] / 10, (first["loss"], last["loss"])
+  assert last["loss"] < first["loss"] / 100, (first["loss"], last["loss"])
 
 
 @pytest.mark.slow

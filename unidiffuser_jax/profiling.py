@@ -58,12 +58,14 @@ def trace(workdir: str, enabled: bool):
 
 
 def enable_compilation_cache(cache_dir: str, workdir: str) -> str:
-  """Points jax's persistent compilation cache at `cache_dir` ("" = <workdir>/compile_cache,
-  "none" = off); returns the directory used ("" when off). Programs that took at least 0.2 s
-  to compile are kept."""
+  """Points jax's persistent compilation cache at `cache_dir` ("" = jax's own
+  $JAX_COMPILATION_CACHE_DIR when it is set, else <workdir>/compile_cache; "none" = off);
+  returns the directory used ("" when off). Programs that took at least 0.2 s to compile are
+  kept."""
   if cache_dir == "none":
     return ""
-  path = cache_dir or os.path.join(workdir, "compile_cache")
+  path = cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      workdir, "compile_cache")
   if jax.config.jax_compilation_cache_dir != path:
     compilation_cache.reset_cache()   # a second job in this process uses its own directory
   jax.config.update("jax_compilation_cache_dir", path)
