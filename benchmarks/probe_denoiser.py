@@ -27,7 +27,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_pipelines import demo_sets, transforms  # noqa: E402
-from unidiffuser_jax import demo, sample, vocab  # noqa: E402
+from unidiffuser_jax import demo, sample  # noqa: E402
 from unidiffuser_jax.diffusion import objective  # noqa: E402
 
 TIMESTEPS = (100, 250, 400, 550, 700, 850, 950)
@@ -54,15 +54,17 @@ def _optimum(x_t, a, train_z, cands):
   return (w / w.sum()) @ c
 
 
-def main(config, workdir: str, n: int) -> None:
-  heldout = demo.make_data(config, workdir)
+def open_demo_run(config, workdir: str) -> tuple[dict, object, dict]:
+  """A trained demo run for a probe: (held-out inputs, the generated set's module, the run's
+  sampler: model, encoders, weights)."""
+  heldout = demo.open_run(config, workdir)
   if heldout is None:
     raise SystemExit("error: the probe needs a generated set (config.demo.set)")
-  vocab.derive(config)
-  if not config.encoders.weights.captioner:
-    config.encoders.weights.captioner = os.path.join(workdir, "captioner")
-  demo_set = demo_sets.get(config.demo.set)
-  sampler = sample.load_sampler(config, workdir)
+  return heldout, demo_sets.get(config.demo.set), sample.load_sampler(config, workdir)
+
+
+def main(config, workdir: str, n: int) -> None:
+  heldout, demo_set, sampler = open_demo_run(config, workdir)
   model, enc, enc_params = sampler["model"], sampler["encoders"], sampler["enc_params"]
   params = sampler["params"]
   loaded = [sample.load_image(b, config.data.resolution, config.data.clip_resolution)

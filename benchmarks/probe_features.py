@@ -27,8 +27,8 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from data_pipelines import demo_sets  # noqa: E402
-from unidiffuser_jax import demo, sample, vocab  # noqa: E402
+import probe_denoiser  # noqa: E402  (benchmarks/ is this script's directory)
+from unidiffuser_jax import demo, sample  # noqa: E402
 from unidiffuser_jax.models import uvit  # noqa: E402
 
 _BLOCK_PREFIXES = ("in_blocks", "mid_block", "out_blocks")
@@ -71,14 +71,7 @@ def probe_sets(config, workdir: str, demo_set, heldout: dict) -> tuple[dict, dic
 
 
 def main(config, workdir: str) -> None:
-  heldout = demo.make_data(config, workdir)
-  if heldout is None:
-    raise SystemExit("error: the probe needs a generated set (config.demo.set)")
-  vocab.derive(config)
-  if not config.encoders.weights.captioner:
-    config.encoders.weights.captioner = os.path.join(workdir, "captioner")
-  demo_set = demo_sets.get(config.demo.set)
-  sampler = sample.load_sampler(config, workdir)
+  heldout, demo_set, sampler = probe_denoiser.open_demo_run(config, workdir)
   model, enc, enc_params = sampler["model"], sampler["encoders"], sampler["enc_params"]
   fit, score = probe_sets(config, workdir, demo_set, heldout)
   init = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])

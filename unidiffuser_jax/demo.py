@@ -76,13 +76,21 @@ def evaluate(config, workdir: str) -> dict:
   """--mode=eval on a demo run: the generic evaluation on the held-out shards + the judge."""
   if not config.demo.set:
     return evaluate_lib.run(config, workdir)
-  make_data(config, workdir)
-  vocab.derive(config)
-  if not config.encoders.weights.captioner:
-    config.encoders.weights.captioner = os.path.join(workdir, "captioner")
+  open_run(config, workdir)
   demo_set = demo_sets.get(config.demo.set)
   truth = read_heldout(demo_set, shards.expand_shards(config.eval.path), -1)
   return evaluate_lib.run(config, workdir, score=Judge(config.demo.set, truth).score)
+
+
+def open_run(config, workdir: str) -> dict | None:
+  """A demo run's workdir, ready to sample from (--mode=eval, the benchmarks' probes): the set
+  (make_data), the vocabulary sizes and the run's caption decoder filled into `config`;
+  returns make_data's held-out inputs."""
+  heldout = make_data(config, workdir)
+  vocab.derive(config)
+  if not config.encoders.weights.captioner:
+    config.encoders.weights.captioner = os.path.join(workdir, "captioner")
+  return heldout
 
 
 def make_data(config, workdir: str) -> dict | None:
