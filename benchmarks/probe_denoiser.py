@@ -33,12 +33,18 @@ from unidiffuser_jax.diffusion import objective  # noqa: E402
 TIMESTEPS = (100, 250, 400, 550, 700, 850, 950)
 
 
+def image_inputs(config, encoded_images) -> dict:
+  """{'image', 'clip_image'} batch arrays of encoded image files, as the samplers load them."""
+  loaded = [sample.load_image(b, config.data.resolution, config.data.clip_resolution)
+            for b in encoded_images]
+  return {"image": jnp.asarray(np.stack([a for a, _ in loaded])),
+          "clip_image": jnp.asarray(np.stack([c for _, c in loaded]))}
+
+
 def _train_latents(config, encoders, enc_params, demo_set):
   """Normalised image latents of every training record and the attributes its caption names."""
   train = demo.read_heldout(demo_set, config.data.shards.split(","), n=-1)  # -1: every record
-  images = jnp.asarray(np.stack([
-      sample.load_image(b, config.data.resolution, config.data.clip_resolution)[0]
-      for b in train["images"]]))
+  images = image_inputs(config, train["images"])["image"]
   moments = jax.jit(encoders.image_moments)(enc_params, images)
   mean, _ = jnp.split(moments, 2, axis=-1)
   latents = (mean - jnp.asarray(encoders.latent_shift)) * encoders.latent_scale
@@ -67,10 +73,7 @@ def main(config, workdir: str, n: int) -> None:
   heldout, demo_set, sampler = open_demo_run(config, workdir)
   model, enc, enc_params = sampler["model"], sampler["encoders"], sampler["enc_params"]
   params = sampler["params"]
-  loaded = [sample.load_image(b, config.data.resolution, config.data.clip_resolution)
-            for b in heldout["images"][:n]]
-  batch = {"image": jnp.asarray(np.stack([a for a, _ in loaded])),
-           "clip_image": jnp.asarray(np.stack([c for _, c in loaded])),
+  batch = {**image_inputs(config, heldout["images"][:n]),
            "tokens": jnp.asarray(transforms.tokenize(sampler["tokenizer"], heldout["prompts"][:n],
                                                      config.data.max_length))}
   z0, clip0, text0 = enc.batch_to_latents(enc_params, batch, jax.random.key(0))

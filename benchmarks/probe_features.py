@@ -28,36 +28,34 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import probe_denoiser  # noqa: E402  (benchmarks/ is this script's directory)
-from unidiffuser_jax import demo, sample  # noqa: E402
+from unidiffuser_jax import demo  # noqa: E402
 from unidiffuser_jax.models import uvit  # noqa: E402
 
 _BLOCK_PREFIXES = ("in_blocks", "mid_block", "out_blocks")
 
 
-def block_features(model, params, encoders, enc_params, config, records: dict,
-                   batch: int = 256) -> dict[str, np.ndarray]:
-  """{'raw_latent' | block name: [N, features]} for the records' images."""
-  loaded = [sample.load_image(b, config.data.resolution, config.data.clip_resolution)
-            for b in records["images"]]
-  out: dict[str, list] = {}
-  for s in range(0, len(loaded), batch):
-    part = loaded[s:s + batch]
-    inputs = {"image": jnp.asarray(np.stack([a for a, _ in part])),
-              "clip_image": jnp.asarray(np.stack([c for _, c in part])),
-              "tokens": jnp.zeros((len(part), config.data.max_length), jnp.int32)}
+def block_features(model, params_by_name: dict, encoders, enc_params, config, records: dict,
+                   batch: int = 256) -> dict[str, dict[str, np.ndarray]]:
+  """{network name: {'raw_latent' | block name: [N, features]}} for the records' images; the
+  inputs are encoded once per batch and shared by the networks."""
+  out: dict[str, dict[str, list]] = {name: {} for name in params_by_name}
+  for s in range(0, len(records["images"]), batch):
+    inputs = probe_denoiser.image_inputs(config, records["images"][s:s + batch])
+    b = inputs["image"].shape[0]
+    inputs["tokens"] = jnp.zeros((b, config.data.max_length), jnp.int32)
     z0, clip0, text0 = encoders.batch_to_latents(enc_params, inputs, jax.random.key(0))
-    b = z0.shape[0]
     noise_text = jax.random.normal(jax.random.key(3), text0.shape)
-    _, inter = model.apply({"params": params}, z0, clip0, noise_text, jnp.zeros((b,)),
-                           jnp.full((b,), 1000.0), jnp.ones((b,), jnp.int32),
-                           capture_intermediates=True)
-    feats = {"raw_latent": np.asarray(z0).reshape(b, -1)}
-    for name, v in inter["intermediates"].items():
-      if name.startswith(_BLOCK_PREFIXES):
-        feats[name] = np.asarray(v["__call__"][0]).reshape(b, -1)   # [B, tokens x width]
-    for k, v in feats.items():
-      out.setdefault(k, []).append(v)
-  return {k: np.concatenate(v) for k, v in out.items()}
+    for name, params in params_by_name.items():
+      _, inter = model.apply({"params": params}, z0, clip0, noise_text, jnp.zeros((b,)),
+                             jnp.full((b,), 1000.0), jnp.ones((b,), jnp.int32),
+                             capture_intermediates=True)
+      feats = {"raw_latent": np.asarray(z0).reshape(b, -1)}
+      for block, v in inter["intermediates"].items():
+        if block.startswith(_BLOCK_PREFIXES):
+          feats[block] = np.asarray(v["__call__"][0]).reshape(b, -1)   # [B, tokens x width]
+      for k, v in feats.items():
+        out[name].setdefault(k, []).append(v)
+  return {name: {k: np.concatenate(v) for k, v in f.items()} for name, f in out.items()}
 
 
 def probe_sets(config, workdir: str, demo_set, heldout: dict) -> tuple[dict, dict]:
@@ -75,10 +73,12 @@ def main(config, workdir: str) -> None:
   model, enc, enc_params = sampler["model"], sampler["encoders"], sampler["enc_params"]
   fit, score = probe_sets(config, workdir, demo_set, heldout)
   init = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])
+  networks = {"trained": sampler["params"], "init": init}
   print(f"linear probes: fit on {len(fit['images'])} images, scored on {len(score['images'])}")
-  for name, params in (("trained", sampler["params"]), ("init", init)):
-    f_fit = block_features(model, params, enc, enc_params, config, fit)
-    f_score = block_features(model, params, enc, enc_params, config, score)
+  all_fit = block_features(model, networks, enc, enc_params, config, fit)
+  all_score = block_features(model, networks, enc, enc_params, config, score)
+  for name in networks:
+    f_fit, f_score = all_fit[name], all_score[name]
     for attr in demo_set.ATTRIBUTES:
       y_fit = [t[attr] for t in fit["truth"]]
       y_score = [t[attr] for t in score["truth"]]
