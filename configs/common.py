@@ -143,6 +143,21 @@ def captioner(**kw) -> mc.ConfigDict:
   return c
 
 
+def clip_fit(**kw) -> mc.ConfigDict:
+  """config.clip_fit: the demo runbook's stage 0, the CLIP pair fitted contrastively to the
+  training set (unidiffuser_jax/clip_train.py); train.steps 0 = no such stage (the encoders
+  config.encoders.weights names, else the seed's random ones). parts: the fitted encoders the
+  later stages use (the others stay random). embed_std: a fitted image encoder's embedding
+  per-dimension std over std_examples training images (the U-ViT's clip_img scale)."""
+  kw = dict(kw)
+  train_kw = kw.pop("train", {})
+  c = _section("clip_fit", dict(parts=("clip_image", "clip_text"), embed_std=1.0,
+                                std_examples=1024, train=None), kw)
+  c.train = train(**{**dict(steps=0, batch_size=64, lr=1e-3, warmup_steps=50, lr_decay="cosine",
+                            weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0), **train_kw})
+  return c
+
+
 def weights(**kw) -> mc.ConfigDict:
   """config.weights: --mode=import sources (a released file, a directory or a repo id in the local
   hub cache; "" = skip that part), written to <workdir>/weights/<part> (weight_jobs.py).

@@ -75,8 +75,9 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
   res = run_main("--config=configs/demo.py", f"--workdir={workdir}", "--config.train.steps=20",
                  # keep the test short: a small demo set, a few caption-decoder steps
                  "--config.demo.n_train=256", "--config.demo.n_heldout=8",
-                 "--config.captioner.train.steps=4",
-                 "--config.train.log_every=10", "--config.train.eval_every=10",
+                 "--config.captioner.train.steps=4", "--config.train.log_every=10",
+                 # stage 0 (off by default): the CLIP pair fitted to the set, a few steps
+                 "--config.clip_fit.train.steps=4", "--config.clip_fit.std_examples=64", "--config.train.eval_every=10",
                  "--config.sample.eval_num=8", "--config.encoders.fit_latent_stats=64",
                  "--config.sample.steps=2", "--config.sample.num_beams=2",
                  "--config.sample.batch_size=8")
@@ -85,6 +86,7 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
   assert os.path.isfile(workdir / "checkpoints" / "20" / "data" / "process_0-of-1.json")
   assert glob.glob(str(workdir / "events.out.tfevents.*"))
   assert os.path.isdir(workdir / "captioner" / "checkpoints" / "4")
+  assert os.path.isdir(workdir / "clip" / "checkpoints" / "4")   # stage 0, the fitted CLIP pair
   assert "step      20 | loss=" in res.stderr + res.stdout
   assert os.path.isfile(workdir / "latent_stats.json")
   curve = json.load(open(workdir / "samples" / "curve.json"))   # the learning curve
@@ -98,8 +100,10 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
   assert len(recs) == 8 and all(r["image"].endswith(".png") for r in recs), recs[:2]
   assert "t2i judge: colour" in res.stdout
   # The paths the stages filled in, for a later --mode=sample.
-  assert (f"--config.encoders.weights.captioner={workdir / 'captioner'}"
-          in (workdir / "demo.flags").read_text().split())
+  flags = (workdir / "demo.flags").read_text().split()
+  assert f"--config.encoders.weights.captioner={workdir / 'captioner'}" in flags
+  for part in ("clip_image", "clip_text"):
+    assert f"--config.encoders.weights.{part}={workdir / 'clip' / 'encoders' / part}" in flags
 
 
 @pytest.mark.slow

@@ -5,8 +5,10 @@
   make data  config.demo.set: a generated set (data_pipelines/demo_sets.py) written once to
              DIR/demo_data, train shards + held-out shards + word-level tokenizer; "" = your
              own config.data.shards and config.data.tokenizer
-  stage 1    the caption decoder (captioner_train) -> DIR/captioner; skipped when
-             config.encoders.weights.captioner already names weights
+  stage 0    the CLIP pair fitted contrastively to the set (clip_train) -> DIR/clip, when
+             config.clip_fit.train.steps > 0 and config.encoders.weights names no CLIP part
+  stage 1    the caption decoder (captioner_train) -> DIR/captioner, on stage 0's text
+             encoder; skipped when config.encoders.weights.captioner already names weights
   stage 2    the U-ViT (train.train) -> DIR, naming stage 1's weights by path, judged on the
              held-out set every config.train.eval_every steps (samples/curve.json, .png)
   sample     t2i for the held-out prompts and i2t for the held-out images, or config.sample's
@@ -28,7 +30,8 @@ import os
 import numpy as np
 
 from data_pipelines import demo_sets, shards
-from unidiffuser_jax import captioner_train, evaluate as evaluate_lib, sample, train, vocab
+from unidiffuser_jax import captioner_train, clip_train, evaluate as evaluate_lib, sample, train
+from unidiffuser_jax import vocab
 from unidiffuser_jax.errors import ConfigError
 
 JUDGED = ("t2i", "i2t")  # the tasks a generated set's judge scores
@@ -38,10 +41,12 @@ def run(config, workdir: str) -> dict:
   """All stages; `config` is mutable (jobs.run's copy). Returns {task: result} of the sampling."""
   heldout = make_data(config, workdir)
   vocab.derive(config)
-  if not config.encoders.weights.captioner:
-    cap_dir = os.path.join(workdir, "captioner")
-    captioner_train.train_captioner(config, cap_dir)
-    config.encoders.weights.captioner = cap_dir
+  fit_clip, fit_captioner = _fits_clip(config), not config.encoders.weights.captioner
+  _use_stage_outputs(config, workdir)
+  if fit_clip:
+    clip_train.train_clip(config, os.path.join(workdir, "clip"))
+  if fit_captioner:
+    captioner_train.train_captioner(config, config.encoders.weights.captioner)
   _write_flags(config, workdir)
   judge = Judge(config.demo.set, heldout) if heldout else None
   evaluate = None
@@ -84,13 +89,28 @@ def evaluate(config, workdir: str) -> dict:
 
 def open_run(config, workdir: str) -> dict | None:
   """A demo run's workdir, ready to sample from (--mode=eval, the benchmarks' probes): the set
-  (make_data), the vocabulary sizes and the run's caption decoder filled into `config`;
-  returns make_data's held-out inputs."""
+  (make_data), the vocabulary sizes and the run's fitted encoders and caption decoder filled
+  into `config`; returns make_data's held-out inputs."""
   heldout = make_data(config, workdir)
   vocab.derive(config)
-  if not config.encoders.weights.captioner:
-    config.encoders.weights.captioner = os.path.join(workdir, "captioner")
+  _use_stage_outputs(config, workdir)
   return heldout
+
+
+def _fits_clip(config) -> bool:
+  w = config.encoders.weights
+  return int(config.clip_fit.train.steps) > 0 and not any(w[p] for p in clip_train.PARTS)
+
+
+def _use_stage_outputs(config, workdir: str) -> None:
+  """Points config.encoders.weights at the stages' outputs in `workdir` (stage 0's CLIP pair,
+  stage 1's caption decoder), leaving any part the config names itself."""
+  w = config.encoders.weights
+  if _fits_clip(config):
+    for part in clip_train.parts(config):
+      w[part] = os.path.join(workdir, "clip", clip_train.ENCODERS_DIR, part)
+  if not w.captioner:
+    w.captioner = os.path.join(workdir, "captioner")
 
 
 def make_data(config, workdir: str) -> dict | None:
@@ -156,9 +176,11 @@ class Judge:
 
 def _write_flags(config, workdir: str) -> None:
   """DIR/demo.flags: the paths the stages filled in, for later --mode=sample/export runs."""
+  weights = config.encoders.weights
   flags = [f"--config.data.shards={config.data.shards}",
-           f"--config.data.tokenizer={config.data.tokenizer}",
-           f"--config.encoders.weights.captioner={config.encoders.weights.captioner}"]
+           f"--config.data.tokenizer={config.data.tokenizer}"]
+  flags += [f"--config.encoders.weights.{part}={weights[part]}"
+            for part in (*clip_train.PARTS, "captioner") if weights[part]]
   with open(os.path.join(workdir, "demo.flags"), "w") as f:
     f.write("\n".join(flags) + "\n")
 

@@ -66,6 +66,11 @@ class Encoders:
       return self.captioner.init(key, latent, jnp.zeros((1, 2), jnp.int32))["params"]
     raise KeyError(part)
 
+  def random_part(self, part: str, seed: int):
+    """Boxed params of `part` drawn from (seed, 'init/<part>'): the demo's random encoders, and
+    where the demo's CLIP stage (clip_train.py) starts."""
+    return self._init_part(part, rng.key_for(seed, 0, f"init/{part}"))
+
   def layout(self, mesh, seed: int, rules_cfg, parts=PARTS) -> dict:
     """{part: (init thunk, boxed abstract params, shardings)}: how each frozen network is
     initialised (from (seed, 'init/<part>')) and laid out by `rules_cfg` (config.sharding.rules)
@@ -73,7 +78,7 @@ class Encoders:
     rules = sharding.rules_from_config(rules_cfg)
     out = {}
     for part in parts:
-      init = lambda part=part: self._init_part(part, rng.key_for(seed, 0, f"init/{part}"))
+      init = lambda part=part: self.random_part(part, seed)
       abstract = jax.eval_shape(init)
       out[part] = (init, abstract, sharding.named_shardings(
           sharding.logical_to_specs(abstract, mesh, rules), mesh))
