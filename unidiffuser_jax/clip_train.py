@@ -9,11 +9,12 @@ encoders start random, and a random image encoder's embedding is nearly the same
 every image (docs/SMALL_DATA.md, session 14), so without this stage `clip_img` carries nothing.
 Both encoders start from the seed's random draw ('init/<part>', as the frozen encoders do) and
 are trained with the generic loop (train.run_loop: resumable, logged) into DIR/clip. Then
-export_encoders writes the two encoders as plain parameter dirs DIR/clip/clip_image and
-DIR/clip/clip_text (what config.encoders.weights reads), the image projection scaled so the
-embedding's per-dimension std over the training data is config.clip_fit.embed_std: the U-ViT
-sees clip_img at that scale (small: the image's content without a large share of the image
-modality's noise-prediction loss). The text head and temperature are only for this stage.
+train_clip writes the encoders config.clip_fit.parts names as plain parameter dirs
+DIR/clip/encoders/<part> (what config.encoders.weights reads); a fitted image encoder's
+projection is scaled so the embedding's per-dimension std over the training images is
+config.clip_fit.embed_std (1: the unit scale the fitted latents have), the scale at which the
+U-ViT sees clip_img. The text head and temperature serve this stage only. Off in the demo's
+recipe: image-to-text gains, the shapes' text-to-image loses (docs/SMALL_DATA.md, session 14).
 """
 import os
 
@@ -74,7 +75,8 @@ def clip_task(encoders, config) -> train.Task:
   seed = int(config.seed)
 
   def init_params():
-    # The encoders start as the demo's random ones; the head has a key of its own.
+    # The encoders start as the demo's random ones (init draws them too, from the head's key,
+    # and they are replaced); the head and temperature keep init's values.
     s = encoders.clip_image_size
     params = dict(pair.init(rng.key_for(seed, 0, "init/clip_head"), jnp.zeros((1, s, s, 3)),
                             jnp.zeros((1, encoders.text_length), jnp.int32))["params"])
