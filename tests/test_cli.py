@@ -77,7 +77,8 @@ def test_demo_command_leaves_checkpoint_and_events(tmp_path):
                  "--config.demo.n_train=256", "--config.demo.n_heldout=8",
                  "--config.captioner.train.steps=4", "--config.train.log_every=10",
                  # stage 0 (off by default): the CLIP pair fitted to the set, a few steps
-                 "--config.clip_fit.train.steps=4", "--config.clip_fit.std_examples=64", "--config.train.eval_every=10",
+                 "--config.clip_fit.train.steps=4", "--config.clip_fit.std_examples=64",
+                 "--config.train.eval_every=10",
                  "--config.sample.eval_num=8", "--config.encoders.fit_latent_stats=64",
                  "--config.sample.steps=2", "--config.sample.num_beams=2",
                  "--config.sample.batch_size=8")
