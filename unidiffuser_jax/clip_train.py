@@ -14,7 +14,8 @@ DIR/clip/encoders/<part> (what config.encoders.weights reads); a fitted image en
 projection is scaled so the embedding's per-dimension std over the training images is
 config.clip_fit.embed_std (1: the unit scale the fitted latents have), the scale at which the
 U-ViT sees clip_img. The text head and temperature serve this stage only. Off in the demo's
-recipe: image-to-text gains, the shapes' text-to-image loses (docs/SMALL_DATA.md, session 14).
+recipe: image-to-text gains; whether the shapes' text-to-image loses is not settled over seeds
+(docs/SMALL_DATA.md, session 14).
 """
 import os
 
