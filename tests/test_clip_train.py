@@ -53,8 +53,10 @@ def test_stage_fits_the_pair_and_exports_the_embedding_at_its_scale(tmp_path):
   image, tokens = jnp.asarray(batch["clip_image"]), jnp.asarray(batch["tokens"])
   state = checkpoints.load_params(str(tmp_path / "clip"))   # the stage's own head and scale
 
+  pair = clip_train.contrastive_pair(encoders, config)
+
   def pair_loss(params):
-    img, txt, log_scale = clip_train._pair(encoders, config).apply({"params": params}, image, tokens)
+    img, txt, log_scale = pair.apply({"params": params}, image, tokens)
     return float(clip_train.contrastive_loss(img, txt, log_scale)[0])
   before, after = pair_loss(initial), pair_loss(state)
   assert before > np.log(16) - 0.1 and after < 0.6 * np.log(16), (before, after)   # chance: ln 16

@@ -66,13 +66,14 @@ def contrastive_loss(img_bp, txt_bp, log_scale):
   return loss, (logits_bb.argmax(1) == labels_b).mean()
 
 
-def _pair(encoders, config) -> ContrastivePair:
+def contrastive_pair(encoders, config) -> ContrastivePair:
+  """The pair module over the encoders bundle's CLIP image and text encoders (the stage's model)."""
   return ContrastivePair(encoders.clip_image, encoders.clip_text,
                          int(config.encoders.clip_image.proj_dim))
 
 
 def clip_task(encoders, config) -> train.Task:
-  pair = _pair(encoders, config)
+  pair = contrastive_pair(encoders, config)
   seed = int(config.seed)
 
   def init_params():
