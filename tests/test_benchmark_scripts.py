@@ -4,6 +4,8 @@ imported by the tests; their numbers live in benchmarks/README.md, not here).
 bench_train.py builds our step through train.build_task; when it passed a hand-made config, a new
 field the trainer reads went unnoticed there until the next full measurement failed.
 """
+import csv
+import json
 import os
 import re
 import subprocess
@@ -46,3 +48,35 @@ def test_probe_glyph_classifier_reports_held_out_accuracy():
       [sys.executable, os.path.join(REPO, "benchmarks", "probe_glyph_classifier.py"),
        "--backgrounds", "grey"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "--backgrounds" in bad.stderr, bad.stderr[-500:]
+
+
+def test_own_images_check_makes_the_folder_and_judges_true_outputs_as_right(tmp_path):
+  """make writes README's inputs; judge, given the held-out scans themselves as the t2i images and
+  their own captions as the i2t output, scores them as right (the judge's ~97%) and a wrong
+  caption as wrong."""
+  script = os.path.join(REPO, "benchmarks", "own_images_check.py")
+  run = lambda *a: subprocess.run([sys.executable, script, *a], cwd=REPO, capture_output=True,
+                                  text=True, timeout=300)
+  proc = run("make", f"--dir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert len(os.listdir(tmp_path / "my_images")) == 1600
+  held = sorted(os.listdir(tmp_path / "held_out"))
+  with open(tmp_path / "held_out.csv") as f:
+    rows = list(csv.reader(f))[1:]
+  assert len(held) == len(rows) == 197
+  assert (tmp_path / "prompts.txt").read_text().splitlines() == [c for _, c in rows]
+  w = tmp_path / "run"
+  (w / "samples" / "t2i").mkdir(parents=True)
+  (w / "samples" / "i2t").mkdir(parents=True)
+  with open(w / "samples" / "i2t" / "captions.jsonl", "w") as f:
+    for i, (name, caption) in enumerate(rows):
+      os.link(tmp_path / "held_out" / name, w / "samples" / "t2i" / f"{i:09d}.png")
+      caption = caption if i else "a handwritten nothing"   # one wrong caption
+      f.write(json.dumps({"index": i, "image": str(tmp_path / "held_out" / name),
+                          "caption": caption}) + "\n")
+  proc = run("judge", f"--dir={tmp_path}", f"--workdir={w}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  m = re.search(r"t2i digit ([\d.]+) \(197 images\), i2t digit ([\d.]+) \(197 captions\)",
+                proc.stdout)
+  assert m, proc.stdout
+  assert float(m.group(1)) > 0.9 and float(m.group(2)) == pytest.approx(196 / 197, abs=1e-3)

@@ -139,11 +139,14 @@ def test_own_images_recipe_as_readme_documents_it(tmp_path):
           "--config.sample.num_beams=2", "--config.sample.batch_size=8"]
   workdir = tmp_path / "mine"
   res = run_main("--config=configs/demo.py", f"--workdir={workdir}", *data, *tiny,
+                 "--config.clip_fit.train.steps=2", "--config.clip_fit.train.batch_size=8",
+                 "--config.clip_fit.std_examples=16",
                  "--config.train.steps=4", "--config.captioner.train.steps=2",
                  "--config.train.eval_every=0")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "skipping the final sampling" in res.stdout
   assert os.path.isfile(workdir / "latent_stats.json")
+  assert os.path.isdir(workdir / "clip" / "encoders" / "clip_text")   # stage 0, as step 3 asks
   res = run_main("--config=configs/demo.py", f"--workdir={workdir}", "--mode=sample",
                  f"--flagfile={workdir / 'demo.flags'}", *tiny,
                  f"--config.sample.prompt_file={tmp_path / 'prompts.txt'}",
