@@ -124,8 +124,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
   # The runbook ends by sampling the first `num` held-out prompts (t2i) and images (i2t)
   # and judging them; eval_num of them are judged every train.eval_every steps.
   # Guidance 3 for both tasks, not the reference's 7 (docs/SMALL_DATA.md: session 7, i2t
-  # judged 0.84 vs 0.75 at 7 on the handwriting set; session 15, the shapes' t2i shape 0.97 vs
-  # 0.92 (seed 0) and 0.97 vs 0.67 (seed 2) from the same checkpoints).
+  # judged 0.84 vs 0.75 at 7 on the handwriting set; session 15, the shapes' t2i shape with seeds
+  # 0-3, the same checkpoints: 0.97 / 0.91 / 0.97 / 0.91 at 3, 0.91 / 0.80 / 0.67 / 0.48 at 7).
   c.sample = common.sample(tasks=("t2i", "i2t"), num=64, batch_size=32, eval_num=32, steps=20,
                            max_caption_tokens=12, guidance_scale=3.0)
   # --mode=serve: a page over the samplers; 16 concurrent requests share one batch.
