@@ -34,6 +34,7 @@ from configs import laion as laion_config  # noqa: E402
 from data_pipelines import synthetic  # noqa: E402
 from unidiffuser_jax import aot, encoders as encoders_lib, lora, sharding, train, vocab  # noqa: E402
 from unidiffuser_jax.models import uvit  # noqa: E402
+from unidiffuser_jax.diffusion import objective  # noqa: E402
 
 
 def _config(args):
@@ -117,7 +118,7 @@ def main():
   model = train.make_model(config.model)
   enc = encoders_lib.build(config.encoders)
   enc_params, enc_sh = train.build_frozen(config, mesh, enc)
-  task = train.uvit_task(model, enc, int(config.seed), train.objective_kwargs(config.train))
+  task = train.uvit_task(model, enc, int(config.seed), objective.config_kwargs(config.train))
   it = synthetic.make_iterator(resolution=config.data.resolution,
                                clip_resolution=config.data.clip_resolution,
                                max_length=config.data.max_length,

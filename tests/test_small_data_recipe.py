@@ -2,7 +2,7 @@
 
 clean_prob (one modality left clean), loss_weight / min_snr_gamma (per-timestep weights),
 fit_latent_stats (latent normalisation measured on the training data), pos_init
-('sincos'), prediction ('v'), the caption decoder's prefix_noise, the word-level tokenizer built from captions, and the learning-curve plot.
+('sincos'), prediction ('v'), text_weight, the caption decoder's prefix_noise, the word-level tokenizer built from captions, and the learning-curve plot.
 """
 import json
 import subprocess
@@ -102,6 +102,27 @@ def test_clean_part_is_left_out_of_the_loss():
   den = img_on.sum() * (ez.shape[1] + ec.shape[1]) + text_on.sum() * ey.shape[1]
   np.testing.assert_allclose(float(total), num / den, rtol=1e-5)
   np.testing.assert_allclose(float(parts["loss_text"]), (ey[text_on] ** 2).mean(), rtol=1e-5)
+
+
+def test_text_weight_weighs_each_text_element():
+  """train.text_weight: the loss is the mean over the noised elements with each text element
+  counted text_weight times (1: the paper's pooled mean); the per-part means are unchanged."""
+  b = 32
+  z0, c0, y0 = jnp.ones((b, 4, 4, 3)), jnp.ones((b, 1, 5)), jnp.ones((b, 6, 7))
+  nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
+  key = jax.random.key(5)
+  _, k_z, k_c, k_y = jax.random.split(key, 4)
+  sq = lambda k, x: (np.asarray(jax.random.normal(k, x.shape)).reshape(b, -1) ** 2)
+  ez, ec, ey = sq(k_z, z0), sq(k_c, c0), sq(k_y, y0)
+  out = {}
+  for w in (1.0, 4.0):
+    total, parts = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5, text_weight=w)
+    img_on, text_on = np.asarray(parts["t_img"]) > 0, np.asarray(parts["t_text"]) > 0
+    num = ez[img_on].sum() + ec[img_on].sum() + w * ey[text_on].sum()
+    den = img_on.sum() * (ez.shape[1] + ec.shape[1]) + w * text_on.sum() * ey.shape[1]
+    np.testing.assert_allclose(float(total), num / den, rtol=1e-5)
+    out[w] = (float(total), float(parts["loss_text"]))
+  assert out[1.0][0] != out[4.0][0] and out[1.0][1] == out[4.0][1]
 
 
 def test_loss_weight_tables():

@@ -160,7 +160,7 @@ def test_grad_accumulation_averages_microbatch_gradients():
     z0, c0, t0 = enc.batch_to_latents(enc_params, batch, k_enc)
     nnet = lambda *a: model.apply({"params": params}, *a)
     return objective.loss_fn(nnet, z0, c0, t0, batch["data_type"], k_loss,
-                             **train.objective_kwargs(config.train))[0]
+                             **objective.config_kwargs(config.train))[0]
 
   grads, losses = [], []
   micro_grad = jax.jit(jax.value_and_grad(micro_loss))   # one compile instead of op-by-op

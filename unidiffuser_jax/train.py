@@ -67,7 +67,8 @@ def make_model(model_cfg) -> uvit.UViT:
 
 def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None = None) -> Task:
   """The UniDiffuser objective on latents from the frozen encoders; objective_kw:
-  clean_prob, loss_weight, min_snr_gamma (diffusion/objective.py; empty = the paper's)."""
+  clean_prob, loss_weight, min_snr_gamma, text_weight (diffusion/objective.py; empty = the
+  paper's)."""
   objective_kw = dict(objective_kw or {})
   def init_params():
     return model.init(rng.key_for(seed, 0, "init"), *uvit.dummy_inputs(model))["params"]
@@ -81,12 +82,6 @@ def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None =
     return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
 
   return Task("uvit", init_params, loss, flops_per_example=perf.uvit_train_flops(model, 1))
-
-
-def objective_kwargs(train_cfg) -> dict:
-  """The objective options of config.train (common.train declares them)."""
-  return dict(clean_prob=float(train_cfg.clean_prob), loss_weight=str(train_cfg.loss_weight),
-              min_snr_gamma=float(train_cfg.min_snr_gamma))
 
 
 # ---------------------------------------------------------------- optimiser and state
@@ -238,7 +233,7 @@ def build(config, mesh, *, abstract: bool = False, encoders=None, frozen=None,
   model = make_model(config.model)
   encoders = encoders if encoders is not None else encoders_lib.build(config.encoders)
   frozen, frozen_shardings = frozen or build_frozen(config, mesh, encoders, abstract=abstract)
-  task = uvit_task(model, encoders, int(config.seed), objective_kwargs(config.train))
+  task = uvit_task(model, encoders, int(config.seed), objective.config_kwargs(config.train))
   if lora.enabled(config):
     task, frozen, frozen_shardings = lora.finetune(task, model, config, mesh, frozen,
                                                    frozen_shardings, workdir=workdir,

@@ -27,6 +27,11 @@ function of its own timestep (the network still predicts the noise):
       gradient. Normalised to mean 1 over t = 1..1000.
   min_snr_gamma > 0 multiplies by min(SNR_t, gamma) / SNR_t (Hang et al. 2023):
       down-weights the low-noise timesteps.
+
+`text_weight` (1 in the paper's) weighs each text element that many times in the mean. The
+paper's pooling gives the text latent its share of the elements (here 192 of 992 per sample),
+so with clean_prob an image -> text sample (text noised alone) moves the loss ~4x less than a
+text -> image one; text_weight = n_image_elements / n_text_elements evens them out.
 """
 from collections.abc import Callable
 
@@ -84,9 +89,16 @@ def noise_to(x0: jax.Array, eps: jax.Array, n_b: jax.Array) -> jax.Array:
           + jnp.sqrt(1.0 - alpha_bar).reshape(shape) * eps)
 
 
+def config_kwargs(train_cfg) -> dict:
+  """loss_fn's options from config.train (common.train declares them)."""
+  return dict(clean_prob=float(train_cfg.clean_prob), loss_weight=str(train_cfg.loss_weight),
+              min_snr_gamma=float(train_cfg.min_snr_gamma),
+              text_weight=float(train_cfg.text_weight))
+
+
 def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax.Array,
             data_type_b: jax.Array | None, key: jax.Array, clean_prob: float = 0.0,
-            loss_weight: str = "eps", min_snr_gamma: float = 0.0,
+            loss_weight: str = "eps", min_snr_gamma: float = 0.0, text_weight: float = 1.0,
             timesteps: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict]:
   """Returns (total loss, {loss_img, loss_clip, loss_text, t_img, t_text}).
 
@@ -110,9 +122,9 @@ def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax
   w_img = (t_img > 0).astype(jnp.float32)
   w_text = (t_text > 0).astype(jnp.float32)
   table = jnp.asarray(loss_weight_table(loss_weight, min_snr_gamma), jnp.float32)
-  lw_img, lw_text = table[t_img], table[t_text]
+  lw_img, lw_text = table[t_img], table[t_text] * text_weight
   total = ((lw_img * (se_z + se_c) + lw_text * se_y).sum()
-           / jnp.maximum((w_img * (n_z + n_c) + w_text * n_y).sum(), 1.0))
+           / jnp.maximum((w_img * (n_z + n_c) + text_weight * w_text * n_y).sum(), 1.0))
   n_img, n_text = jnp.maximum(w_img.sum(), 1.0), jnp.maximum(w_text.sum(), 1.0)
   parts = dict(loss_img=(w_img * se_z).sum() / (n_img * n_z),
                loss_clip=(w_img * se_c).sum() / (n_img * n_c),
