@@ -137,10 +137,7 @@ def captioner(**kw) -> mc.ConfigDict:
   train_kw = kw.pop("train", {})
   c = _section("captioner", dict(
       tokenizer="gpt2",  # caption tokenizer ("" = data.tokenizer); needs <|EOS|>
-      max_caption_tokens=77,
-      # Gaussian noise on the text latent while the decoder learns, in units of the latent's
-      # std over the batch (captioner_train.noisy_prefix); paper: 0.
-      prefix_noise=0.0, train=None), kw)
+      max_caption_tokens=77, train=None), kw)
   c.train = train(**{**dict(steps=100_000, batch_size=768, lr=2e-5, warmup_steps=1000,
                             weight_decay=0.01, betas=(0.9, 0.999), ema_decay=0.0), **train_kw})
   return c

@@ -2,13 +2,13 @@
 
 clean_prob (one modality left clean), loss_weight / min_snr_gamma (per-timestep weights),
 fit_latent_stats (latent normalisation measured on the training data), pos_init
-('sincos'), prediction ('v'), text_weight, the caption decoder's prefix_noise, the word-level tokenizer built from captions, and the learning-curve plot.
+('sincos'), prediction ('v'), text_weight, the word-level tokenizer built from captions, and
+the learning-curve plot.
 """
 import json
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from configs import demo
 from data_pipelines import demo_data, synthetic
-from unidiffuser_jax import captioner_train, encoders as encoders_lib
+from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax import latent_stats, sample, sharding, vocab
 from unidiffuser_jax.diffusion import objective, schedule
 from unidiffuser_jax.models import uvit
@@ -37,49 +37,6 @@ def test_clean_prob_timestep_histogram():
     assert ((counts - expected) ** 2 / expected).sum() < 30   # chi-square, 9 dof
   t_img0, t_text0 = map(np.asarray, objective.sample_timesteps(jax.random.key(0), n, 0.0))
   assert t_img0.min() == 1 and t_text0.min() == 1   # the paper's objective: never clean
-
-
-def test_prefix_noise_is_relative_to_the_latent_scale():
-  """captioner.prefix_noise: N(0, sigma^2) in units of the prefix's centred std over the batch, so
-  an encoder that scales its output up scales the noise with it (gradient through the std)."""
-  x = np.random.default_rng(0).normal(size=(64, 12, 16))
-  x = (x * np.linspace(0.5, 3.0, 16) + np.arange(16)).astype(np.float32)   # per-feature scales, offsets
-  key = jax.random.key(1)
-  out = np.asarray(captioner_train.noisy_prefix(jnp.asarray(x), 0.3, key))
-  flat = x.reshape(-1, 16)
-  s = np.sqrt(((flat - flat.mean(0)) ** 2).mean())
-  noise = (out - x) / s
-  assert abs(noise.std() - 0.3) < 0.01 and abs(noise.mean()) < 0.01
-  np.testing.assert_allclose(np.asarray(captioner_train.noisy_prefix(jnp.asarray(10 * x), 0.3, key)),
-                             10 * out, rtol=1e-5, atol=1e-4)
-  # d/da of sum(w * noisy(a x)) at a = 1 includes the noise's share: sum(w * (out - x) / 1).
-  w = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
-  grad = jax.grad(lambda a: jnp.sum(w * captioner_train.noisy_prefix(a * jnp.asarray(x), 0.3, key)))(1.0)
-  np.testing.assert_allclose(float(grad), float((w * out).sum()), rtol=1e-3)
-  np.testing.assert_array_equal(
-      np.asarray(captioner_train.noisy_prefix(jnp.asarray(x), 0.0, key)), x)
-
-
-def test_prefix_noise_enters_the_captioner_loss():
-  """The stage-1 loss draws the noise from its key when prefix_noise > 0, and ignores the key
-  when it is 0 (the paper's deterministic teacher forcing)."""
-  cfg = demo.get_config("tiny")
-  cfg.encoders.clip_text.vocab_size = 40
-  cfg.encoders.captioner.update(vocab_size=40, eos_id=39)
-  enc = encoders_lib.build(cfg.encoders)
-  frozen = {"clip_text": enc.random_part("clip_text", 0)}
-  frozen = nn.unbox(frozen)
-  batch = {"tokens": jnp.ones((4, cfg.data.max_length), jnp.int32),
-           "caption_tokens": jnp.ones((4, 8), jnp.int32), "caption_mask": jnp.ones((4, 8))}
-  losses = {}
-  for sigma in (0.0, 0.5):
-    cfg.captioner.prefix_noise = sigma
-    task = captioner_train.captioner_task(enc, cfg, None)
-    params = nn.unbox(task.init_params())
-    losses[sigma] = [float(task.loss(params, frozen, batch, jax.random.key(k))[0]) for k in (0, 1)]
-  assert losses[0.0][0] == losses[0.0][1]
-  assert losses[0.5][0] != losses[0.5][1]
-  assert all(v != losses[0.0][0] for v in losses[0.5])
 
 
 @pytest.mark.slow

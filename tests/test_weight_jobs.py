@@ -21,7 +21,6 @@ from safetensors.numpy import save_file
 
 from diffusers.pipelines.deprecated.unidiffuser import modeling_text_decoder
 
-from configs import common
 from tests.refs import captioner as cap_ref
 from tests.refs import clip as clip_ref
 from tests.refs import released
@@ -239,7 +238,7 @@ def test_fresh_captioner_from_hub_gpt2(tmp_path, monkeypatch):
   import flax.linen as nn
   from unidiffuser_jax import captioner_train
   cfg = released.config()
-  cfg.captioner = common.captioner(max_caption_tokens=8)
+  cfg.captioner = dict(max_caption_tokens=8)
   task = captioner_train.captioner_task(encoders_lib.build(cfg.encoders), cfg, None)
   shapes = nn.unbox(jax.eval_shape(task.init_params))
   assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)

@@ -11,7 +11,6 @@ Needed for new data or other languages: point config.data at the shards and
 config.captioner.tokenizer at the caption tokenizer (GPT-2's, plus <|EOS|>).
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import transforms
@@ -35,23 +34,10 @@ def caption_tokens(tokenizer, captions, max_len: int, eos_id: int):
   return ids, mask
 
 
-def noisy_prefix(prefix_blc, sigma: float, key):
-  """prefix + sigma * s * N(0, 1), s the prefix's overall std over the batch after removing each
-  feature's mean (the statistics latent_stats.py normalises the U-ViT's text latent by). The
-  gradient flows through s, so the encoder cannot outgrow the noise by scaling its output: it
-  has to move captions that decode differently at least ~sigma apart in the units the U-ViT
-  sees (CapDec's noise injection, Nukrai et al. 2022)."""
-  flat = prefix_blc.reshape(-1, prefix_blc.shape[-1]).astype(jnp.float32)
-  s = jnp.sqrt(jnp.mean(jnp.square(flat - flat.mean(0))) + 1e-12)
-  noise = jax.random.normal(key, prefix_blc.shape, jnp.float32)
-  return prefix_blc + (sigma * s * noise).astype(prefix_blc.dtype)
-
-
 def captioner_task(encoders, config, tokenizer) -> train.Task:
   cap = encoders.captioner
   seed = int(config.seed)
   max_len = int(config.captioner.max_caption_tokens)
-  sigma = float(config.captioner.prefix_noise)
 
   def init_params():
     latent = np.zeros((1, encoders.text_length, cap.prefix_hidden_dim), np.float32)
@@ -60,15 +46,10 @@ def captioner_task(encoders, config, tokenizer) -> train.Task:
     return params
 
   def loss(params, frozen, batch, key):
+    del key  # teacher forcing is deterministic
     hidden = encoders.text_hidden(frozen, batch["tokens"])
-    if sigma > 0:   # the only random draw: teacher forcing is deterministic
-      prefix = cap.apply({"params": params}, hidden,
-                         method=captioner_lib.CaptionDecoder.encode_prefix)
-      logits = cap.apply({"params": params}, noisy_prefix(prefix, sigma, key),
-                         batch["caption_tokens"])
-    else:
-      logits = cap.apply({"params": params}, hidden, batch["caption_tokens"],
-                         method=captioner_lib.CaptionDecoder.reconstruct)
+    logits = cap.apply({"params": params}, hidden, batch["caption_tokens"],
+                       method=captioner_lib.CaptionDecoder.reconstruct)
     ce = captioner_lib.caption_loss(logits, batch["caption_tokens"], batch["caption_mask"])
     correct = (logits.argmax(-1) == batch["caption_tokens"]) * batch["caption_mask"]
     return ce, {"token_accuracy": correct.sum() / batch["caption_mask"].sum()}
