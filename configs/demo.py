@@ -101,6 +101,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
       num_data_types=2, dtype="float32", remat="none", pos_init="sincos", prediction="v",
   ))
 
+  # text_weight stays the paper's 1: at 2 or 4 image -> text reads the shape on every seed and
+  # text -> image loses it (docs/SMALL_DATA.md, session 16).
   c.train = common.train(steps=3000, batch_size=32, lr=1e-3, warmup_steps=50,
                          ema_decay=0.99, log_every=100, checkpoint_every=500, eval_every=1000,
                          clean_prob=0.5, loss_weight="v")
