@@ -2,8 +2,8 @@
 
 clean_prob (one modality left clean), loss_weight / min_snr_gamma (per-timestep weights),
 fit_latent_stats (latent normalisation measured on the training data), pos_init
-('sincos'), prediction ('v'), text_weight, the word-level tokenizer built from captions, and
-the learning-curve plot.
+('sincos'), prediction ('v'), text_weight, loss_mean, the word-level tokenizer built from
+captions, and the learning-curve plot.
 """
 import json
 import subprocess
@@ -21,6 +21,7 @@ from data_pipelines import demo_data, synthetic
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax import latent_stats, sample, sharding, vocab
 from unidiffuser_jax.diffusion import objective, schedule
+from unidiffuser_jax.errors import ConfigError
 from unidiffuser_jax.models import uvit
 
 
@@ -80,6 +81,34 @@ def test_text_weight_weighs_each_text_element():
     np.testing.assert_allclose(float(total), num / den, rtol=1e-5)
     out[w] = (float(total), float(parts["loss_text"]))
   assert out[1.0][0] != out[4.0][0] and out[1.0][1] == out[4.0][1]
+
+
+def test_loss_mean_samples():
+  """train.loss_mean='samples': each sample's mean over its noised elements, then the mean over
+  samples; equal to the paper's pooled mean when every sample noises both parts; a bad value is
+  a one-line ConfigError from the config."""
+  b = 32
+  z0, c0, y0 = jnp.ones((b, 4, 4, 3)), jnp.ones((b, 1, 5)), jnp.ones((b, 6, 7))
+  nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
+  key = jax.random.key(6)
+  _, k_z, k_c, k_y = jax.random.split(key, 4)
+  sq = lambda k, x: (np.asarray(jax.random.normal(k, x.shape)).reshape(b, -1) ** 2)
+  ez, ec, ey = sq(k_z, z0), sq(k_c, c0), sq(k_y, y0)
+  total, parts = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5, loss_mean="samples")
+  img_on, text_on = np.asarray(parts["t_img"]) > 0, np.asarray(parts["t_text"]) > 0
+  assert (img_on & ~text_on).any() and (~img_on & text_on).any() and (img_on & text_on).any()
+  num = img_on * (ez.sum(1) + ec.sum(1)) + text_on * ey.sum(1)
+  den = img_on * (ez.shape[1] + ec.shape[1]) + text_on * ey.shape[1]
+  np.testing.assert_allclose(float(total), (num / den).mean(), rtol=1e-5)
+  pooled = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5)[0]
+  assert abs(float(pooled) - float(total)) > 1e-4
+  both = [float(objective.loss_fn(nnet, z0, c0, y0, None, key, loss_mean=m)[0])
+          for m in objective.LOSS_MEANS]
+  np.testing.assert_allclose(both[0], both[1], rtol=1e-6)
+  cfg = demo.get_config("tiny")
+  cfg.train.loss_mean = "tokens"
+  with pytest.raises(ConfigError, match=r"config.train.loss_mean='tokens'; use one of"):
+    objective.config_kwargs(cfg.train)
 
 
 def test_loss_weight_tables():
