@@ -62,24 +62,30 @@ def test_clean_part_is_left_out_of_the_loss():
   np.testing.assert_allclose(float(parts["loss_text"]), (ey[text_on] ** 2).mean(), rtol=1e-5)
 
 
-def test_text_weight_weighs_each_text_element():
-  """train.text_weight: the loss is the mean over the noised elements with each text element
-  counted text_weight times (1: the paper's pooled mean); the per-part means are unchanged."""
+def _zero_net_loss(seed: int, **kw):
+  """loss_fn of a network that predicts zeros on 32 samples with clean_prob 0.5 -> (total,
+  noised-image mask, noised-text mask, the squared noises [32, n] of the image, CLIP, text)."""
   b = 32
   z0, c0, y0 = jnp.ones((b, 4, 4, 3)), jnp.ones((b, 1, 5)), jnp.ones((b, 6, 7))
   nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
-  key = jax.random.key(5)
-  _, k_z, k_c, k_y = jax.random.split(key, 4)
+  key = jax.random.key(seed)
+  total, parts = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5, **kw)
+  _, k_z, k_c, k_y = jax.random.split(key, 4)   # loss_fn's own split
   sq = lambda k, x: (np.asarray(jax.random.normal(k, x.shape)).reshape(b, -1) ** 2)
-  ez, ec, ey = sq(k_z, z0), sq(k_c, c0), sq(k_y, y0)
+  return (float(total), float(parts["loss_text"]), np.asarray(parts["t_img"]) > 0,
+          np.asarray(parts["t_text"]) > 0, sq(k_z, z0), sq(k_c, c0), sq(k_y, y0))
+
+
+def test_text_weight_weighs_each_text_element():
+  """train.text_weight: the loss is the mean over the noised elements with each text element
+  counted text_weight times (1: the paper's pooled mean); the per-part means are unchanged."""
   out = {}
   for w in (1.0, 4.0):
-    total, parts = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5, text_weight=w)
-    img_on, text_on = np.asarray(parts["t_img"]) > 0, np.asarray(parts["t_text"]) > 0
+    total, loss_text, img_on, text_on, ez, ec, ey = _zero_net_loss(5, text_weight=w)
     num = ez[img_on].sum() + ec[img_on].sum() + w * ey[text_on].sum()
     den = img_on.sum() * (ez.shape[1] + ec.shape[1]) + w * text_on.sum() * ey.shape[1]
-    np.testing.assert_allclose(float(total), num / den, rtol=1e-5)
-    out[w] = (float(total), float(parts["loss_text"]))
+    np.testing.assert_allclose(total, num / den, rtol=1e-5)
+    out[w] = (total, loss_text)
   assert out[1.0][0] != out[4.0][0] and out[1.0][1] == out[4.0][1]
 
 
@@ -87,22 +93,15 @@ def test_loss_mean_samples():
   """train.loss_mean='samples': each sample's mean over its noised elements, then the mean over
   samples; equal to the paper's pooled mean when every sample noises both parts; a bad value is
   a one-line ConfigError from the config."""
-  b = 32
-  z0, c0, y0 = jnp.ones((b, 4, 4, 3)), jnp.ones((b, 1, 5)), jnp.ones((b, 6, 7))
-  nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
-  key = jax.random.key(6)
-  _, k_z, k_c, k_y = jax.random.split(key, 4)
-  sq = lambda k, x: (np.asarray(jax.random.normal(k, x.shape)).reshape(b, -1) ** 2)
-  ez, ec, ey = sq(k_z, z0), sq(k_c, c0), sq(k_y, y0)
-  total, parts = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5, loss_mean="samples")
-  img_on, text_on = np.asarray(parts["t_img"]) > 0, np.asarray(parts["t_text"]) > 0
+  total, _, img_on, text_on, ez, ec, ey = _zero_net_loss(6, loss_mean="samples")
   assert (img_on & ~text_on).any() and (~img_on & text_on).any() and (img_on & text_on).any()
   num = img_on * (ez.sum(1) + ec.sum(1)) + text_on * ey.sum(1)
   den = img_on * (ez.shape[1] + ec.shape[1]) + text_on * ey.shape[1]
-  np.testing.assert_allclose(float(total), (num / den).mean(), rtol=1e-5)
-  pooled = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5)[0]
-  assert abs(float(pooled) - float(total)) > 1e-4
-  both = [float(objective.loss_fn(nnet, z0, c0, y0, None, key, loss_mean=m)[0])
+  np.testing.assert_allclose(total, (num / den).mean(), rtol=1e-5)
+  assert abs(_zero_net_loss(6)[0] - total) > 1e-4   # the pooled mean differs with clean_prob
+  z0, c0, y0 = jnp.ones((8, 4, 4, 3)), jnp.ones((8, 1, 5)), jnp.ones((8, 6, 7))
+  nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
+  both = [float(objective.loss_fn(nnet, z0, c0, y0, None, jax.random.key(6), loss_mean=m)[0])
           for m in objective.LOSS_MEANS]
   np.testing.assert_allclose(both[0], both[1], rtol=1e-6)
   cfg = demo.get_config("tiny")
