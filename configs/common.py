@@ -250,7 +250,6 @@ def train(**kw) -> mc.ConfigDict:
       loss_weight="eps",  # "eps" (paper) or "v": per-timestep loss weight (objective.py)
       min_snr_gamma=0.0,  # loss weight min(SNR, gamma) / SNR per part (objective.py); paper: 0
       text_weight=1.0,  # each text element's weight in the loss's mean (objective.py); paper: 1
-      loss_mean="elements",  # "elements" (paper): mean over all noised elements; "samples" (objective.py)
       log_every=50, checkpoint_every=1000, keep_checkpoints=3,
       # steps between evaluations during training (eval_training.py: held-out loss, FID / CLIP
       # score where their weights are present; a runbook's own, the demo's judge); 0 = none

@@ -2,8 +2,8 @@
 
 clean_prob (one modality left clean), loss_weight / min_snr_gamma (per-timestep weights),
 fit_latent_stats (latent normalisation measured on the training data), pos_init
-('sincos'), prediction ('v'), text_weight, loss_mean, the word-level tokenizer built from
-captions, and the learning-curve plot.
+('sincos'), prediction ('v'), text_weight, the word-level tokenizer built from captions, and
+the learning-curve plot.
 """
 import json
 import subprocess
@@ -89,24 +89,10 @@ def test_text_weight_weighs_each_text_element():
   assert out[1.0][0] != out[4.0][0] and out[1.0][1] == out[4.0][1]
 
 
-def test_loss_mean_samples():
-  """train.loss_mean='samples': each sample's mean over its noised elements, then the mean over
-  samples; equal to the paper's pooled mean when every sample noises both parts; a bad value is
-  a one-line ConfigError from the config."""
-  total, _, img_on, text_on, ez, ec, ey = _zero_net_loss(6, loss_mean="samples")
-  assert (img_on & ~text_on).any() and (~img_on & text_on).any() and (img_on & text_on).any()
-  num = img_on * (ez.sum(1) + ec.sum(1)) + text_on * ey.sum(1)
-  den = img_on * (ez.shape[1] + ec.shape[1]) + text_on * ey.shape[1]
-  np.testing.assert_allclose(total, (num / den).mean(), rtol=1e-5)
-  assert abs(_zero_net_loss(6)[0] - total) > 1e-4   # the pooled mean differs with clean_prob
-  z0, c0, y0 = jnp.ones((8, 4, 4, 3)), jnp.ones((8, 1, 5)), jnp.ones((8, 6, 7))
-  nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
-  both = [float(objective.loss_fn(nnet, z0, c0, y0, None, jax.random.key(6), loss_mean=m)[0])
-          for m in objective.LOSS_MEANS]
-  np.testing.assert_allclose(both[0], both[1], rtol=1e-6)
+def test_unknown_loss_weight_is_a_config_error():
   cfg = demo.get_config("tiny")
-  cfg.train.loss_mean = "tokens"
-  with pytest.raises(ConfigError, match=r"config.train.loss_mean='tokens'; use one of"):
+  cfg.train.loss_weight = "snr"
+  with pytest.raises(ConfigError, match=r"config.train.loss_weight='snr'; use one of"):
     objective.config_kwargs(cfg.train)
 
 

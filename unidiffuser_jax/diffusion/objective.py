@@ -32,11 +32,6 @@ function of its own timestep (the network still predicts the noise):
 paper's pooling gives the text latent its share of the elements (here 192 of 992 per sample),
 so with clean_prob an image -> text sample (text noised alone) moves the loss ~4x less than a
 text -> image one; text_weight = n_image_elements / n_text_elements evens them out.
-
-`loss_mean="samples"` (the paper's is "elements") takes each sample's mean over its own noised
-elements and then the mean over samples: a sample with one modality clean counts as much as one
-with both noised, whichever modality it noises. Without clean_prob every sample noises the same
-elements and the two means agree.
 """
 from collections.abc import Callable
 
@@ -95,25 +90,20 @@ def noise_to(x0: jax.Array, eps: jax.Array, n_b: jax.Array) -> jax.Array:
           + jnp.sqrt(1.0 - alpha_bar).reshape(shape) * eps)
 
 
-LOSS_MEANS = ("elements", "samples")
-
-
 def config_kwargs(train_cfg) -> dict:
   """loss_fn's options from config.train (common.train declares them); ConfigError, one line,
-  for a value it does not know."""
+  for a loss_weight it does not know."""
   if train_cfg.loss_weight not in LOSS_WEIGHTS:
     raise ConfigError(f"config.train.loss_weight={train_cfg.loss_weight!r}; use one of {LOSS_WEIGHTS}")
-  if train_cfg.loss_mean not in LOSS_MEANS:
-    raise ConfigError(f"config.train.loss_mean={train_cfg.loss_mean!r}; use one of {LOSS_MEANS}")
   return dict(clean_prob=float(train_cfg.clean_prob), loss_weight=str(train_cfg.loss_weight),
               min_snr_gamma=float(train_cfg.min_snr_gamma),
-              text_weight=float(train_cfg.text_weight), loss_mean=str(train_cfg.loss_mean))
+              text_weight=float(train_cfg.text_weight))
 
 
 def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax.Array,
             data_type_b: jax.Array | None, key: jax.Array, clean_prob: float = 0.0,
             loss_weight: str = "eps", min_snr_gamma: float = 0.0, text_weight: float = 1.0,
-            loss_mean: str = "elements", timesteps: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+            timesteps: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict]:
   """Returns (total loss, {loss_img, loss_clip, loss_text, t_img, t_text}).
 
   timesteps: given (t_img [B], t_text [B] int32), they replace the drawn ones (the held-out
@@ -137,14 +127,8 @@ def loss_fn(nnet: NNet, z0_bhwc: jax.Array, clip0_b1d: jax.Array, text0_bld: jax
   w_text = (t_text > 0).astype(jnp.float32)
   table = jnp.asarray(loss_weight_table(loss_weight, min_snr_gamma), jnp.float32)
   lw_img, lw_text = table[t_img], table[t_text] * text_weight
-  num_b = lw_img * (se_z + se_c) + lw_text * se_y
-  den_b = w_img * (n_z + n_c) + text_weight * w_text * n_y
-  if loss_mean == "elements":
-    total = num_b.sum() / jnp.maximum(den_b.sum(), 1.0)
-  elif loss_mean == "samples":
-    total = (num_b / jnp.maximum(den_b, 1.0)).mean()
-  else:
-    raise ValueError(f"loss_mean={loss_mean!r}; use one of {LOSS_MEANS}")
+  total = ((lw_img * (se_z + se_c) + lw_text * se_y).sum()
+           / jnp.maximum((w_img * (n_z + n_c) + text_weight * w_text * n_y).sum(), 1.0))
   n_img, n_text = jnp.maximum(w_img.sum(), 1.0), jnp.maximum(w_text.sum(), 1.0)
   parts = dict(loss_img=(w_img * se_z).sum() / (n_img * n_z),
                loss_clip=(w_img * se_c).sum() / (n_img * n_c),
