@@ -1,9 +1,9 @@
 """README's "Your own images on a CPU" recipe, followed on a folder of real scans, and judged.
 
-  python benchmarks/own_images_check.py make --dir=/tmp/own
-  # then README's steps 1-4 on /tmp/own, as written (my_images/, my_images.csv, prompts.txt,
+  python benchmarks/own_images_check.py make --dir=workdirs/own
+  # then README's steps 1-4 on workdirs/own, as written (my_images/, my_images.csv, prompts.txt,
   # held_out/), adding --config.sample.num=197 to step 4 so every held-out input is sampled
-  python benchmarks/own_images_check.py judge --dir=/tmp/own --workdir=workdirs/mine
+  python benchmarks/own_images_check.py judge --dir=workdirs/own --workdir=workdirs/mine
 
 `make` writes what a user would have: 1,600 PNG scans of handwritten digits (scikit-learn's
 bundled set, dark ink on white, 28 px: larger than the recipe's 16, so the pipeline resizes
