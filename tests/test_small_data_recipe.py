@@ -62,26 +62,21 @@ def test_clean_part_is_left_out_of_the_loss():
   np.testing.assert_allclose(float(parts["loss_text"]), (ey[text_on] ** 2).mean(), rtol=1e-5)
 
 
-def _zero_net_loss(seed: int, **kw):
-  """loss_fn of a network that predicts zeros on 32 samples with clean_prob 0.5 -> (total,
-  noised-image mask, noised-text mask, the squared noises [32, n] of the image, CLIP, text)."""
-  b = 32
-  z0, c0, y0 = jnp.ones((b, 4, 4, 3)), jnp.ones((b, 1, 5)), jnp.ones((b, 6, 7))
-  nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
-  key = jax.random.key(seed)
-  total, parts = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5, **kw)
-  _, k_z, k_c, k_y = jax.random.split(key, 4)   # loss_fn's own split
-  sq = lambda k, x: (np.asarray(jax.random.normal(k, x.shape)).reshape(b, -1) ** 2)
-  return (float(total), float(parts["loss_text"]), np.asarray(parts["t_img"]) > 0,
-          np.asarray(parts["t_text"]) > 0, sq(k_z, z0), sq(k_c, c0), sq(k_y, y0))
-
-
 def test_text_weight_weighs_each_text_element():
   """train.text_weight: the loss is the mean over the noised elements with each text element
   counted text_weight times (1: the paper's pooled mean); the per-part means are unchanged."""
+  b = 32
+  z0, c0, y0 = jnp.ones((b, 4, 4, 3)), jnp.ones((b, 1, 5)), jnp.ones((b, 6, 7))
+  nnet = lambda z, c, y, *_: (jnp.zeros_like(z), jnp.zeros_like(c), jnp.zeros_like(y))
+  key = jax.random.key(5)
+  _, k_z, k_c, k_y = jax.random.split(key, 4)   # loss_fn's own split
+  sq = lambda k, x: (np.asarray(jax.random.normal(k, x.shape)).reshape(b, -1) ** 2)
+  ez, ec, ey = sq(k_z, z0), sq(k_c, c0), sq(k_y, y0)
   out = {}
   for w in (1.0, 4.0):
-    total, loss_text, img_on, text_on, ez, ec, ey = _zero_net_loss(5, text_weight=w)
+    total, parts = objective.loss_fn(nnet, z0, c0, y0, None, key, clean_prob=0.5, text_weight=w)
+    total, loss_text = float(total), float(parts["loss_text"])
+    img_on, text_on = np.asarray(parts["t_img"]) > 0, np.asarray(parts["t_text"]) > 0
     num = ez[img_on].sum() + ec[img_on].sum() + w * ey[text_on].sum()
     den = img_on.sum() * (ez.shape[1] + ec.shape[1]) + w * text_on.sum() * ey.shape[1]
     np.testing.assert_allclose(total, num / den, rtol=1e-5)

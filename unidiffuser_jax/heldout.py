@@ -58,7 +58,7 @@ class HeldoutLoss:
     self._batch = {k: jax.make_array_from_callback(
         v.shape, sharding.batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
         for k, v in batch.items()}
-    kw = {k: v for k, v in objective.config_kwargs(config.train).items() if k != "clean_prob"}
+    kw = objective.config_kwargs(config.train)   # clean_prob is unused: the timesteps are given
 
     def loss(params, enc_params, batch, t, key):
       k_enc, k_loss = jax.random.split(key)
