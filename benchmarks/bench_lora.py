@@ -115,7 +115,7 @@ def main():
     args.warmup, args.steps = 1, 3
   config = _config(args)
   mesh = sharding.make_mesh(config.mesh)
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   enc = encoders_lib.build(config.encoders)
   enc_params, enc_sh = train.build_frozen(config, mesh, enc)
   task = train.uvit_task(model, enc, int(config.seed), objective.config_kwargs(config.train))

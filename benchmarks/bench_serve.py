@@ -43,7 +43,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo  # noqa: E402
 from data_pipelines import demo_data  # noqa: E402
-from unidiffuser_jax import train, vocab  # noqa: E402
+from unidiffuser_jax import vocab  # noqa: E402
 from unidiffuser_jax.models import uvit  # noqa: E402
 
 PROMPTS = ("a red circle on the left", "a blue square at the top",
@@ -55,7 +55,7 @@ def make_workdir(root: str, arg: str) -> dict:
   tok = demo_data.build_tokenizer(os.path.join(root, "tokenizer"))
   config.data.tokenizer = tok
   vocab.derive(config)
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   params = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])
   n = sum(x.size for x in jax.tree.leaves(params))
   with ocp.StandardCheckpointer() as ckptr:

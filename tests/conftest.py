@@ -41,7 +41,7 @@ import pytest  # noqa: E402
 
 from configs import demo  # noqa: E402
 from data_pipelines import demo_data  # noqa: E402
-from unidiffuser_jax import train, vocab  # noqa: E402
+from unidiffuser_jax import vocab  # noqa: E402
 from unidiffuser_jax.models import uvit  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def tiny_sampler(tmp_path_factory):
   config.sample.update(steps=3, order=2, guidance_scale=3.0, max_caption_tokens=5, num_beams=2,
                        prompts=("a red circle on the left", "a blue square at the top",
                                 "a green triangle on the right"))
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   params = nn.unbox(model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"])
   ckpt = root / "uvit"
   with ocp.StandardCheckpointer() as ckptr:   # leaving the block waits for the async save

@@ -147,7 +147,7 @@ def test_activation_constraints_reach_the_compiler():
   config.model.update(depth=2, width=64, num_heads=2, mlp_dim=128)
   mesh = sharding.make_mesh(golden.MESH)
   rules = sharding.rules_from_config(config.sharding.rules)
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   args = uvit.dummy_inputs(model, BATCH)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)["params"]))
   fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a))

@@ -9,6 +9,7 @@ import pytest
 from configs import demo
 from data_pipelines import synthetic
 from unidiffuser_jax import aot, sharding, train, vocab
+from unidiffuser_jax.models import uvit
 
 MESH = dict(data=2, fsdp=2, tensor=2)
 
@@ -98,7 +99,7 @@ def test_heldout_loss_carries_the_constraints(tiny):
   U-ViT's activation constraints on the data-parallel axes, as the train step does."""
   from unidiffuser_jax import encoders as encoders_lib, heldout
   mesh = sharding.make_mesh(tiny.mesh)
-  model = train.make_model(tiny.model)
+  model = uvit.from_config(tiny.model)
   encoders = encoders_lib.build(tiny.encoders)
   enc_params, _ = train.build_frozen(tiny, mesh, encoders)
   host = {k: v for k, v in _host_batch(tiny).items() if k != "skipped"}

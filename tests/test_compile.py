@@ -9,7 +9,8 @@ import pytest
 
 from configs import demo
 from unidiffuser_jax import compile as compile_plan
-from unidiffuser_jax import errors, perf, sharding, train, vocab
+from unidiffuser_jax import errors, perf, sharding, vocab
+from unidiffuser_jax.models import uvit
 
 
 def _tiny(**compile_kw):
@@ -64,7 +65,7 @@ def _check_train_row(row, config, tmp_path):
   m = row["memory"]
   assert m["arguments"] > 0 and m["temporaries"] > 0 and m["code"] >= 0
   assert m["peak"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   assert row["model_flops"] == perf.uvit_train_flops(model, row["batch"])
   # XLA counts the U-ViT plus the encoders and the element-wise work: at least the analytic count
   assert 0.5 < row["model_flops_per_device"] / row["xla_flops_per_device"] < 1.05

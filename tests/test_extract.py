@@ -13,6 +13,7 @@ from configs import demo
 from data_pipelines import demo_data, features, iterators, make_shards
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax import checkpoints, extract, input_pipeline, jobs, rng, sharding, train, vocab
+from unidiffuser_jax.models import uvit
 
 pytestmark = pytest.mark.slow  # trains / extracts end to end: minutes on 2 cores
 
@@ -156,7 +157,7 @@ def test_feature_batch_loss_matches_raw_batch_loss(extracted, single, trained):
   feature = {k: np.stack([f[k] for f in feats]) for k in ("moments", "clip_img", "text_hidden")}
   raw["data_type"] = feature["data_type"] = np.zeros((8,), np.int32)
 
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   task = train.uvit_task(model, enc, int(config.seed))
   params = jax.device_get(checkpoints.load_params(trained[0], key="params"))
   key = rng.key_for(int(config.seed), 2, "train/uvit")   # what make_train_step derives at step 2

@@ -18,7 +18,7 @@ from unidiffuser_jax.models import uvit
 def _model(**kw):
   c = demo.get_config("tiny")
   c.model.update(kw)
-  return train.make_model(c.model)
+  return uvit.from_config(c.model)
 
 
 def _inputs(model, b=2, seed=0):
@@ -133,7 +133,7 @@ def _iterator():
 
 def _lora_task(config, mesh, workdir):
   """(model, full task, LoRA task, frozen inputs, their shardings) as train.train builds them."""
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   enc = encoders_lib.build(config.encoders)
   enc_params, enc_sh = train.build_frozen(config, mesh, enc)
   task = train.uvit_task(model, enc, int(config.seed))
@@ -199,7 +199,7 @@ def test_only_adapters_are_trained(base_dir, tmp_path):
 def test_base_kept_in_bfloat16(base_dir, tmp_path):
   config = _config(base_dir, base_dtype="bfloat16")
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  base, _, _ = lora.load_base(train.make_model(config.model), config.train.init_from, mesh, (),
+  base, _, _ = lora.load_base(uvit.from_config(config.model), config.train.init_from, mesh, (),
                               "bfloat16")
   assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
 
@@ -259,7 +259,7 @@ def test_lora_needs_init_from():
   c = demo.get_config("tiny")
   c.train.lora.rank = 2
   with pytest.raises(errors.ConfigError, match="init_from"):
-    lora.load_base(train.make_model(c.model), "", None, (), "float32")
+    lora.load_base(uvit.from_config(c.model), "", None, (), "float32")
   for key, bad in (("rank", -1), ("dropout", 1.0), ("base_dtype", "float16"), ("targets", "(")):
     c = demo.get_config("tiny")
     c.train.lora[key] = bad
@@ -319,7 +319,7 @@ def test_export_merge_lora_writes_the_merged_released_layout(base_dir, tmp_path)
   config = _export_config(base_dir)
   config.export.merge_lora = True
   done = weight_jobs.run_export(config, str(tmp_path / "run"))
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   got = wuvit.import_uvit(load_tensors(done["uvit"]["path"]), model)
   want = lora.merge(checkpoints.load_params(str(base_dir)), ad, 1.5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), got, want)
@@ -382,7 +382,7 @@ def test_describe_reports_lora_against_full_fine_tuning():
   c = demo.get_config("tiny")
   c.train.lora.update(rank=4, base_dtype="bfloat16")
   out = describe.describe(c, num_devices=1)
-  model = train.make_model(c.model)
+  model = uvit.from_config(c.model)
   found = lora.targets(uvit.abstract_variables(model)["params"], c.train.lora.targets)
   n_ad = sum(4 * (i + o) for (i, o), _ in found.values())
   n_base = uvit.count_params(dict(c.model, dtype=jnp.float32))

@@ -11,6 +11,7 @@ from data_pipelines import synthetic
 from tests import events
 from tools import faults
 from unidiffuser_jax import metrics, perf, tb_events, train, vocab
+from unidiffuser_jax.models import uvit
 
 
 def test_data_wait_and_percentiles_from_host_clocks(tmp_path, monkeypatch):
@@ -78,7 +79,7 @@ def test_train_reports_finite_telemetry_and_a_sane_mfu(tmp_path):
     assert math.isfinite(last[key]), (key, last)
   # A real step of the tiny U-ViT on CPU reaches some, never all, of the measured matmul peak.
   assert 1e-5 < last["mfu"] < 1.0, last
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   assert last["tflops_per_device"] == pytest.approx(
       perf.uvit_train_flops(model, config.train.batch_size) / last["step_time_s"]
       / jax.device_count() / 1e12)

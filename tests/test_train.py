@@ -28,7 +28,7 @@ def _setup(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   enc = encoders_lib.build(config.encoders)
   built = train.build(config, mesh, encoders=enc)
-  return built, train.make_model(config.model), enc
+  return built, uvit.from_config(config.model), enc
 
 
 def _host_batch(config):
@@ -72,7 +72,7 @@ def test_sharded_step_matches_single_device():
   # (from the model's own init, not the build) map to.
   state = multi[4]
   mesh = sharding.make_mesh(config.mesh)
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   logical = nn.get_partition_spec(jax.eval_shape(
       lambda: model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"]))
   rules = dict(sharding.rules_from_config(config.sharding.rules))

@@ -27,6 +27,7 @@ from tests.refs import uvit as uvit_ref
 from unidiffuser_jax import sample, train, vocab, weight_jobs
 from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights.tensors import load_metadata, load_tensors
+from unidiffuser_jax.models import uvit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMBOS = list(itertools.product((8, 16, 64), (12, 77), ("v0", "v1"), (64, 128)))
@@ -131,7 +132,7 @@ def test_a_mismatched_config_names_exactly_its_fields(i, tmp_path):
                                                                  model=want)}))
   config = _config(**{**want, **changed})
   with pytest.raises(weight_jobs.WeightJobError) as e:
-    weight_jobs.check_imported_uvit(train.make_model(config.model), str(tmp_path / "uvit"),
+    weight_jobs.check_imported_uvit(uvit.from_config(config.model), str(tmp_path / "uvit"),
                                     "sample.checkpoint")
   msg = str(e.value)
   assert "\n" not in msg and "config.sample.checkpoint" in msg
@@ -140,7 +141,7 @@ def test_a_mismatched_config_names_exactly_its_fields(i, tmp_path):
   for f in fixes:  # the flags it prints fix it
     k, v = f[len("--config.model."):].split("=")
     config.model[k] = type(want[k])(v)
-  weight_jobs.check_imported_uvit(train.make_model(config.model), str(tmp_path / "uvit"),
+  weight_jobs.check_imported_uvit(uvit.from_config(config.model), str(tmp_path / "uvit"),
                                   "sample.checkpoint")
 
 

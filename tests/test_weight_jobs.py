@@ -36,6 +36,7 @@ from unidiffuser_jax.weights import vae as wvae
 from unidiffuser_jax.weights.convert import flatten
 from unidiffuser_jax.weights.tensors import load_tensors
 from unidiffuser_jax.weights.uvit import export_uvit
+from unidiffuser_jax.models import uvit
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,12 +277,11 @@ def test_full_size_released_layout_fits_configs_laion():
   version (pointed to configs/laion.py:v1). Shapes only: nothing of full size is allocated."""
   import flax.linen as nn
   from configs import laion
-  from unidiffuser_jax import train
   from unidiffuser_jax.models.uvit import abstract_variables
   from unidiffuser_jax.weights import convert
   from unidiffuser_jax.weights.uvit import uvit_entries
   config = laion.get_config()
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   template = flatten(nn.meta.unbox(abstract_variables(model))["params"])
   shapes = {}
   for e in uvit_entries(model):

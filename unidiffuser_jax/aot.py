@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from unidiffuser_jax import sharding, train
+from unidiffuser_jax.models import uvit
 
 # HBM per chip. libtpu's compile-only v4 devices are single TensorCores (num_cores=1, two per
 # chip, 16 GiB each); v5p devices are megacore chips (num_cores=2).
@@ -26,7 +27,7 @@ def hbm_per_device(device) -> float:
 
 def features_batch(config, batch: int, mesh) -> dict:
   """An abstract features batch of `batch` examples split over (data, fsdp)."""
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   f = config.encoders.autoencoder.factor
   h = config.data.resolution // f
   shapes = {"moments": ((batch, h, h, 2 * model.latent_channels), jnp.float32),
@@ -46,7 +47,7 @@ def lower_train(built: train.Built, config, batch: int):
 def lower_sampler(config, params, mesh, batch: int):
   """One classifier-free-guided network evaluation of t2i sampling (what the solver's scan
   runs), for abstract sharded `params` (e.g. a Built's state.ema_params)."""
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   b = batch
   img = config.data.resolution // config.encoders.autoencoder.factor
   bs = lambda nd: sharding.batch_sharding(mesh, nd)

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from unidiffuser_jax import aot, errors, perf, sample, search, sharding, train, vocab
 from unidiffuser_jax import encoders as encoders_lib
 from unidiffuser_jax.diffusion import modes
+from unidiffuser_jax.models import uvit
 
 LIBTPU_INSTALL = "pip install -r requirements-tpu.txt"
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -150,10 +151,10 @@ def _lower(config, cand: Candidate, mesh):
   if cand.name == "train":
     train.check_config(config, config.train, mesh)
     built = train.build(config, mesh, abstract=True)
-    flops = perf.uvit_train_flops(train.make_model(config.model), cand.batch)
+    flops = perf.uvit_train_flops(uvit.from_config(config.model), cand.batch)
     return aot.lower_train(built, config, cand.batch), flops, cand.batch
   task = cand.name.split("/", 1)[1]
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   encoders = encoders_lib.build(config.encoders)
   built = train.build(config, mesh, abstract=True, encoders=encoders)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -10,13 +10,14 @@ import jax
 import numpy as np
 
 from unidiffuser_jax import lora, sharding, train
+from unidiffuser_jax.models import uvit
 
 
 def describe(config, num_devices: int | None = None) -> str:
   num_devices = num_devices or config.mesh.num_devices or jax.device_count()
   mesh = sharding.abstract_mesh(config.mesh, num_devices)
   sharding.check_batch_divisible(config.train.batch_size, mesh)
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   built = train.build(lora.full_config(config), mesh, abstract=True)   # full fine-tuning's state
   state, specs = built.state, built.state_specs
 

@@ -35,8 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from data_pipelines import shards, transforms
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, errors, latent_stats, lora, rng
-from unidiffuser_jax import sharding, train
-from unidiffuser_jax import weight_jobs
+from unidiffuser_jax import sharding, weight_jobs
 from unidiffuser_jax.diffusion import modes, solvers
 from unidiffuser_jax.models import captioner as captioner_lib, uvit
 
@@ -280,7 +279,7 @@ def _setup(config, workdir: str) -> dict:
   s = config.sample
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(int(s.batch_size), mesh, what="config.sample.batch_size")
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   weight_jobs.check_imported_uvit(model, s.checkpoint, "sample.checkpoint")
   encoders = encoders_lib.build(config.encoders)
   if int(config.encoders.fit_latent_stats) > 0:

@@ -54,17 +54,6 @@ class Task:
   flops_per_example: int = 0   # model FLOPs of one example's step (telemetry: TFLOP/s, MFU); 0 = unknown
 
 
-def make_model(model_cfg) -> uvit.UViT:
-  cfg = dict(model_cfg)
-  cfg["dtype"] = jnp.dtype(cfg["dtype"])
-  try:
-    model = uvit.UViT(**cfg)
-    model._check_config()  # pylint: disable=protected-access
-  except (TypeError, ValueError) as e:
-    raise errors.ConfigError(f"config.model: {e}") from None
-  return model
-
-
 def uvit_task(model: uvit.UViT, encoders, seed: int, objective_kw: dict | None = None) -> Task:
   """The UniDiffuser objective on latents from the frozen encoders; objective_kw:
   clean_prob, loss_weight, min_snr_gamma, text_weight (diffusion/objective.py; empty = the
@@ -230,7 +219,7 @@ def build(config, mesh, *, abstract: bool = False, encoders=None, frozen=None,
   LoRA fine-tune's (the state holds the adapters, the base is frozen: lora.finetune, which
   records the base in `workdir` when given). train, describe, --mode=compile, the benchmarks
   and the tests all start here."""
-  model = make_model(config.model)
+  model = uvit.from_config(config.model)
   encoders = encoders if encoders is not None else encoders_lib.build(config.encoders)
   frozen, frozen_shardings = frozen or build_frozen(config, mesh, encoders, abstract=abstract)
   task = uvit_task(model, encoders, int(config.seed), objective.config_kwargs(config.train))
@@ -346,7 +335,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None
   """
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, config.train, mesh)
-  model = make_model(config.model)
+  model = uvit.from_config(config.model)
   weight_jobs.check_imported_uvit(model, config.train.init_from, "train.init_from")
   encoders = encoders_lib.build(config.encoders)
   encoder_params, encoder_shardings = build_frozen(config, mesh, encoders)

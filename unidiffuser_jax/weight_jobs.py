@@ -49,7 +49,7 @@ import tqdm
 from etils import epath
 
 from data_pipelines import hub_cache
-from unidiffuser_jax import checkpoints, encoders as encoders_lib, lora, rng, train
+from unidiffuser_jax import checkpoints, encoders as encoders_lib, lora, rng
 from unidiffuser_jax.errors import ConfigError
 from unidiffuser_jax.models.uvit import abstract_variables, resize_pos_embed
 from unidiffuser_jax.models.vae import AutoencoderKL
@@ -61,6 +61,7 @@ from unidiffuser_jax.weights import uvit as wuvit
 from unidiffuser_jax.weights import vae as wvae
 from unidiffuser_jax.weights.convert import WeightMismatchError
 from unidiffuser_jax.weights.tensors import load_metadata, load_tensors, save_safetensors
+from unidiffuser_jax.models import uvit
 
 
 PARTS = ("uvit", "autoencoder", "clip_image", "clip_text", "captioner")
@@ -167,7 +168,7 @@ def plan_uvit_import(config, tensors, path: str, metadata: dict | None = None) -
   num_heads and the hint for the position-table split. Raises WeightJobError (one line) for a
   file that cannot be placed (qkv biases, an ambiguous position table, ...).
   """
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   current = _geometry(model)
   meta = metadata or {}
   recorded = json.loads(meta["config"]) if meta.get("model") == "unidiffuser-uvit" and \
@@ -231,7 +232,7 @@ def import_uvit_file(config, path: str) -> tuple[dict, dict]:
   """-> (params, plan_uvit_import's plan) for the released-layout U-ViT file at `path`."""
   tensors = load_tensors(path)
   plan = plan_uvit_import(config, tensors, path, load_metadata(path))
-  model = train.make_model(config.model).clone(**plan["model"])
+  model = uvit.from_config(config.model).clone(**plan["model"])
   if plan["resize_from"] is None:
     return wuvit.import_uvit(tensors, model), plan
   params = wuvit.import_uvit(tensors, model.clone(latent_size=plan["resize_from"]))
@@ -502,7 +503,7 @@ def _is_params_source(path: str) -> bool:
 
 
 def export_uvit_to(config, src: str, path: str) -> int:
-  model = train.make_model(config.model)
+  model = uvit.from_config(config.model)
   if model.prediction != "eps":
     raise WeightJobError(
         f"config.model.prediction={model.prediction!r}: the released layout (and diffusers' "
@@ -522,7 +523,7 @@ def export_uvit_to(config, src: str, path: str) -> int:
 
 def export_lora_to(config, src: str, path: str) -> int:
   """A LoRA run's EMA adapters alone, with its base's identity and LoRA config (lora.py)."""
-  adapters, lcfg, base = lora.run_adapters(train.make_model(config.model), src)
+  adapters, lcfg, base = lora.run_adapters(uvit.from_config(config.model), src)
   return lora.save_adapters(path, adapters, lcfg, base, config.model)
 
 

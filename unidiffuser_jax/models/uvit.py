@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unidiffuser_jax import errors
 from unidiffuser_jax.diffusion import schedule
 from unidiffuser_jax.models import layers
 
@@ -365,6 +366,18 @@ def dummy_inputs(model: UViT, batch_size: int = 1, dtype=jnp.float32) -> tuple:
           jnp.zeros((b, model.num_text_tokens, model.text_dim), dtype),
           jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32),
           jnp.ones((b,), jnp.int32) if model.version == 'v1' else None)
+
+
+def from_config(model_cfg: Mapping) -> UViT:
+  """UViT from a config.model block (dtype named by a string); a bad field is a ConfigError."""
+  cfg = dict(model_cfg)
+  cfg["dtype"] = jnp.dtype(cfg["dtype"])
+  try:
+    model = UViT(**cfg)
+    model._check_config()  # pylint: disable=protected-access
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"config.model: {e}") from None
+  return model
 
 
 def abstract_variables(model: UViT) -> dict:
