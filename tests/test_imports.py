@@ -1,7 +1,8 @@
 """Layering: the library and the tests never import benchmarks/ (scripts that measure, never
 imported); what they share lives in unidiffuser_jax/ (e.g. perf.py under benchmarks/bench_train.py).
 Imports sit at the top of the library's files; one inside a function says why on its line
-(`# local: <reason>`: an optional or heavy dependency such as torch or TensorFlow)."""
+(`# local: <reason>`: an optional or heavy dependency such as torch or TensorFlow). The library's
+modules import each other without a cycle."""
 import ast
 import os
 import subprocess
@@ -113,3 +114,51 @@ def test_the_entry_point_loads_neither_torch_nor_tensorflow(tmp_path):
                        timeout=300, check=False)
   assert res.returncode == 0, res.stderr[-2000:]
   assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _module_level_imports(path: str, modules: set[str]) -> set[str]:
+  """The library modules a file imports at module level (`from pkg import mod` names mod)."""
+  with open(path) as f:
+    body = ast.parse(f.read(), path).body
+  found = set()
+  for node in body:
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                   else node.module for a in node.names)
+  return found & modules
+
+
+def _a_cycle(graph: dict[str, set[str]]) -> list[str]:
+  """One import cycle of `graph` ({module: modules it imports}) as a path, or []."""
+  state = {}   # 1: on the current path, 2: done
+
+  def visit(node, path):
+    state[node] = 1
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 1:
+        return path[path.index(nxt):] + [nxt]
+      if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+        return cycle
+    state[node] = 2
+    return []
+
+  for start in sorted(graph):
+    if start not in state and (cycle := visit(start, [start])):
+      return cycle
+  return []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+  assert _a_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) == []
+
+
+def test_library_modules_import_each_other_without_a_cycle():
+  files = {os.path.relpath(p, REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__"): p
+           for p in _python_files(("unidiffuser_jax",))}
+  assert "unidiffuser_jax.train" in files and "unidiffuser_jax.models.uvit" in files
+  graph = {m: _module_level_imports(p, set(files)) - {m} for m, p in files.items()}
+  assert len(graph["unidiffuser_jax.train"]) > 5   # the scan sees the imports
+  assert _a_cycle(graph) == []

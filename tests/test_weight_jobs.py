@@ -28,6 +28,7 @@ from tests.refs.released import CAP
 from tests.refs import uvit as uvit_ref
 from tests.refs import vae as vae_ref
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, sample, sharding, weight_jobs
+from unidiffuser_jax.models import uvit
 from unidiffuser_jax.models.uvit import UViT
 from unidiffuser_jax.weights import captioner as wcap
 from unidiffuser_jax.weights import clip as wclip
@@ -36,7 +37,6 @@ from unidiffuser_jax.weights import vae as wvae
 from unidiffuser_jax.weights.convert import flatten
 from unidiffuser_jax.weights.tensors import load_tensors
 from unidiffuser_jax.weights.uvit import export_uvit
-from unidiffuser_jax.models import uvit
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

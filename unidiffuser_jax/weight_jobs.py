@@ -51,7 +51,6 @@ from etils import epath
 from data_pipelines import hub_cache
 from unidiffuser_jax import checkpoints, encoders as encoders_lib, lora, rng
 from unidiffuser_jax.errors import ConfigError
-from unidiffuser_jax.models.uvit import abstract_variables, resize_pos_embed
 from unidiffuser_jax.models.vae import AutoencoderKL
 from unidiffuser_jax.tokenizers import write_clip_tokenizer
 from unidiffuser_jax.weights import captioner as wcap
@@ -236,7 +235,7 @@ def import_uvit_file(config, path: str) -> tuple[dict, dict]:
   if plan["resize_from"] is None:
     return wuvit.import_uvit(tensors, model), plan
   params = wuvit.import_uvit(tensors, model.clone(latent_size=plan["resize_from"]))
-  return resize_pos_embed(params, plan["resize_from"], model.latent_size, model.patch_size), plan
+  return uvit.resize_pos_embed(params, plan["resize_from"], model.latent_size, model.patch_size), plan
 
 
 def imported_uvit_model(path: str) -> dict | None:
@@ -513,7 +512,7 @@ def export_uvit_to(config, src: str, path: str) -> int:
   params = checkpoints.load_params(src)
   if lora.is_adapters(params):   # a LoRA run, export.merge_lora: its base with them merged in
     params = lora.merged_run(src, params, config.train.init_from)
-  checkpoints.check_params(params, nn.meta.unbox(abstract_variables(model))["params"],
+  checkpoints.check_params(params, nn.meta.unbox(uvit.abstract_variables(model))["params"],
                            "the checkpoint", "config.model")
   tensors = wuvit.export_uvit(params, model)
   save_safetensors(path, tensors, {"model": "unidiffuser-uvit", "version": model.version,
