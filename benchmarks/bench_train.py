@@ -200,7 +200,7 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   if hlo_dir:
     _dump_hlo(compiled, hlo_dir)
   if compile_only:
-    return dict(n_params=n_params, compile_s=compile_s, xla_flops=xla_flops)
+    return dict(n_params=n_params, compile_s=compile_s, xla_flops=xla_flops, compiled=compiled)
 
   holder = [state]
 
@@ -214,7 +214,7 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   fwd_c = fwd.lower(holder[0].params, batch).compile()
   fwd_flops_xla = _cost_flops(fwd_c)
   return dict(n_params=n_params, step=one, compile_s=compile_s, xla_flops=xla_flops,
-              fwd=lambda: jax.block_until_ready(fwd_c(holder[0].params, batch)),
+              compiled=compiled, fwd=lambda: jax.block_until_ready(fwd_c(holder[0].params, batch)),
               fwd_xla_flops=fwd_flops_xla)
 
 

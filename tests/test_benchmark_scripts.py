@@ -80,3 +80,25 @@ def test_own_images_check_makes_the_folder_and_judges_true_outputs_as_right(tmp_
                 proc.stdout)
   assert m, proc.stdout
   assert float(m.group(1)) > 0.9 and float(m.group(2)) == pytest.approx(196 / 197, abs=1e-3)
+
+
+def test_step_floor_finds_every_dot_of_the_step_and_reports_each_target():
+  """step_floor reads the compiled step's dots from its HLO: their FLOPs add up to the analytic
+  count (less the patch embedding, a convolution), and it checks each torch einsum against XLA's
+  dot before timing it."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "step_floor.py"), "--quick",
+       "--peak_gflops", "100"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  m = re.search(r"analytic step ([\d.e+-]+) GFLOP; the step's (\d+) dots \((\d+) distinct\): "
+                r"([\d.e+-]+) GFLOP", out)
+  assert m, out
+  analytic, n, distinct, found = float(m[1]), int(m[2]), int(m[3]), float(m[4])
+  assert 0.95 * analytic < found <= analytic and n > distinct > 10, m.group(0)
+  rows = re.findall(r"^\[[\d, ]+\] x \[[\d, ]+\] c.* \| +(\d+) \|", out, re.M)
+  assert len(rows) == distinct and sum(int(c) for c in rows) == n, out
+  targets = re.findall(r"^target .*: step <= [\d.]+ ms: (within reach|below the floor)", out, re.M)
+  assert len(targets) == 3, out
