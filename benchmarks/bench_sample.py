@@ -74,6 +74,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import bench_train  # noqa: E402  (Size, forward_flops: one FLOP count for both benchmarks)
+from tests.torchvision_compat import import_torchvision  # noqa: E402
+
+import_torchvision()  # diffusers' AutoencoderKL imports transformers, which imports torchvision
 
 MODES = ("t2i", "i2t", "joint", "i", "t")
 # Our mode name -> diffusers' mode name.
