@@ -14,6 +14,11 @@ import sys
 # Quieter TensorFlow (pulled in by tensorflow-datasets for --mode=eval's COCO) before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from unidiffuser_jax import hugepages  # noqa: E402  (no JAX: safe before the heavy imports)
+
+if __name__ == "__main__":
+  hugepages.reexec_if_wanted()   # malloc on huge pages: a faster CPU step (hugepages.py)
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
