@@ -162,14 +162,30 @@ def _interleaved_times(fns: dict, warmup: int, steps: int, block: int = 1) -> di
 
 # ---------------------------------------------------------------- ours (JAX)
 
+def build_ours(model, loss):
+  """train.build_task's state and jitted step for `model`'s parameters and `loss(params, frozen,
+  batch, key) -> (total, parts)`, on one device, with the paper's optimiser (configs/common.train:
+  AdamW, EMA) and no warm-up or clipping (torch's side has none). The run-level fields the build
+  reads (seed, sharding rules, debug) come from a whole config, so a field it starts reading is
+  there."""
+  import jax
+
+  from unidiffuser_jax import sharding, train
+  from unidiffuser_jax.models import uvit
+
+  task = train.Task("bench", lambda: model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"],
+                    loss)
+  train_cfg = common.train(lr=1e-4, warmup_steps=0, grad_clip_norm=0.0)
+  mesh = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
+  return train.build_task(demo_config.get_config("tiny"), train_cfg, task, mesh, {}, {})
+
+
 def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
   """Our compiled train step and forward, as closures (`step`, `fwd`) plus their metadata."""
   import jax
   import jax.numpy as jnp
 
-  from unidiffuser_jax import sharding, train
   from unidiffuser_jax.diffusion import objective
-  from unidiffuser_jax.models import uvit
 
   model = our_uvit(s)
 
@@ -180,15 +196,7 @@ def jax_side(s: Size, hlo_dir: str | None, compile_only=False) -> dict:
                                      batch["data_type"], key)
     return total, {k: v for k, v in parts.items() if k.startswith("loss_")}
 
-  task = train.Task("bench", lambda: model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"],
-                    loss)
-  # The paper's optimiser (configs/common.train), no warm-up or clipping (torch's side has none).
-  train_cfg = common.train(lr=1e-4, warmup_steps=0, grad_clip_norm=0.0)
-  # The trainer's build (train.build_task) on this one device; the run-level fields it reads
-  # (seed, sharding rules, debug) from a whole config, so a field it starts reading is there.
-  config = demo_config.get_config("tiny")
-  mesh = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
-  built = train.build_task(config, train_cfg, task, mesh, {}, {})
+  built = build_ours(model, loss)
   state = built.state
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   batch = {k: jnp.asarray(v) for k, v in make_batch(s).items()}
@@ -242,6 +250,35 @@ def _dump_hlo(compiled, hlo_dir: str) -> None:
 
 # ---------------------------------------------------------------- reference (PyTorch + diffusers)
 
+def torch_trainable(model) -> list:
+  """The parameters torch's side trains: diffusers keeps an unused copy of the patch embedding
+  (transformer.pos_embed.proj), left out of the optimiser and the parameter count."""
+  params = []
+  for n, p in model.named_parameters():
+    if n.startswith("transformer.pos_embed."):
+      p.requires_grad_(False)
+    else:
+      params.append(p)
+  return params
+
+
+def torch_update(params):
+  """update(loss): backward, torch.optim.AdamW (foreach; the paper's settings, as build_ours)
+  and the EMA (0.9999) of `params`."""
+  import torch
+  opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.9), weight_decay=0.03, foreach=True)
+  ema = [p.detach().clone() for p in params]
+
+  def update(loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - 0.9999)
+
+  return update
+
+
 def torch_side(s: Size) -> dict:
   """diffusers' train step and forward, as closures (`step`, `fwd`) plus the parameter count."""
   import torch
@@ -250,15 +287,9 @@ def torch_side(s: Size) -> dict:
 
   torch.manual_seed(0)
   model = diffusers_uvit(s)
-  # diffusers keeps an unused copy of the patch embedding (transformer.pos_embed.proj);
-  # leave it out of the optimiser and the parameter count.
-  params = [p for n, p in model.named_parameters() if not n.startswith("transformer.pos_embed.")]
-  for n, p in model.named_parameters():
-    if n.startswith("transformer.pos_embed."):
-      p.requires_grad_(False)
+  params = torch_trainable(model)
   n_params = sum(p.numel() for p in params)
-  opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.9), weight_decay=0.03, foreach=True)
-  ema = [p.detach().clone() for p in params]
+  update = torch_update(params)
   abar = torch.tensor(schedule.alphas_cumprod(), dtype=torch.float32)
   b = {k: torch.from_numpy(v) for k, v in make_batch(s).items()}
   z0 = b["z"].permute(0, 3, 1, 2).contiguous()  # NCHW
@@ -279,11 +310,7 @@ def torch_side(s: Size) -> dict:
     se = torch.cat([(pz - ez).square().flatten(1), (pc - ec).square().flatten(1),
                     (py - ey).square().flatten(1)], dim=1)
     loss = se.mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-      torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - 0.9999)
+    update(loss)
     return loss
 
   t500 = torch.full((s.batch,), 500)

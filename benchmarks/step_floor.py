@@ -28,12 +28,12 @@ import os
 import re
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import bench_train  # noqa: E402  (benchmarks/: this script's directory)
+import matmul_peak  # noqa: E402
 
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 _SHAPE = re.compile(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]")
@@ -95,13 +95,8 @@ def einsum_spec(dot) -> str:
 
 
 def _best(fn, reps: int) -> float:
-  fn()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
+  fn()   # compile / warm up
+  return matmul_peak._best_seconds(fn, reps)
 
 
 def time_dot_alone(dot, reps: int) -> tuple[float, float]:
@@ -135,27 +130,17 @@ def call_overhead(reps: int) -> tuple[float, float]:
 
 
 def ours_rest(s) -> Callable[[], None]:
-  """The trainer's step (train.build_task, bench_train's optimiser) on a model whose loss is
-  1/2 |params|^2 over our U-ViT's parameters: everything of a step but the network."""
+  """The trainer's step (bench_train.build_ours: train.build_task, the same optimiser) on a
+  model whose loss is 1/2 |params|^2 over our U-ViT's parameters: everything of a step but the
+  network."""
   import jax
   import jax.numpy as jnp
-
-  from configs import common
-  from configs import demo as demo_config
-  from unidiffuser_jax import sharding, train
-  from unidiffuser_jax.models import uvit
-
-  model = bench_train.our_uvit(s)
 
   def loss(params, frozen, batch, key):
     del frozen, batch, key
     return 0.5 * sum(jnp.vdot(p, p) for p in jax.tree.leaves(params)), {}
 
-  task = train.Task("floor", lambda: model.init(jax.random.key(0), *uvit.dummy_inputs(model))["params"],
-                    loss)
-  train_cfg = common.train(lr=1e-4, warmup_steps=0, grad_clip_norm=0.0)
-  mesh = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
-  built = train.build_task(demo_config.get_config("tiny"), train_cfg, task, mesh, {}, {})
+  built = bench_train.build_ours(bench_train.our_uvit(s), loss)
   holder = [built.state]
   compiled = built.lower({}).compile()
 
@@ -167,23 +152,11 @@ def ours_rest(s) -> Callable[[], None]:
 
 
 def torch_rest(s) -> Callable[[], None]:
-  """torch's AdamW(foreach) + EMA lerp (bench_train.torch_side's) on diffusers' U-ViT's
-  parameters, with the same 1/2 |params|^2 loss."""
-  import torch
-  model = bench_train.diffusers_uvit(s)
-  params = [p for n, p in model.named_parameters() if not n.startswith("transformer.pos_embed.")]
-  opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.9), weight_decay=0.03, foreach=True)
-  ema = [p.detach().clone() for p in params]
-
-  def one():
-    loss = 0.5 * sum((p * p).sum() for p in params)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-      torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - 0.9999)
-
-  return one
+  """torch's AdamW(foreach) + EMA (bench_train.torch_update) on diffusers' U-ViT's parameters,
+  with the same 1/2 |params|^2 loss."""
+  params = bench_train.torch_trainable(bench_train.diffusers_uvit(s))
+  update = bench_train.torch_update(params)
+  return lambda: update(0.5 * sum((p * p).sum() for p in params))
 
 
 def main() -> None:
@@ -206,7 +179,6 @@ def main() -> None:
 
   import jax
   import torch
-  import matmul_peak
   torch.set_num_threads(os.cpu_count())
   print(f"machine: {bench_train._cpu_name()}; {os.cpu_count()} cores; XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r};"

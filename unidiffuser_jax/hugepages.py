@@ -2,10 +2,10 @@
 
 XLA:CPU allocates its buffers with malloc; with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc
 asks the kernel for transparent huge pages for that memory (madvise), and the train step runs
-faster: 10% at both benchmarked sizes in session 11, the demo's real step 131 -> 110 ms in
-session 18 (benchmarks/README.md); results are the same. glibc reads its tunables once, at
-process start, so `python -m unidiffuser_jax.main` re-executes itself once with the variable
-added. Nothing is done when the user set GLIBC_TUNABLES (any value, e.g.
+faster: 10% at both benchmarked sizes in session 11; the demo's step in its training loop
+134 -> 115 ms in session 18, the weights bit-identical (benchmarks/README.md, README). glibc reads
+its tunables once, at process start, so `python -m unidiffuser_jax.main` re-executes itself once
+with the variable added. Nothing is done when the user set GLIBC_TUNABLES (any value, e.g.
 `glibc.malloc.hugetlb=0` to opt out), off Linux / glibc, on glibc < 2.35, or when the kernel's
 transparent huge pages are off. No JAX import here: this runs before anything heavy.
 """
