@@ -2,8 +2,8 @@
 
 XLA:CPU allocates its buffers with malloc; with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc
 asks the kernel for transparent huge pages for that memory (madvise), and the train step runs
-faster: 10% at both benchmarked sizes in session 11; the demo's step in its training loop
-134 -> 115 ms in session 18, the weights bit-identical (benchmarks/README.md, README). glibc reads
+faster: 10% at both benchmarked sizes in session 11; the demo's step in its training loop 5-12%
+on average in session 18, the weights bit-identical (benchmarks/README.md, README). glibc reads
 its tunables once, at process start, so `python -m unidiffuser_jax.main` re-executes itself once
 with the variable added. Nothing is done when the user set GLIBC_TUNABLES (any value, e.g.
 `glibc.malloc.hugetlb=0` to opt out), off Linux / glibc, on glibc < 2.35, or when the kernel's
