@@ -8,24 +8,17 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import benchmark_runs
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def test_bench_train_quick_runs_both_sides_and_reports_a_ratio():
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), "--quick",
-       "--warmup", "1", "--steps", "3", "--block", "2", "--peak_gflops", "100"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = benchmark_runs.run("bench_train.py", "--quick", "--warmup", "1", "--steps", "3",
+                           "--block", "2", "--peak_gflops", "100").stdout
   counts = re.search(r"^params: ours ([\d,]+), torch ([\d,]+)$", out, re.M)
   assert counts, out
   ours, torch = (int(g.replace(",", "")) for g in counts.groups())
@@ -36,17 +29,12 @@ def test_bench_train_quick_runs_both_sides_and_reports_a_ratio():
 
 
 def test_probe_glyph_classifier_reports_held_out_accuracy():
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "probe_glyph_classifier.py"),
-       "--steps", "20", "--every", "10", "--n_train", "64", "--backgrounds", "dark"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = benchmark_runs.run("probe_glyph_classifier.py", "--steps", "20", "--every", "10",
+                            "--n_train", "64", "--backgrounds", "dark")
   acc = [float(a) for a in re.findall(r"^step +\d+: ([\d.]+) ", proc.stdout, re.M)]
   assert len(acc) == 2 and all(0 <= a <= 1 for a in acc), proc.stdout
-  bad = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "probe_glyph_classifier.py"),
-       "--backgrounds", "grey"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  bad = benchmark_runs.run("probe_glyph_classifier.py", "--backgrounds", "grey", ok=False,
+                           timeout=120)
   assert bad.returncode == 2 and "--backgrounds" in bad.stderr, bad.stderr[-500:]
 
 
@@ -54,11 +42,8 @@ def test_own_images_check_makes_the_folder_and_judges_true_outputs_as_right(tmp_
   """make writes README's inputs; judge, given the held-out scans themselves as the t2i images and
   their own captions as the i2t output, scores them as right (the judge's ~97%) and a wrong
   caption as wrong."""
-  script = os.path.join(REPO, "benchmarks", "own_images_check.py")
-  run = lambda *a: subprocess.run([sys.executable, script, *a], cwd=REPO, capture_output=True,
-                                  text=True, timeout=300)
-  proc = run("make", f"--dir={tmp_path}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = lambda *a: benchmark_runs.run("own_images_check.py", *a)
+  run("make", f"--dir={tmp_path}")
   assert len(os.listdir(tmp_path / "my_images")) == 1600
   held = sorted(os.listdir(tmp_path / "held_out"))
   with open(tmp_path / "held_out.csv") as f:
@@ -75,7 +60,6 @@ def test_own_images_check_makes_the_folder_and_judges_true_outputs_as_right(tmp_
       f.write(json.dumps({"index": i, "image": str(tmp_path / "held_out" / name),
                           "caption": caption}) + "\n")
   proc = run("judge", f"--dir={tmp_path}", f"--workdir={w}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
   m = re.search(r"t2i digit ([\d.]+) \(197 images\), i2t digit ([\d.]+) \(197 captions\)",
                 proc.stdout)
   assert m, proc.stdout
@@ -86,13 +70,7 @@ def test_step_floor_finds_every_dot_of_the_step_and_reports_each_target():
   """step_floor reads the compiled step's dots from its HLO: their FLOPs add up to the analytic
   count (less the patch embedding, a convolution), and it checks each torch einsum against XLA's
   dot before timing it."""
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "step_floor.py"), "--quick",
-       "--peak_gflops", "100"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = benchmark_runs.run("step_floor.py", "--quick", "--peak_gflops", "100").stdout
   m = re.search(r"analytic step ([\d.e+-]+) GFLOP; the step's (\d+) dots \((\d+) distinct\): "
                 r"([\d.e+-]+) GFLOP", out)
   assert m, out

@@ -3,25 +3,17 @@ test_benchmark_scripts.py does for bench_train, step_floor and the probes): benc
 stopped importing diffusers' AutoencoderKL (torchvision's ops under a CPU-only torch) with no
 test to notice. The checks are on what each script prints, not on its timings.
 """
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import benchmark_runs
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def _run(script: str, *args: str) -> str:
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", script), *args],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
+  return benchmark_runs.run(script, *args).stdout
 
 
 def test_bench_sample_quick_matches_diffusers_and_times_every_mode():
